@@ -1,0 +1,205 @@
+"""The `rayganx` command line."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rayganx import __version__
+from rayganx import spec as jobspec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distributed GAN and CNN training jobs on Ray.")
+data_app = typer.Typer(no_args_is_help=True, help="Built-in datasets.")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+STATE = {"verbose": False}
+
+SetOpt = typer.Option(None, "--set", help="override a job key: key.path=value (repeatable)")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from rayganx.data import DataError
+    from rayganx.runner import RunError
+    from rayganx.storage import StorageError
+
+    return (jobspec.SpecError, RunError, StorageError, DataError)
+
+
+def command(fn):
+    """Known failures end as one red line and exit 1; --verbose adds the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except _user_errors() as e:
+            if STATE["verbose"]:
+                err.print_exception()
+            for line in str(e).splitlines() or [type(e).__name__]:
+                err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130)
+        except Exception as e:
+            if STATE["verbose"]:
+                err.print_exception()
+            else:
+                err.print(f"[red]error:[/red] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                          f"(run with --verbose for details)", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's logs and tracebacks"),
+          version: bool = typer.Option(False, "--version", help="print the version and exit")):
+    STATE["verbose"] = verbose
+    if version:
+        out.print(__version__)
+        raise typer.Exit()
+
+
+# --------------------------------------------------------------------------- job commands
+
+
+@app.command()
+@command
+def validate(job: str, set_: Optional[list[str]] = SetOpt):
+    """Check a job file and print the fully resolved spec (defaults filled in)."""
+    spec = jobspec.load(job, set_)
+    sys.stdout.write(spec.to_yaml())
+
+
+def _fmt_metrics(m: dict) -> str:
+    keys = ("loss_d", "loss_g", "loss", "accuracy", "val_accuracy", "elbo", "fid", "kid")
+    parts = [f"{k} {m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float))]
+    if "images_per_s" in m:
+        parts.append(f"{m['images_per_s']:.0f} img/s")
+    return " | ".join(parts)
+
+
+class _Display:
+    """Live progress: a rich bar on a terminal, one plain line per report elsewhere (job logs)."""
+
+    def __init__(self, name: str):
+        self.name, self.progress, self.task, self.total = name, None, None, 0
+        self.live = out.is_terminal
+
+    def start(self, step: int, total: int):
+        self.total = total
+        if step >= total:
+            out.print(f"{self.name}: already at step {step} of {total}; nothing to train "
+                      f"(raise train.steps to continue)")
+        elif step:
+            out.print(f"{self.name}: resuming from step {step} of {total}")
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=out)
+            self.progress.start()
+            self.task = self.progress.add_task(self.name, total=total, completed=step, metrics="starting Ray Train")
+
+    def update(self, m: dict):
+        if self.progress:
+            self.progress.update(self.task, completed=m["step"], metrics=_fmt_metrics(m))
+        else:
+            out.print(f"step {m['step']}/{self.total} | {_fmt_metrics(m)}", highlight=False, soft_wrap=True)
+
+    def stop(self):
+        if self.progress:
+            self.progress.stop()
+
+
+def _run_here(spec: jobspec.JobSpec) -> None:
+    from rayganx import runner
+
+    display = _Display(spec.name)
+    t0 = time.monotonic()
+    try:
+        result = runner.run(spec, verbose=STATE["verbose"], printer=display.update, on_start=display.start)
+    finally:
+        display.stop()
+    table = Table(title=f"{spec.name}: {result.steps} steps in {time.monotonic() - t0:.0f} s", show_header=False)
+    table.add_row("run", result.run_url)
+    if result.checkpoints:
+        table.add_row("checkpoints", ", ".join(c["name"] for c in result.checkpoints))
+        table.add_row("latest checkpoint", result.checkpoints[-1]["url"])
+    if result.samples:
+        table.add_row("sample grids", f"{result.run_url}/samples/ (latest: {result.samples[-1].rsplit('/', 1)[-1]})")
+    if result.metrics:
+        table.add_row("final metrics", _fmt_metrics(result.metrics))
+    if result.skipped_images:
+        table.add_row("skipped corrupt images", f"{len(result.skipped_images)} (first: {result.skipped_images[0]})")
+    out.print(table)
+
+
+@app.command()
+@command
+def submit(job: str, set_: Optional[list[str]] = SetOpt,
+           address: Optional[str] = typer.Option(None, "--address", envvar=["RAY_API_SERVER_ADDRESS"],
+                                                 help="Ray dashboard/Jobs API address (http://HEAD:8265)"),
+           follow: bool = typer.Option(False, "--follow", "-f", help="stream logs until the job ends")):
+    """Run a job: on an embedded local Ray, or on a cluster through the Jobs API with --address."""
+    spec = jobspec.load(job, set_)
+    address = address or _jobs_address_from_env()
+    if address:
+        from rayganx import remote
+
+        remote.submit_cli(job, spec, set_ or [], address, follow, out, err)
+        return
+    _run_here(spec)
+
+
+def _jobs_address_from_env() -> str | None:
+    import os
+
+    addr = os.environ.get("RAY_ADDRESS", "")
+    return addr if addr.startswith(("http://", "https://")) else None
+
+
+@app.command("run")
+@command
+def run_cmd(job: str, set_: Optional[list[str]] = SetOpt):
+    """Run a job in this process on the Ray cluster it is started in (the Jobs API entrypoint)."""
+    _run_here(jobspec.load(job, set_))
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("prepare")
+@command
+def data_prepare(dataset: str = typer.Argument(..., help="built-in dataset: digits"),
+                 out_dir: str = typer.Option(..., "--out", help="directory or URL to write"),
+                 fmt: str = typer.Option("folder", "--format", help="folder | parquet"),
+                 size: int = typer.Option(32, "--size", help="image size in pixels"),
+                 endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url")):
+    """Write a built-in dataset in the on-disk formats users have."""
+    from rayganx.data import DataError, prepare_digits
+
+    if dataset != "digits":
+        raise DataError(f"unknown dataset {dataset!r}; built in: digits")
+    n = prepare_digits(out_dir, fmt, size, endpoint_url)
+    out.print(f"wrote {n} digits images ({fmt}, {size}x{size}) to {out_dir}")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""Input pipelines on Ray Data.
+
+Every source ends as rows of {"image": float32 CxHxW in [-1, 1], "label": int64}; decoding,
+crop, resize and normalisation run in `map_batches`, so they scale out with the cluster and
+stream into each Ray Train worker's shard. Gaussian mixtures yield 2-D points instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import posixpath
+import zlib
+
+import numpy as np
+
+from rayganx.spec import DataSpec
+from rayganx.storage import Store, explain, pyarrow_filesystem
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "webp")
+CELEBA_CROP = 108  # the DCGAN reference code's centre crop of aligned CelebA (178x218)
+
+
+class DataError(ValueError):
+    """A dataset problem phrased for the user: it names the path or file."""
+
+
+# --------------------------------------------------------------------------- pixel work
+
+
+def _to_array(img, size: int, channels: int, crop: int | None) -> np.ndarray:
+    from PIL import Image
+
+    img = img.convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    c = min(crop or min(w, h), w, h)
+    left, top = (w - c) // 2, (h - c) // 2
+    img = img.crop((left, top, left + c, top + c))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def _normalise(u8: np.ndarray) -> np.ndarray:
+    return u8.astype(np.float32) / 127.5 - 1.0
+
+
+def _in_split(key: bytes, split: str, val_fraction: float) -> bool:
+    if split == "all":
+        return True
+    is_val = (zlib.crc32(key) % 10_000) < val_fraction * 10_000
+    return is_val == (split == "val")
+
+
+def _decode_batch(batch, *, size, channels, crop, on_corrupt, classes, root, split,
+                  val_fraction, image_col, label_col):
+    """Decode encoded images (bytes) with their paths or labels into normalised arrays."""
+    from PIL import Image
+
+    images, labels = [], []
+    paths = batch.get("path")
+    for i, data in enumerate(batch[image_col]):
+        name = str(paths[i]) if paths is not None else f"row with {len(data)} bytes"
+        key = name.encode() if paths is not None else bytes(data[:4096])
+        if not _in_split(key, split, val_fraction):
+            continue
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                arr = _to_array(img, size, channels, crop)
+        except Exception as e:  # PIL raises several types for bad files
+            if on_corrupt == "fail":
+                raise DataError(f"corrupt image {name}: {type(e).__name__}: {e} "
+                                f"(set data.on_corrupt: skip to skip such files)") from None
+            log.warning("skipping corrupt image %s: %s", name, e)
+            _count_skip(name)
+            continue
+        images.append(arr)
+        if classes is not None:
+            rel = posixpath.relpath(name, root)
+            labels.append(classes.index(rel.split("/")[0]))
+        elif label_col in batch:
+            labels.append(int(batch[label_col][i]))
+        else:
+            labels.append(0)
+    stacked = np.stack(images) if images else np.zeros((0, channels, size, size), np.uint8)
+    return {"image": _normalise(stacked), "label": np.asarray(labels, dtype=np.int64)}
+
+
+def _resize_digits(batch, *, size, channels, split, val_fraction):
+    from PIL import Image
+
+    images, labels = [], []
+    for raw, label, key in zip(batch["raw"], batch["label"], batch["key"]):
+        if not _in_split(str(key).encode(), split, val_fraction):
+            continue
+        img = Image.fromarray(raw.astype(np.uint8), mode="L")
+        images.append(_to_array(img, size, channels, None))
+        labels.append(int(label))
+    stacked = np.stack(images) if images else np.zeros((0, channels, size, size), np.uint8)
+    return {"image": _normalise(stacked), "label": np.asarray(labels, dtype=np.int64)}
+
+
+# --------------------------------------------------------------------------- skip counting
+
+_SKIP_COUNTER = "rayganx_skipped_images"
+
+
+def _count_skip(name: str) -> None:
+    import ray
+
+    try:
+        ray.get_actor(_SKIP_COUNTER, namespace="rayganx").add.remote(name)
+    except ValueError:
+        pass  # no counter (e.g. a plain test of the function): the warning still names the file
+
+
+def skip_counter():
+    """A tiny actor that decode tasks on any node report skipped files to."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class SkipCounter:
+        def __init__(self):
+            self.names = []
+
+        def add(self, name):
+            self.names.append(name)
+
+        def get(self):
+            return self.names
+
+    return SkipCounter.options(name=_SKIP_COUNTER, namespace="rayganx", get_if_exists=True,
+                               lifetime="detached").remote()
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits as uint8 images (0..255) and labels; no download."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target.astype(np.int64)
+
+
+def gaussian_mixture(kind: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The 8-Gaussian ring (radius 2, std 0.02) or 5x5 grid (std 0.05) of the mode-collapse papers."""
+    rng = np.random.default_rng(seed)
+    if kind == "ring":
+        angles = np.arange(8) * (2 * np.pi / 8)
+        centres, std = np.stack([2 * np.cos(angles), 2 * np.sin(angles)], 1), 0.02
+    else:
+        g = np.arange(-4, 5, 2, dtype=np.float64)
+        centres, std = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2), 0.05
+    which = rng.integers(len(centres), size=n)
+    pts = centres[which] + rng.normal(scale=std, size=(n, 2))
+    return pts.astype(np.float32), which.astype(np.int64)
+
+
+def mixture_centres(kind: str) -> np.ndarray:
+    pts, labels = gaussian_mixture(kind, 2000, seed=0)
+    return np.stack([pts[labels == k].mean(0) for k in np.unique(labels)])
+
+
+def _list_images(store: Store) -> list[str]:
+    try:
+        files = store.fs.find(store.root)
+    except Exception as e:
+        raise explain(store.url, e) from None
+    return [f for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+
+
+def _open(data: DataSpec, path: str | None = None) -> Store:
+    url = path or data.path
+    store = Store(url, data.endpoint_url)
+    if not store.exists():
+        raise DataError(f"data.path: {url} does not exist")
+    return store
+
+
+def build(data: DataSpec, split: str = "all", seed: int = 0):
+    """The Ray Dataset for a job's data section (split: all | train | val)."""
+    import ray
+
+    decode = dict(size=data.image_size, channels=data.channels, split=split,
+                  val_fraction=data.val_fraction)
+    if data.source == "digits":
+        images, labels = digits_arrays()
+        items = [{"raw": im, "label": int(lb), "key": i} for i, (im, lb) in enumerate(zip(images, labels))]
+        ds = ray.data.from_items(items, override_num_blocks=4)
+        return ds.map_batches(functools.partial(_resize_digits, **decode), batch_format="numpy")
+
+    if data.source == "gaussian_mixture":
+        pts, labels = gaussian_mixture(data.mixture, data.num_points, seed)
+        return ray.data.from_numpy(pts).map_batches(
+            lambda b: {"image": b["data"].astype(np.float32),
+                       "label": np.zeros(len(b["data"]), np.int64)}, batch_format="numpy")
+
+    if data.on_corrupt == "skip":
+        skip_counter()
+    store = _open(data)
+    opts = dict(decode, crop=data.crop, on_corrupt=data.on_corrupt, image_col="bytes",
+                label_col=data.label_column, classes=None, root=store.root)
+    if data.source == "parquet":
+        files = [f for f in ([store.root] if store.fs.isfile(store.root) else store.fs.find(store.root))
+                 if f.endswith(".parquet")]
+        if not files:
+            raise DataError(f"data.path: no .parquet files under {data.path}")
+        columns = [data.image_column] + ([data.label_column] if data.labels else [])
+        ds = ray.data.read_parquet(files, filesystem=pyarrow_filesystem(store.fs), columns=columns)
+        opts.update(image_col=data.image_column)
+        if not data.labels:
+            opts.update(label_col="__none__")
+        return ds.randomize_block_order().map_batches(
+            functools.partial(_decode_batch, **opts), batch_format="numpy")
+
+    # image_folder and celeba: encoded files, recursively
+    if data.source == "celeba":
+        if store.fs.isdir(store.path("img_align_celeba")):
+            store = _open(data, data.path.rstrip("/") + "/img_align_celeba")
+        opts.update(crop=data.crop or CELEBA_CROP, root=store.root)
+    files = _list_images(store)
+    if not files:
+        raise DataError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) under {store.url}")
+    if data.labels and data.source == "image_folder":
+        classes = sorted({posixpath.relpath(f, store.root).split("/")[0] for f in files
+                          if "/" in posixpath.relpath(f, store.root)})
+        if not classes:
+            raise DataError(f"data.labels: no class sub-folders under {store.url}")
+        opts.update(classes=classes)
+    ds = ray.data.read_binary_files(files, filesystem=pyarrow_filesystem(store.fs), include_paths=True,
+                                    override_num_blocks=min(len(files), 64))
+    return ds.randomize_block_order().map_batches(
+        functools.partial(_decode_batch, **opts), batch_format="numpy")
+
+
+def num_classes(data: DataSpec) -> int:
+    """Label count for classifiers and conditional GANs."""
+    if data.source == "digits":
+        return 10
+    if data.source == "gaussian_mixture":
+        return 8 if data.mixture == "ring" else 25
+    store = _open(data)
+    if data.source == "image_folder":
+        return len({posixpath.relpath(f, store.root).split("/")[0] for f in _list_images(store)
+                    if "/" in posixpath.relpath(f, store.root)})
+    if data.source == "parquet":
+        import pyarrow.parquet as pq
+
+        files = [store.root] if store.fs.isfile(store.root) else \
+            [f for f in store.fs.find(store.root) if f.endswith(".parquet")]
+        labels = set()
+        for f in files:
+            with store.fs.open(f, "rb") as fh:
+                labels.update(pq.read_table(fh, columns=[data.label_column]).column(0).to_pylist())
+        return int(max(labels)) + 1
+    raise DataError(f"data.labels: source {data.source} has no labels")
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepare_digits(out: str, fmt: str, size: int = 32, endpoint_url: str | None = None) -> int:
+    """Write scikit-learn's digits in the on-disk formats users have (folder / parquet)."""
+    from PIL import Image
+
+    images, labels = digits_arrays()
+    store = Store(out, endpoint_url)
+    encoded = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im, mode="L").resize((size, size), Image.BICUBIC).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    if fmt == "folder":
+        for i, (data, label) in enumerate(zip(encoded, labels)):
+            store.write_bytes(data, str(label), f"{i:05d}.png")
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"image": pa.array(encoded, pa.binary()), "label": pa.array(labels)})
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        store.write_bytes(buf.getvalue().to_pybytes(), "digits.parquet")
+    else:
+        raise DataError(f"--format: expected folder or parquet, got {fmt!r}")
+    return len(encoded)
+
+
+def count_rows(data: DataSpec, split: str = "all") -> int:
+    """Rows one epoch yields, without decoding anything (epochs are converted to steps)."""
+    if data.source == "digits":
+        return sum(_in_split(str(i).encode(), split, data.val_fraction) for i in range(1797))
+    if data.source == "gaussian_mixture":
+        return data.num_points
+    store = _open(data)
+    if data.source == "parquet":
+        import pyarrow.parquet as pq
+
+        files = [store.root] if store.fs.isfile(store.root) else \
+            [f for f in store.fs.find(store.root) if f.endswith(".parquet")]
+        rows = 0
+        for f in files:
+            with store.fs.open(f, "rb") as fh:
+                rows += pq.ParquetFile(fh).metadata.num_rows
+        frac = {"all": 1.0, "train": 1 - data.val_fraction, "val": data.val_fraction}[split]
+        return int(rows * frac)
+    if data.source == "celeba" and store.fs.isdir(store.path("img_align_celeba")):
+        store = _open(data, data.path.rstrip("/") + "/img_align_celeba")
+    return sum(_in_split(f.encode(), split, data.val_fraction) for f in _list_images(store))
+
+
+# --------------------------------------------------------------------------- image grids
+
+
+def to_uint8(images) -> np.ndarray:
+    """[-1, 1] float NCHW (torch or numpy) to uint8 NCHW."""
+    arr = images.detach().float().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    return ((arr.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8)
+
+
+def grid_png(images, nrow: int, pad: int = 2) -> bytes:
+    """PNG bytes of an image grid, `nrow` images per row."""
+    from PIL import Image
+
+    u8 = to_uint8(images)
+    n, c, h, w = u8.shape
+    rows = -(-n // nrow)
+    canvas = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), np.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + k * (w + pad)
+        canvas[y:y + h, x:x + w] = u8[i].transpose(1, 2, 0)
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode="L" if c == 1 else "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def scatter_png(points, centres=None, size: int = 256, extent: float = 5.0) -> bytes:
+    """A 2-D scatter of generated points (white) over the mixture's centres (red)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), "black")
+    draw = ImageDraw.Draw(img)
+    to_px = lambda v: (v + extent) / (2 * extent) * (size - 1)  # noqa: E731
+    for x, y in np.asarray(points):
+        draw.point((to_px(x), to_px(-y)), fill="white")
+    for x, y in (centres if centres is not None else []):
+        draw.ellipse([to_px(x) - 3, to_px(-y) - 3, to_px(x) + 3, to_px(-y) + 3], outline="red")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,134 @@
+"""Adversarial losses and the regularisers that make GANs train.
+
+All discriminator outputs are raw logits. The non-saturating loss is softplus on logits
+(equivalently BCE-with-logits), never a sum of raw logits.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+
+def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Discriminator loss; `smoothing` is one-sided label smoothing (real target 1 - s)."""
+    if kind == "non_saturating":
+        # BCE(real, 1 - s) = (1 - s)·softplus(-x) + s·softplus(x)
+        real_term = (1 - smoothing) * F.softplus(-real) + smoothing * F.softplus(real)
+        return real_term.mean() + F.softplus(fake).mean()
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    if kind == "wasserstein":
+        return fake.mean() - real.mean()
+    if kind == "least_squares":
+        return 0.5 * ((real - (1 - smoothing)) ** 2).mean() + 0.5 * (fake ** 2).mean()
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def g_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
+    if kind == "non_saturating":
+        return F.softplus(-fake).mean()
+    if kind in ("hinge", "wasserstein"):
+        return -fake.mean()
+    if kind == "least_squares":
+        return 0.5 * ((fake - 1) ** 2).mean()
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def gradient_penalty(d, real: torch.Tensor, fake: torch.Tensor, y=None) -> torch.Tensor:
+    """WGAN-GP: E[(||∇D(x̂)||₂ - 1)²] at random interpolates x̂ of real and fake."""
+    alpha = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device)
+    x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(d(x_hat, y).sum(), x_hat, create_graph=True)
+    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """R1: E[||∇ₓD(x)||²] on reals (`real` must require grad); callers scale by γ/2."""
+    (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+class EMA:
+    """Exponential moving average of a generator: θ' ← d·θ' + (1-d)·θ, copied before `start`."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, start: int = 0):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.start = decay, start
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = self.decay if step >= self.start else 0.0
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def instance_noise(x: torch.Tensor, std: float, step: int, total: int) -> torch.Tensor:
+    """Gaussian noise on D's inputs, annealed linearly to zero over the run (Sønderby et al.)."""
+    if std <= 0:
+        return x
+    scale = std * max(0.0, 1.0 - step / max(total, 1))
+    return x + scale * torch.randn_like(x) if scale > 0 else x
+
+
+# --------------------------------------------------------------------------- DiffAugment
+# Zhao et al. 2020: differentiable augmentations applied to reals and fakes alike, inside D's
+# forward for both D and G steps, with fresh random parameters for every image.
+
+
+def _brightness(x):
+    return x + (torch.rand(x.size(0), 1, 1, 1, device=x.device) - 0.5)
+
+
+def _saturation(x):
+    mean = x.mean(dim=1, keepdim=True)
+    return (x - mean) * (torch.rand(x.size(0), 1, 1, 1, device=x.device) * 2) + mean
+
+
+def _contrast(x):
+    mean = x.mean(dim=[1, 2, 3], keepdim=True)
+    return (x - mean) * (torch.rand(x.size(0), 1, 1, 1, device=x.device) + 0.5) + mean
+
+
+def translation(x, ratio: float = 0.125):
+    """Shift each image by up to ratio·size pixels, filling with zeros."""
+    n, _, h, w = x.shape
+    sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    tx = torch.randint(-sh, sh + 1, (n, 1, 1), device=x.device)
+    ty = torch.randint(-sw, sw + 1, (n, 1, 1), device=x.device)
+    gb, gx, gy = torch.meshgrid(torch.arange(n, device=x.device), torch.arange(h, device=x.device),
+                                torch.arange(w, device=x.device), indexing="ij")
+    gx = torch.clamp(gx + tx + 1, 0, h + 1)
+    gy = torch.clamp(gy + ty + 1, 0, w + 1)
+    padded = F.pad(x, [1, 1, 1, 1, 0, 0, 0, 0])
+    return padded.permute(0, 2, 3, 1).contiguous()[gb, gx, gy].permute(0, 3, 1, 2)
+
+
+def cutout(x, ratio: float = 0.5):
+    """Zero a square of ratio·size at a random place in each image."""
+    n, _, h, w = x.shape
+    ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    ox = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), device=x.device)
+    oy = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), device=x.device)
+    gb, gx, gy = torch.meshgrid(torch.arange(n, device=x.device), torch.arange(ch, device=x.device),
+                                torch.arange(cw, device=x.device), indexing="ij")
+    gx = torch.clamp(gx + ox - ch // 2, 0, h - 1)
+    gy = torch.clamp(gy + oy - cw // 2, 0, w - 1)
+    mask = torch.ones(n, h, w, dtype=x.dtype, device=x.device)
+    mask[gb, gx, gy] = 0
+    return x * mask.unsqueeze(1)
+
+
+AUGMENTS = {"color": (_brightness, _saturation, _contrast), "translation": (translation,),
+            "cutout": (cutout,)}
+
+
+def diffaugment(x: torch.Tensor, policy: list[str]) -> torch.Tensor:
+    for name in policy:
+        for fn in AUGMENTS[name]:
+            x = fn(x)
+    return x

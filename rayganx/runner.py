@@ -1,0 +1,239 @@
+"""Turns a validated job spec into a Ray Train run: Ray start-up, datasets, trainer, storage.
+
+`run` executes a job on the Ray cluster this process belongs to (an embedded local one when
+there is none); `submit` in `rayganx.remote` sends it to a cluster through the Jobs API.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from rayganx import data as rdata
+from rayganx.spec import JobSpec
+from rayganx.storage import Store, is_remote, pyarrow_filesystem
+
+log = logging.getLogger("rayganx")
+
+
+class RunError(RuntimeError):
+    """A run failed; the message is one line for the user."""
+
+
+@dataclass
+class RunResult:
+    run_url: str
+    steps: int
+    metrics: dict = field(default_factory=dict)
+    checkpoints: list = field(default_factory=list)
+    samples: list = field(default_factory=list)
+    skipped_images: list = field(default_factory=list)
+
+
+def quiet_ray_env() -> None:
+    """Environment that keeps Ray's own output out of the user's terminal."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+def init_ray(address: str | None = None, verbose: bool = False, num_cpus: int | None = None) -> None:
+    """Join the cluster this process runs in, or start an embedded one."""
+    quiet_ray_env()
+    import ray
+
+    if ray.is_initialized():
+        return
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.ERROR)
+    kwargs = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
+                  configure_logging=True)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        # Logical CPUs are scheduling slots: leave one beyond the workers' for Ray Data's
+        # decode tasks, or a fully booked machine would starve the input pipeline.
+        ray.init(num_cpus=num_cpus or (os.cpu_count() or 2) + 1, include_dashboard=True, **kwargs)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+
+
+def _root_cause(err: BaseException) -> str:
+    """The user-facing line inside Ray's layers of wrapping."""
+    from rayganx.data import DataError
+    from rayganx.storage import StorageError
+    from rayganx.train import DivergenceError
+
+    ours = (DataError, StorageError, DivergenceError)
+    seen = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ours):
+            return str(e).splitlines()[0]
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        stack += list(getattr(e, "worker_failures", {}).values())
+        stack += [getattr(e, "controller_failure", None)]
+    text = str(err).strip().splitlines()
+    lines = [ln for ln in text if ln.strip() and not ln.startswith(" ")]
+    return (lines[-1] if lines else type(err).__name__)[:500]
+
+
+def trainer_for(spec: JobSpec, verbose: bool = False, callbacks=None):
+    """The TorchTrainer for a job, with its datasets, storage and checkpoint policy."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rayganx.train import train_loop
+
+    root = Store(spec.storage.path, spec.storage.endpoint_url)
+    root.check_writable()
+    classifier = spec.model.kind == "cnn"
+    needs_classes = classifier or spec.model.conditional
+    num_classes = rdata.num_classes(spec.data) if needs_classes else None
+    split = "train" if classifier else "all"
+    rows = rdata.count_rows(spec.data, split)
+    if rows < spec.train.batch_size:
+        raise RunError(f"data: {rows} images is fewer than one batch (train.batch_size={spec.train.batch_size})")
+    total = spec.train.steps or spec.train.epochs * max(1, rows // spec.train.batch_size)
+    datasets = {"train": rdata.build(spec.data, split, seed=spec.train.seed)}
+    if classifier:
+        datasets["val"] = rdata.build(spec.data, "val")
+
+    run = Store(spec.run_url, spec.storage.endpoint_url)
+    run.write_text(spec.to_yaml(), "spec.yaml")
+
+    s = spec.scaling
+    resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
+    best = spec.storage.keep_best_by
+    storage = dict(storage_path=spec.storage.path)
+    if is_remote(spec.storage.path):
+        storage = dict(storage_path=root.root, storage_filesystem=pyarrow_filesystem(root.fs))
+    from rayganx.spec import METRIC_MODES
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec.to_dict(), "num_classes": num_classes, "total_steps": total},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=spec.name, **storage, callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=spec.storage.keep, checkpoint_score_attribute=best,
+                checkpoint_score_order=METRIC_MODES.get(best, "max") if best else "max"),
+            failure_config=FailureConfig(max_failures=s.max_failures)),
+        datasets=datasets,
+    )
+    return trainer, total
+
+
+class Progress:
+    """Follows a run by reading its metrics.jsonl from storage; works for local and remote runs."""
+
+    def __init__(self, spec: JobSpec, total: int, start_step: int, printer: Callable[[dict], None]):
+        self.run = Store(spec.run_url, spec.storage.endpoint_url)
+        self.total, self.seen, self.printer = total, start_step, printer
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.poll_once()
+
+    def _poll(self):
+        while not self._stop.wait(1.0):
+            try:
+                self.poll_once()
+            except Exception:  # progress display must never break the run
+                pass
+
+    def poll_once(self):
+        from rayganx.storage import read_metrics
+
+        for m in read_metrics(self.run):
+            if m.get("step", 0) > self.seen:
+                self.seen = m["step"]
+                self.printer(m)
+
+
+def last_step(spec: JobSpec) -> int:
+    from rayganx.storage import list_checkpoints
+
+    ckpts = list_checkpoints(Store(spec.run_url, spec.storage.endpoint_url))
+    return ckpts[-1]["step"] if ckpts else 0
+
+
+def resolve_paths(spec: JobSpec) -> JobSpec:
+    """Absolute local paths: Ray workers run in their own working directories."""
+    spec = spec.model_copy(deep=True)
+    if not is_remote(spec.storage.path):
+        spec.storage.path = os.path.abspath(os.path.expanduser(spec.storage.path))
+    if spec.data.path and not is_remote(spec.data.path):
+        spec.data.path = os.path.abspath(os.path.expanduser(spec.data.path))
+    return spec
+
+
+def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None] | None = None,
+        on_start: Callable[[int, int], None] | None = None) -> RunResult:
+    """Run a job to completion on the current (or an embedded) Ray cluster."""
+    from rayganx.storage import list_checkpoints
+
+    spec = resolve_paths(spec)
+    init_ray(verbose=verbose)
+    start = last_step(spec)
+    trainer, total = trainer_for(spec, verbose)
+    if on_start:
+        on_start(start, total)
+    counter = None
+    if spec.data.on_corrupt == "skip" and spec.data.source in ("image_folder", "parquet", "celeba"):
+        counter = rdata.skip_counter()
+    try:
+        with Progress(spec, total, start, printer or (lambda m: None)):
+            trainer.fit()
+    except Exception as e:
+        raise RunError(_root_cause(e)) from e
+    run_store = Store(spec.run_url, spec.storage.endpoint_url)
+    ckpts = list_checkpoints(run_store)
+    samples = sorted(f["name"] for f in run_store.listdir("samples"))
+    from rayganx.storage import read_metrics
+
+    history = read_metrics(run_store)
+    skipped = []
+    if counter is not None:
+        import ray
+
+        skipped = ray.get(counter.get.remote())
+        ray.kill(counter)
+    return RunResult(run_url=spec.run_url, steps=history[-1]["step"] if history else start,
+                     metrics=history[-1] if history else {}, checkpoints=ckpts, samples=samples,
+                     skipped_images=skipped)
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

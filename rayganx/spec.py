@@ -1,0 +1,311 @@
+"""The job spec: one small validated config object that flows into every component.
+
+A job YAML is parsed and checked here before anything starts, so a typo costs seconds, not a
+cluster allocation. Errors name the file, the dotted key, what was expected and, for an
+unknown key, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+GAN_KINDS = ("mlp_gan", "dcgan", "resnet_gan")
+MODEL_KINDS = GAN_KINDS + ("cnn", "vae")
+LOSSES = ("non_saturating", "hinge", "wasserstein", "least_squares")
+SOURCES = ("image_folder", "parquet", "celeba", "digits", "gaussian_mixture")
+# Metric names a run can be ranked by; "min" metrics are better when lower.
+METRIC_MODES = {"fid": "min", "kid": "min", "is": "max", "precision": "max", "recall": "max",
+                "val_accuracy": "max", "loss_g": "min", "loss_d": "min", "elbo": "max"}
+
+
+class SpecError(ValueError):
+    """A job spec problem, already phrased for the user (file, key, what was expected)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Section):
+    kind: Literal["mlp_gan", "dcgan", "resnet_gan", "cnn", "vae"] = "dcgan"
+    latent_dim: int = Field(100, ge=1)
+    ngf: int = Field(64, ge=1, description="generator width (DCGAN/ResNet/VAE decoder)")
+    ndf: int = Field(64, ge=1, description="discriminator width (and CNN/VAE encoder)")
+    hidden: list[int] = Field(default_factory=lambda: [128, 128], description="mlp_gan hidden sizes")
+    conditional: bool = Field(False, description="class-conditional GAN: needs data.labels")
+    spectral_norm: Literal["none", "d", "g", "both"] = "none"
+    d_batchnorm: bool = Field(True, description="BatchNorm in the DCGAN discriminator")
+
+
+class DataSpec(_Section):
+    source: Literal["image_folder", "parquet", "celeba", "digits", "gaussian_mixture"] = "digits"
+    path: str | None = Field(None, description="local path or fsspec URL (s3://, gs://, ...)")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, ...)")
+    image_size: int = Field(32, ge=2)
+    channels: Literal[1, 3] = 1
+    labels: bool = Field(False, description="read class labels (sub-folders / label column)")
+    image_column: str = "image"
+    label_column: str = "label"
+    crop: int | None = Field(None, ge=1, description="centre crop size before resizing")
+    on_corrupt: Literal["fail", "skip"] = "fail"
+    mixture: Literal["ring", "grid"] = "ring"
+    num_points: int = Field(20000, ge=1, description="gaussian_mixture sample count")
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="held out for classifiers")
+
+
+class OptimSpec(_Section):
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class TrainSpec(_Section):
+    batch_size: int = Field(128, ge=1, description="global batch, split across workers")
+    steps: int | None = Field(None, ge=1, description="generator (or optimiser) steps")
+    epochs: int | None = Field(None, ge=1)
+    seed: int = 0
+    loss: Literal["non_saturating", "hinge", "wasserstein", "least_squares"] = "non_saturating"
+    d_steps: int = Field(1, ge=1, description="discriminator steps per generator step")
+    optim_g: OptimSpec = Field(default_factory=OptimSpec)
+    optim_d: OptimSpec = Field(default_factory=OptimSpec)
+    optim: OptimSpec = Field(default_factory=lambda: OptimSpec(lr=1e-3, betas=(0.9, 0.999)),
+                             description="optimiser of single-network models (cnn, vae)")
+    gp_lambda: float = Field(0.0, ge=0, description="WGAN-GP gradient penalty weight")
+    r1_gamma: float = Field(0.0, ge=0, description="R1 penalty on reals")
+    r1_every: int = Field(1, ge=1, description="lazy R1: apply every k discriminator steps")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA generator decay")
+    ema_start: int = Field(0, ge=0)
+    diffaug: list[Literal["translation", "color", "cutout"]] = Field(default_factory=list)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="one-sided, reals only")
+    instance_noise: float = Field(0.0, ge=0, description="std of noise on D inputs, annealed to 0")
+    grad_clip: float | None = Field(None, gt=0)
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast on GPU only")
+    channels_last: bool = False
+    max_grad_norm: float = Field(1e4, gt=0, description="divergence guard threshold")
+    log_every: int = Field(10, ge=1)
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, gt=0)
+    memory_per_worker: str | None = Field(None, description="e.g. 8Gi, for Kubernetes")
+    max_failures: int = Field(0, ge=-1)
+
+
+class StorageSpec(_Section):
+    path: str = Field("runs", description="local directory or fsspec URL of the run store")
+    endpoint_url: str | None = None
+    checkpoint_every: int = Field(200, ge=1)
+    keep: int = Field(2, ge=1)
+    keep_best_by: str | None = Field(None, description="metric to rank checkpoints by, e.g. fid")
+
+
+class SamplesSpec(_Section):
+    every: int = Field(200, ge=1)
+    n: int = Field(64, ge=1, description="images in the grid")
+    seed: int = 1234
+
+
+class EvalSpec(_Section):
+    every: int | None = Field(None, ge=1, description="evaluate every N steps (off by default)")
+    num_samples: int = Field(1000, ge=2)
+    metrics: list[Literal["fid", "kid", "is", "pr"]] = Field(default_factory=lambda: ["fid", "kid"])
+    features: Literal["classifier", "torchscript", "random"] = "random"
+    extractor: str | None = Field(None, description="classifier checkpoint or TorchScript file")
+
+
+class JobSpec(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    samples: SamplesSpec = Field(default_factory=SamplesSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @property
+    def is_gan(self) -> bool:
+        return self.model.kind in GAN_KINDS
+
+    @property
+    def run_url(self) -> str:
+        """Where this job's checkpoints, samples and metrics live: <storage.path>/<name>."""
+        return self.storage.path.rstrip("/") + "/" + self.name
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.train.batch_size // self.scaling.num_workers
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys of the section a pydantic error location points into."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        valid = _keys_at(JobSpec, loc)
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+        return f"{key}: unknown key ({hint})"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    msg = err["msg"].replace("Input should be", "expected").replace("String should", "expected to")
+    return f"{key}: {msg}, got {err.get('input')!r}"
+
+
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise SpecError(f"--set {dotted}: '{p}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise SpecError(f"--set {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(value) if value.strip() else None))
+    return out
+
+
+def _expand_env(obj: Any) -> Any:
+    # ${VAR} and ${VAR:-default} in string values, so a placeholder path can come from the env.
+    if isinstance(obj, dict):
+        return {k: _expand_env(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_expand_env(v) for v in obj]
+    if isinstance(obj, str):
+        def sub(m: re.Match) -> str:
+            return os.environ.get(m.group(1)) or (m.group(2) or "")
+        return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", sub, obj)
+    return obj
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such job file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{path}:{where}: malformed YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def from_dict(raw: dict, source: str = "<job>", overrides: list[str] | None = None) -> JobSpec:
+    raw = _expand_env(dict(raw))
+    for key, value in parse_overrides(overrides):
+        set_dotted(raw, key, value)
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        raise SpecError(f"{source}: " + f"\n{source}: ".join(lines)) from None
+    problems = check(spec)
+    if problems:
+        raise SpecError("\n".join(f"{source}: {p}" for p in problems))
+    return spec
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    return from_dict(load_yaml(path), str(path), overrides)
+
+
+# --------------------------------------------------------------------------- cross-field rules
+
+
+def supported_sizes(kind: str) -> tuple[int, ...] | None:
+    """Image sizes an architecture can produce (None: any)."""
+    return {"dcgan": (32, 64), "resnet_gan": (32, 64), "vae": (32, 64)}.get(kind)
+
+
+def check(spec: JobSpec) -> list[str]:
+    """Rules between keys that pydantic's per-field types cannot state."""
+    p: list[str] = []
+    m, d, t, s = spec.model, spec.data, spec.train, spec.scaling
+    if (t.steps is None) == (t.epochs is None):
+        p.append("train.steps / train.epochs: set exactly one of them")
+    if t.batch_size % s.num_workers:
+        p.append(f"train.batch_size: {t.batch_size} does not split evenly across "
+                 f"scaling.num_workers={s.num_workers}")
+    sizes = supported_sizes(m.kind)
+    if sizes and d.image_size not in sizes:
+        p.append(f"data.image_size: {m.kind} produces {' or '.join(map(str, sizes))} px images, "
+                 f"got {d.image_size}")
+    if d.source in ("image_folder", "parquet", "celeba") and not d.path:
+        p.append(f"data.path: required for source '{d.source}'")
+    if d.source == "gaussian_mixture" and m.kind != "mlp_gan":
+        p.append(f"data.source: gaussian_mixture holds 2-D points; use model.kind mlp_gan, not {m.kind}")
+    if m.kind == "cnn" and not d.labels:
+        p.append("data.labels: a cnn classifier needs labels (set data.labels: true)")
+    if m.conditional:
+        if not d.labels:
+            p.append("model.conditional: needs data.labels: true")
+        if m.kind not in ("dcgan", "resnet_gan"):
+            p.append(f"model.conditional: supported by dcgan and resnet_gan, not {m.kind}")
+    if d.source == "gaussian_mixture" and (t.diffaug or m.conditional):
+        p.append("train.diffaug: image augmentation does not apply to 2-D points")
+    if t.loss == "wasserstein" and t.gp_lambda == 0 and m.spectral_norm in ("none", "g"):
+        p.append("train.gp_lambda: a Wasserstein critic needs a Lipschitz constraint "
+                 "(gp_lambda > 0 or model.spectral_norm: d)")
+    if (t.gp_lambda > 0 or t.loss == "wasserstein") and m.kind == "dcgan" and m.d_batchnorm:
+        p.append("model.d_batchnorm: the gradient penalty and a Wasserstein critic need a "
+                 "discriminator without BatchNorm (set model.d_batchnorm: false)")
+    if spec.storage.keep_best_by and spec.storage.keep_best_by not in METRIC_MODES:
+        p.append(f"storage.keep_best_by: expected one of {', '.join(METRIC_MODES)}, "
+                 f"got {spec.storage.keep_best_by!r}")
+    if spec.storage.keep_best_by in ("fid", "kid", "is", "precision", "recall") and not spec.eval.every:
+        p.append("storage.keep_best_by: ranking by an evaluation metric needs eval.every")
+    e = spec.eval
+    if e.every and not spec.is_gan and m.kind != "vae":
+        p.append("eval.every: evaluation applies to generative models")
+    if e.every and e.features in ("classifier", "torchscript") and not e.extractor:
+        p.append(f"eval.extractor: required for eval.features '{e.features}'")
+    if e.every and "is" in e.metrics and e.features != "classifier":
+        p.append("eval.metrics: 'is' needs class logits (eval.features: classifier)")
+    if any(v < 1 for v in m.hidden):
+        p.append("model.hidden: layer sizes must be positive")
+    return p

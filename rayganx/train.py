@@ -1,0 +1,408 @@
+"""The training loop every Ray Train worker runs, and the per-model update steps.
+
+`train_loop` reads top to bottom: build the task, restore, then iterate the dataset shard,
+report every `log_every` steps and checkpoint every `checkpoint_every`. The tasks hold the
+networks and their optimisers; their `step` is one update on one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from rayganx import data as rdata
+from rayganx import losses, models
+from rayganx.spec import JobSpec
+from rayganx.storage import Store
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or an exploding gradient."""
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _prepare(model: torch.nn.Module, distributed: bool, channels_last: bool) -> torch.nn.Module:
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if not distributed:
+        return model
+    import ray.train.torch
+
+    # Buffers are not re-broadcast on each forward: the discriminator runs on reals and fakes
+    # (and interpolates) before one backward, and a broadcast in between breaks autograd.
+    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+
+
+def _adam(params, o) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def _no_sync(model):
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+class Task:
+    """Networks, optimisers and the update step of one model family."""
+
+    names: tuple[str, ...] = ()  # metric names, in the order `step` returns them
+
+    def __init__(self, spec: JobSpec, num_classes: int | None, device: torch.device, distributed: bool):
+        self.spec, self.device, self.num_classes = spec, device, num_classes
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if spec.train.precision == "bf16" and device.type == "cuda"
+                         else contextlib.nullcontext())
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"models": {k: _unwrap(m).state_dict() for k, m in self.networks().items()},
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, m in self.networks().items():
+            _unwrap(m).load_state_dict(state["models"][k])
+        for k, o in self.optimizers().items():
+            o.load_state_dict(state["optimizers"][k])
+
+    def _backward(self, loss, model, opt) -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.spec.train.grad_clip or math.inf
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+
+
+class GANTask(Task):
+    names = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g")
+
+    def __init__(self, spec, num_classes, device, distributed):
+        super().__init__(spec, num_classes, device, distributed)
+        nets = models.build(spec, num_classes)
+        cl = spec.train.channels_last and spec.data.source != "gaussian_mixture"
+        self.g = _prepare(nets["g"].to(device), distributed, cl)
+        self.d = _prepare(nets["d"].to(device), distributed, cl)
+        t = spec.train
+        self.opt_g, self.opt_d = _adam(self.g.parameters(), t.optim_g), _adam(self.d.parameters(), t.optim_d)
+        self.ema = losses.EMA(_unwrap(self.g), t.ema_decay, t.ema_start) if t.ema_decay else None
+        self.cond = spec.model.conditional
+        self.last_g = torch.zeros((), device=device)
+        self.last_gnorm_g = torch.zeros((), device=device)
+
+    def networks(self):
+        nets = {"g": self.g, "d": self.d}
+        return nets | ({"g_ema": self.ema.model} if self.ema else {})
+
+    def optimizers(self):
+        return {"g": self.opt_g, "d": self.opt_d}
+
+    def generator(self) -> torch.nn.Module:
+        """The generator samples and evaluation use: the EMA copy when there is one."""
+        return self.ema.model if self.ema else _unwrap(self.g)
+
+    def _d_input(self, x, step, total):
+        t = self.spec.train
+        x = losses.diffaugment(x, t.diffaug) if t.diffaug else x
+        return losses.instance_noise(x, t.instance_noise, step, total)
+
+    def step(self, real, labels, it: int, step: int, total: int) -> tuple[bool, torch.Tensor]:
+        """One discriminator update on this batch; a generator update every d_steps batches."""
+        t, n = self.spec.train, real.shape[0]
+        y = labels if self.cond else None
+        do_g = (it + 1) % t.d_steps == 0
+        z = torch.randn(n, self.spec.model.latent_dim, device=self.device)
+        with torch.set_grad_enabled(do_g), self.autocast:
+            fake = self.g(z, y)  # reused by the generator update, as in the DCGAN reference
+
+        r1_now = t.r1_gamma > 0 and it % t.r1_every == 0
+        real_in = real.detach().requires_grad_(True) if r1_now else real
+        with self.autocast:
+            logit_real = self.d(self._d_input(real_in, step, total), y)
+            logit_fake = self.d(self._d_input(fake.detach(), step, total), y)
+            loss_d = losses.d_loss(t.loss, logit_real.float(), logit_fake.float(), t.label_smoothing)
+            total_d = loss_d
+            if t.gp_lambda > 0:
+                total_d = total_d + t.gp_lambda * losses.gradient_penalty(self.d, real, fake, y)
+            if r1_now:  # lazy R1: every k steps, scaled by k (StyleGAN2)
+                total_d = total_d + 0.5 * t.r1_gamma * t.r1_every * losses.r1_penalty(logit_real, real_in)
+        gnorm_d = self._backward(total_d, self.d, self.opt_d)
+        self.opt_d.step()
+
+        if do_g:
+            # D's gradients are not needed here: freeze it and skip its all-reduce.
+            with _no_sync(self.d):
+                self.d.requires_grad_(False)
+                with self.autocast:
+                    loss_g = losses.g_loss(t.loss, self.d(self._d_input(fake, step, total), y).float())
+                self.last_gnorm_g = self._backward(loss_g, self.g, self.opt_g)
+                self.d.requires_grad_(True)
+            self.opt_g.step()
+            self.last_g = loss_g.detach()
+            if self.ema:
+                self.ema.update(_unwrap(self.g), step)
+        prob = torch.sigmoid if t.loss == "non_saturating" else (lambda v: v)
+        stats = torch.stack([loss_d.detach(), self.last_g, prob(logit_real.detach().float()).mean(),
+                             prob(logit_fake.detach().float()).mean(), gnorm_d.detach(),
+                             self.last_gnorm_g.detach()])
+        return do_g, stats
+
+    @torch.no_grad()
+    def sample_png(self, n: int, seed: int) -> bytes:
+        g = self.generator()
+        was_training = g.training
+        g.eval()
+        gen = torch.Generator().manual_seed(seed)
+        if self.spec.data.source == "gaussian_mixture":
+            z = torch.randn(2000, self.spec.model.latent_dim, generator=gen).to(self.device)
+            png = rdata.scatter_png(g(z).cpu().numpy(), rdata.mixture_centres(self.spec.data.mixture))
+        else:
+            z, y, nrow = sample_inputs(self.spec, n, seed, self.num_classes)
+            png = rdata.grid_png(models.generate(g, z.to(self.device), None if y is None else y.to(self.device)), nrow)
+        g.train(was_training)
+        return png
+
+
+def sample_inputs(spec: JobSpec, n: int, seed: int, num_classes: int | None):
+    """Fixed noise (and labels, one class per row for conditional models) for sample grids."""
+    gen = torch.Generator().manual_seed(seed)
+    if spec.model.conditional and num_classes:
+        per_row = max(1, n // num_classes)
+        n = per_row * num_classes
+        y = torch.arange(num_classes).repeat_interleave(per_row)
+        return torch.randn(n, spec.model.latent_dim, generator=gen), y, per_row
+    nrow = max(1, int(math.sqrt(n)))
+    return torch.randn(n, spec.model.latent_dim, generator=gen), None, nrow
+
+
+class ClassifierTask(Task):
+    names = ("loss", "accuracy", "grad_norm")
+
+    def __init__(self, spec, num_classes, device, distributed):
+        super().__init__(spec, num_classes, device, distributed)
+        self.net = _prepare(models.build(spec, num_classes)["net"].to(device), distributed,
+                            spec.train.channels_last)
+        self.opt = _adam(self.net.parameters(), spec.train.optim)
+
+    def networks(self):
+        return {"net": self.net}
+
+    def optimizers(self):
+        return {"net": self.opt}
+
+    def step(self, x, labels, it, step, total):
+        with self.autocast:
+            logits = self.net(x)
+            loss = F.cross_entropy(logits.float(), labels)
+        gnorm = self._backward(loss, self.net, self.opt)
+        self.opt.step()
+        acc = (logits.argmax(1) == labels).float().mean()
+        return True, torch.stack([loss.detach(), acc.detach(), gnorm.detach()])
+
+    @torch.no_grad()
+    def validate(self, shard, batch_size) -> dict[str, float]:
+        """Accuracy over this worker's validation shard, summed across workers."""
+        net = _unwrap(self.net).eval()
+        correct = torch.zeros(2, device=self.device)
+        for batch in shard.iter_torch_batches(batch_size=batch_size, device=self.device):
+            pred = net(batch["image"]).argmax(1)
+            correct += torch.stack([(pred == batch["label"]).sum().float(),
+                                    torch.tensor(float(len(pred)), device=self.device)])
+        net.train()
+        _all_reduce(correct, mean=False)
+        return {"val_accuracy": (correct[0] / correct[1].clamp(min=1)).item()}
+
+
+class VAETask(Task):
+    names = ("loss", "recon", "kl", "elbo", "grad_norm")
+
+    def __init__(self, spec, num_classes, device, distributed):
+        super().__init__(spec, num_classes, device, distributed)
+        self.net = _prepare(models.build(spec)["net"].to(device), distributed, spec.train.channels_last)
+        self.opt = _adam(self.net.parameters(), spec.train.optim)
+
+    def networks(self):
+        return {"net": self.net}
+
+    def optimizers(self):
+        return {"net": self.opt}
+
+    def generator(self):
+        return _unwrap(self.net)
+
+    def step(self, x, labels, it, step, total):
+        with self.autocast:
+            logits, mu, logvar = self.net(x)
+        # Bernoulli likelihood of pixel intensities in [0, 1]; per-image sums, batch means.
+        recon = F.binary_cross_entropy_with_logits(logits.float(), (x + 1) / 2, reduction="sum") / x.shape[0]
+        kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
+        loss = recon + kl
+        gnorm = self._backward(loss, self.net, self.opt)
+        self.opt.step()
+        return True, torch.stack([loss.detach(), recon.detach(), kl.detach(), -loss.detach(), gnorm.detach()])
+
+    @torch.no_grad()
+    def sample_png(self, n, seed):
+        z, _, nrow = sample_inputs(self.spec, n, seed, None)
+        net = self.generator().eval()
+        png = rdata.grid_png(net.generate(z.to(self.device)), nrow)
+        net.train()
+        return png
+
+
+TASKS = {"mlp_gan": GANTask, "dcgan": GANTask, "resnet_gan": GANTask, "cnn": ClassifierTask,
+         "vae": VAETask}
+
+
+def _all_reduce(t: torch.Tensor, mean: bool = True) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        if mean:
+            t /= dist.get_world_size()
+    return t
+
+
+def check_finite(stats: torch.Tensor, names: tuple[str, ...], step: int, max_grad_norm: float) -> None:
+    values = dict(zip(names, stats.tolist()))
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    big = {k: v for k, v in values.items() if k.startswith("grad_norm") and v > max_grad_norm}
+    if bad or big:
+        what = ", ".join(f"{k}={v:.4g}" for k, v in (bad or big).items())
+        kind = "non-finite values" if bad else f"gradient norm above train.max_grad_norm={max_grad_norm:g}"
+        raise DivergenceError(f"training diverged at step {step}: {kind} ({what}); "
+                              f"the last good checkpoint is kept")
+
+
+def save_checkpoint(task: Task, step: int, metrics: dict, num_classes: int | None) -> str:
+    """Write state.pt, spec.yaml and meta.json to a local directory Ray uploads."""
+    path = tempfile.mkdtemp(prefix="rayganx_ckpt_")
+    state = task.state_dict() | {"step": step, "num_classes": num_classes, "spec": task.spec.to_dict(),
+                                 "rng": {"torch": torch.get_rng_state()}}
+    torch.save(state, os.path.join(path, "state.pt"))
+    with open(os.path.join(path, "spec.yaml"), "w") as f:
+        f.write(task.spec.to_yaml())
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump({"step": step, "time": time.time(), "metrics": metrics}, f)
+    return path
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every worker. config: spec (dict), num_classes, total_steps."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    spec = JobSpec.model_validate(config["spec"])
+    t = spec.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    task = TASKS[spec.model.kind](spec, config["num_classes"], device, world > 1)
+    total = config["total_steps"]
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=False)
+        task.load_state_dict(state)
+        step = state["step"]
+    torch.manual_seed(t.seed + 1000 * rank + step)  # different noise per rank and after resume
+
+    run = Store(spec.run_url, spec.storage.endpoint_url) if rank == 0 else None
+    history = [m for m in _read_history(run) if m["step"] <= step] if run else []
+    telemetry = _Telemetry(spec.name, rank)
+
+    shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if isinstance(task, ClassifierTask) else None
+    sums, count, images, it = None, 0, 0, 0
+    t_last = time.perf_counter()
+    while step < total:
+        batches = 0
+        for batch in shard.iter_torch_batches(batch_size=spec.per_worker_batch, drop_last=True,
+                                              device=device, prefetch_batches=2,
+                                              local_shuffle_buffer_size=max(4 * spec.per_worker_batch, 2048)):
+            batches += 1
+            x = batch["image"]
+            if t.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            stepped, stats = task.step(x, batch["label"], it, step, total)
+            it += 1
+            images += x.shape[0] * world
+            sums = stats if sums is None else sums + stats
+            count += 1
+            if not stepped:
+                continue
+            step += 1
+            check_finite(stats, task.names, step, t.max_grad_norm)
+
+            last = step >= total
+            do_ckpt = step % spec.storage.checkpoint_every == 0 or last
+            do_sample = (step % spec.samples.every == 0 or last) and hasattr(task, "sample_png")
+            if not (step % t.log_every == 0 or do_ckpt or do_sample):
+                continue
+            elapsed = time.perf_counter() - t_last
+            mean = _all_reduce(sums / count)
+            metrics = dict(zip(task.names, mean.tolist()))
+            metrics |= {"step": step, "images_per_s": images / elapsed, "step_time": elapsed / count,
+                        "time": time.time()}
+            if val_shard is not None and do_ckpt:
+                metrics |= task.validate(val_shard, spec.per_worker_batch)
+            sums, count, images, t_last = None, 0, 0, time.perf_counter()
+            telemetry.record(metrics)
+
+            ckpt_dir = None
+            if rank == 0:
+                if do_sample:
+                    run.write_bytes(task.sample_png(spec.samples.n, spec.samples.seed),
+                                    "samples", f"step_{step:06d}.png")
+                if do_ckpt:
+                    ckpt_dir = save_checkpoint(task, step, metrics, config["num_classes"])
+                history.append(metrics)
+                run.write_text("".join(json.dumps(m) + "\n" for m in history), "metrics.jsonl")
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None,
+                             checkpoint_dir_name=f"checkpoint_{step:06d}" if do_ckpt else None)
+            if last:
+                break
+        if batches == 0:
+            raise rdata.DataError(f"data: a worker's shard yielded no full batch of "
+                                  f"{spec.per_worker_batch}; the dataset is smaller than "
+                                  f"train.batch_size={t.batch_size}")
+
+
+def _read_history(run: Store) -> list[dict]:
+    from rayganx.storage import read_metrics
+
+    return read_metrics(run)
+
+
+class _Telemetry:
+    """Training metrics as Ray custom metrics, scraped from each node's Prometheus endpoint."""
+
+    EXPORTED = ("loss_d", "loss_g", "loss", "images_per_s", "step", "val_accuracy", "elbo", "fid", "kid")
+
+    def __init__(self, job: str, rank: int):
+        from ray.util import metrics as rm
+
+        self.tags = {"job": job, "rank": str(rank)}
+        self.gauges = {k: rm.Gauge(f"rayganx_{k}", description=f"rayganx training metric {k}",
+                                   tag_keys=("job", "rank")) for k in self.EXPORTED}
+
+    def record(self, metrics: dict) -> None:
+        for k, gauge in self.gauges.items():
+            if k in metrics and metrics[k] is not None:
+                gauge.set(float(metrics[k]), tags=self.tags)
