@@ -133,18 +133,19 @@ def _run_here(spec: jobspec.JobSpec) -> None:
         result = runner.run(spec, verbose=STATE["verbose"], printer=display.update, on_start=display.start)
     finally:
         display.stop()
-    table = Table(title=f"{spec.name}: {result.steps} steps in {time.monotonic() - t0:.0f} s", show_header=False)
-    table.add_row("run", result.run_url)
+    rows = [("run", result.run_url)]
     if result.checkpoints:
-        table.add_row("checkpoints", ", ".join(c["name"] for c in result.checkpoints))
-        table.add_row("latest checkpoint", result.checkpoints[-1]["url"])
+        rows.append(("checkpoints", ", ".join(c["name"] for c in result.checkpoints)))
+        rows.append(("latest checkpoint", result.checkpoints[-1]["url"]))
     if result.samples:
-        table.add_row("sample grids", f"{result.run_url}/samples/ (latest: {result.samples[-1].rsplit('/', 1)[-1]})")
+        rows.append(("sample grids", f"{result.run_url}/samples/ (latest {result.samples[-1].rsplit('/', 1)[-1]})"))
     if result.metrics:
-        table.add_row("final metrics", _fmt_metrics(result.metrics))
+        rows.append(("final metrics", _fmt_metrics(result.metrics)))
     if result.skipped_images:
-        table.add_row("skipped corrupt images", f"{len(result.skipped_images)} (first: {result.skipped_images[0]})")
-    out.print(table)
+        rows.append(("skipped corrupt images", f"{len(result.skipped_images)} (first: {result.skipped_images[0]})"))
+    out.print(f"[bold green]done[/bold green] {spec.name}: {result.steps} steps in {time.monotonic() - t0:.0f} s")
+    for key, value in rows:
+        out.print(f"  [bold]{key}[/bold]: {value}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -213,7 +213,7 @@ def build(data: DataSpec, split: str = "all", seed: int = 0):
         if not files:
             raise DataError(f"data.path: no .parquet files under {data.path}")
         columns = [data.image_column] + ([data.label_column] if data.labels else [])
-        ds = ray.data.read_parquet(files, filesystem=pyarrow_filesystem(store.fs), columns=columns)
+        ds = ray.data.read_parquet(files, filesystem=pyarrow_filesystem(store.fs)).select_columns(columns)
         opts.update(image_col=data.image_column)
         if not data.labels:
             opts.update(label_col="__none__")
@@ -234,8 +234,8 @@ def build(data: DataSpec, split: str = "all", seed: int = 0):
         if not classes:
             raise DataError(f"data.labels: no class sub-folders under {store.url}")
         opts.update(classes=classes)
-    ds = ray.data.read_binary_files(files, filesystem=pyarrow_filesystem(store.fs), include_paths=True,
-                                    override_num_blocks=min(len(files), 64))
+    ds = ray.data.read_binary_files(store.root, filesystem=pyarrow_filesystem(store.fs), include_paths=True,
+                                    file_extensions=list(IMAGE_EXTENSIONS), override_num_blocks=min(len(files), 64))
     return ds.randomize_block_order().map_batches(
         functools.partial(_decode_batch, **opts), batch_format="numpy")
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -54,7 +52,7 @@ def init_ray(address: str | None = None, verbose: bool = False, num_cpus: int | 
         logging.getLogger("ray").setLevel(logging.ERROR)
     kwargs = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
                   configure_logging=True)
-    if address or os.environ.get("RAY_ADDRESS"):
+    if address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
         ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
     else:
         # Logical CPUs are scheduling slots: leave one beyond the workers' for Ray Data's
@@ -67,31 +65,82 @@ def init_ray(address: str | None = None, verbose: bool = False, num_cpus: int | 
     ctx.print_on_execution_start = verbose
 
 
+def ray_is_up() -> bool:
+    import ray
+
+    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+
+
+def check_fits_locally(spec: JobSpec) -> None:
+    """On the embedded cluster nothing autoscales: a job that cannot fit would wait forever."""
+    import ray
+
+    have = ray.cluster_resources()
+    s = spec.scaling
+    if s.use_gpu and have.get("GPU", 0) < s.num_workers * s.gpus_per_worker:
+        raise RunError(f"scaling.use_gpu: {s.num_workers} workers x {s.gpus_per_worker:g} GPU requested, "
+                       f"this machine has {have.get('GPU', 0):g}; submit to a GPU cluster with --address")
+    if have.get("CPU", 0) < s.num_workers * s.cpus_per_worker:
+        raise RunError(f"scaling: {s.num_workers} workers x {s.cpus_per_worker:g} CPU requested, the local "
+                       f"Ray has {have.get('CPU', 0):g}; lower scaling.num_workers or submit with --address")
+
+
+def seen_errors(err: BaseException) -> list[BaseException]:
+    out, stack = [], [err]
+    while stack:
+        e = stack.pop()
+        if e is None or any(e is o for o in out):
+            continue
+        out.append(e)
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__,
+                  getattr(e, "controller_failure", None), *getattr(e, "worker_failures", {}).values()]
+    return out
+
+
 def _root_cause(err: BaseException) -> str:
     """The user-facing line inside Ray's layers of wrapping."""
     from rayganx.data import DataError
     from rayganx.storage import StorageError
     from rayganx.train import DivergenceError
 
-    ours = (DataError, StorageError, DivergenceError)
-    seen = set()
-    stack = [err]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, ours):
+    for e in seen_errors(err):
+        if isinstance(e, (DataError, StorageError, DivergenceError)):
             return str(e).splitlines()[0]
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-        stack += list(getattr(e, "worker_failures", {}).values())
-        stack += [getattr(e, "controller_failure", None)]
+    # Ray Data re-raises worker errors as text: find our error's line in the whole chain.
+    import re
+
+    texts = [str(e) for e in seen_errors(err)]
+    for text in texts:
+        m = re.search(r"(?:DataError|StorageError|DivergenceError): (.+)", text)
+        if m:
+            return m.group(1).strip()
     text = str(err).strip().splitlines()
     lines = [ln for ln in text if ln.strip() and not ln.startswith(" ")]
     return (lines[-1] if lines else type(err).__name__)[:500]
 
 
-def trainer_for(spec: JobSpec, verbose: bool = False, callbacks=None):
+@dataclass
+class Plan:
+    """What a job needs decided before Ray starts (and fails fast on bad data or storage)."""
+
+    num_classes: int | None
+    total_steps: int
+    split: str
+
+
+def plan(spec: JobSpec) -> Plan:
+    Store(spec.storage.path, spec.storage.endpoint_url).check_writable()
+    classifier = spec.model.kind == "cnn"
+    num_classes = rdata.num_classes(spec.data) if classifier or spec.model.conditional else None
+    split = "train" if classifier else "all"
+    rows = rdata.count_rows(spec.data, split)
+    if rows < spec.train.batch_size:
+        raise RunError(f"data: {rows} images is fewer than one batch (train.batch_size={spec.train.batch_size})")
+    total = spec.train.steps or spec.train.epochs * max(1, rows // spec.train.batch_size)
+    return Plan(num_classes, total, split)
+
+
+def trainer_for(spec: JobSpec, p: Plan, callbacks=None):
     """The TorchTrainer for a job, with its datasets, storage and checkpoint policy."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -99,17 +148,8 @@ def trainer_for(spec: JobSpec, verbose: bool = False, callbacks=None):
     from rayganx.train import train_loop
 
     root = Store(spec.storage.path, spec.storage.endpoint_url)
-    root.check_writable()
-    classifier = spec.model.kind == "cnn"
-    needs_classes = classifier or spec.model.conditional
-    num_classes = rdata.num_classes(spec.data) if needs_classes else None
-    split = "train" if classifier else "all"
-    rows = rdata.count_rows(spec.data, split)
-    if rows < spec.train.batch_size:
-        raise RunError(f"data: {rows} images is fewer than one batch (train.batch_size={spec.train.batch_size})")
-    total = spec.train.steps or spec.train.epochs * max(1, rows // spec.train.batch_size)
-    datasets = {"train": rdata.build(spec.data, split, seed=spec.train.seed)}
-    if classifier:
+    datasets = {"train": rdata.build(spec.data, p.split, seed=spec.train.seed)}
+    if p.split == "train":
         datasets["val"] = rdata.build(spec.data, "val")
 
     run = Store(spec.run_url, spec.storage.endpoint_url)
@@ -125,7 +165,8 @@ def trainer_for(spec: JobSpec, verbose: bool = False, callbacks=None):
 
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.to_dict(), "num_classes": num_classes, "total_steps": total},
+        train_loop_config={"spec": spec.to_dict(), "num_classes": p.num_classes,
+                           "total_steps": p.total_steps},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -136,15 +177,15 @@ def trainer_for(spec: JobSpec, verbose: bool = False, callbacks=None):
             failure_config=FailureConfig(max_failures=s.max_failures)),
         datasets=datasets,
     )
-    return trainer, total
+    return trainer
 
 
 class Progress:
     """Follows a run by reading its metrics.jsonl from storage; works for local and remote runs."""
 
-    def __init__(self, spec: JobSpec, total: int, start_step: int, printer: Callable[[dict], None]):
+    def __init__(self, spec: JobSpec, start_step: int, printer: Callable[[dict], None]):
         self.run = Store(spec.run_url, spec.storage.endpoint_url)
-        self.total, self.seen, self.printer = total, start_step, printer
+        self.seen, self.printer = start_step, printer
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -196,16 +237,20 @@ def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None]
     from rayganx.storage import list_checkpoints
 
     spec = resolve_paths(spec)
+    p = plan(spec)
+    embedded = not ray_is_up()
     init_ray(verbose=verbose)
+    if embedded:
+        check_fits_locally(spec)
     start = last_step(spec)
-    trainer, total = trainer_for(spec, verbose)
+    trainer = trainer_for(spec, p)
     if on_start:
-        on_start(start, total)
+        on_start(start, p.total_steps)
     counter = None
     if spec.data.on_corrupt == "skip" and spec.data.source in ("image_folder", "parquet", "celeba"):
         counter = rdata.skip_counter()
     try:
-        with Progress(spec, total, start, printer or (lambda m: None)):
+        with Progress(spec, start, printer or (lambda m: None)):
             trainer.fit()
     except Exception as e:
         raise RunError(_root_cause(e)) from e
@@ -224,16 +269,3 @@ def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None]
     return RunResult(run_url=spec.run_url, steps=history[-1]["step"] if history else start,
                      metrics=history[-1] if history else {}, checkpoints=ckpts, samples=samples,
                      skipped_images=skipped)
-
-
-def stderr_is_tty() -> bool:
-    return sys.stderr.isatty()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
