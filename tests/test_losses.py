@@ -1,0 +1,147 @@
+"""Each loss and regulariser against a value computed by hand on a tiny case."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rayganx import losses, models
+
+REAL = torch.tensor([0.0, 2.0])
+FAKE = torch.tensor([1.0, -1.0])
+
+
+def sp(x):  # softplus by hand
+    return math.log1p(math.exp(x))
+
+
+def test_non_saturating_is_softplus_on_logits():
+    want_d = (sp(-0.0) + sp(-2.0)) / 2 + (sp(1.0) + sp(-1.0)) / 2
+    assert losses.d_loss("non_saturating", REAL, FAKE).item() == pytest.approx(want_d)
+    assert losses.g_loss("non_saturating", FAKE).item() == pytest.approx((sp(-1.0) + sp(1.0)) / 2)
+    # it equals binary cross-entropy on probabilities, not a sum of raw logits
+    bce = nn.functional.binary_cross_entropy(torch.sigmoid(REAL), torch.ones(2)) + \
+        nn.functional.binary_cross_entropy(torch.sigmoid(FAKE), torch.zeros(2))
+    assert losses.d_loss("non_saturating", REAL, FAKE).item() == pytest.approx(bce.item(), rel=1e-5)
+
+
+def test_one_sided_label_smoothing():
+    # real logit 0 with target 0.9: 0.9·softplus(0) + 0.1·softplus(0) = log 2; fakes untouched
+    got = losses.d_loss("non_saturating", torch.zeros(1), torch.full((1,), -50.0), smoothing=0.1)
+    assert got.item() == pytest.approx(math.log(2), abs=1e-6)
+    got = losses.d_loss("least_squares", torch.ones(1), torch.zeros(1), smoothing=0.1)
+    assert got.item() == pytest.approx(0.5 * 0.1 ** 2)
+
+
+def test_hinge_wasserstein_least_squares():
+    assert losses.d_loss("hinge", REAL, FAKE).item() == pytest.approx((1 + 0) / 2 + (2 + 0) / 2)
+    assert losses.g_loss("hinge", FAKE).item() == pytest.approx(0.0)
+    assert losses.d_loss("wasserstein", REAL, FAKE).item() == pytest.approx(0.0 - 1.0)
+    assert losses.g_loss("wasserstein", torch.tensor([3.0, 1.0])).item() == pytest.approx(-2.0)
+    assert losses.d_loss("least_squares", REAL, FAKE).item() == pytest.approx(0.5 * 1 + 0.5 * 1)
+    assert losses.g_loss("least_squares", FAKE).item() == pytest.approx(0.5 * (0 + 4) / 2)
+
+
+class Linear(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x, y=None):
+        return x.flatten(1) @ self.w
+
+
+def test_gradient_penalty_of_a_linear_critic():
+    # ∇D = w everywhere, so the penalty is (||w|| - 1)² = (3 - 1)² = 4 whatever the interpolates
+    d = Linear(torch.tensor([2.0, 1.0, 2.0, 0.0]))
+    gp = losses.gradient_penalty(d, torch.randn(5, 1, 2, 2), torch.randn(5, 1, 2, 2))
+    assert gp.item() == pytest.approx(4.0)
+    gp.backward()  # differentiable w.r.t. the critic: d/dw (||w||-1)² = 2(||w||-1)·w/||w||
+    assert torch.allclose(d.w.grad, 2 * 2 * d.w.detach() / 3)
+
+
+def test_r1_of_a_quadratic_discriminator():
+    # D(x) = ½||x||², ∇D = x, so R1 = E||x||²
+    x = torch.tensor([[1.0, 2.0], [3.0, 0.0]], requires_grad=True)
+    r1 = losses.r1_penalty(0.5 * (x ** 2).sum(1), x)
+    assert r1.item() == pytest.approx((5 + 9) / 2)
+
+
+def test_spectral_norm_bounds_the_largest_singular_value():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+    with torch.no_grad():
+        for layer in (net[0], net[2]):
+            layer.weight.mul_(5.0)
+    d = models.apply_spectral_norm(net)
+    for _ in range(30):  # power iterations run in training-mode forwards
+        d(torch.randn(8, 16))
+    d.eval()
+    for layer in (d[0], d[2]):
+        sigma = torch.linalg.matrix_norm(layer.weight.detach(), ord=2).item()
+        assert sigma == pytest.approx(1.0, abs=0.02)
+    raw = d[0].parametrizations.weight.original.detach()
+    assert torch.linalg.matrix_norm(raw, ord=2).item() > 1.5  # the unnormalised weight is larger
+
+
+def test_ema_arithmetic():
+    g = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(g.weight)
+    ema = losses.EMA(g, decay=0.9, start=2)
+    with torch.no_grad():
+        g.weight.fill_(1.0)
+    ema.update(g, step=1)  # before start: a plain copy
+    assert ema.model.weight.item() == pytest.approx(1.0)
+    with torch.no_grad():
+        g.weight.fill_(2.0)
+    ema.update(g, step=2)
+    assert ema.model.weight.item() == pytest.approx(0.9 * 1.0 + 0.1 * 2.0)
+    ema.update(g, step=3)
+    assert ema.model.weight.item() == pytest.approx(0.9 * 1.1 + 0.1 * 2.0)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_diffaugment_translation_is_a_shift():
+    torch.manual_seed(0)
+    x = torch.zeros(64, 1, 16, 16)
+    x[:, :, 8, 8] = 1.0  # one bright pixel
+    out = losses.diffaugment(x, ["translation"])
+    assert out.shape == x.shape
+    pos = out[:, 0].flatten(1).argmax(1)
+    dy, dx = pos // 16 - 8, pos % 16 - 8
+    assert (out.flatten(1).sum(1) == 1).all()  # content kept, only moved
+    assert dy.abs().max() <= 2 and dx.abs().max() <= 2  # ratio 1/8 of 16 px
+    assert len(set(zip(dy.tolist(), dx.tolist()))) > 5  # fresh parameters per image
+
+
+def test_diffaugment_cutout_and_color():
+    torch.manual_seed(0)
+    x = torch.ones(32, 3, 16, 16)
+    cut = losses.diffaugment(x, ["cutout"])
+    zeros = (cut[:, 0] == 0).flatten(1).sum(1)
+    assert zeros.max() == 64 and zeros.min() > 0  # an 8x8 square (clipped at the borders)
+    assert torch.equal(cut[:, 0] == 0, cut[:, 2] == 0)  # same square on every channel
+    col = losses.diffaugment(x, ["color"])
+    assert col.shape == x.shape and not torch.allclose(col, x)
+    y = torch.rand(4, 3, 16, 16, requires_grad=True)
+    losses.diffaugment(y, ["translation", "color", "cutout"]).sum().backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0  # differentiable, so G learns through it
+
+
+def test_diffaugment_applies_the_same_policy_to_real_and_fake():
+    from rayganx.spec import from_dict
+    from rayganx.train import GANTask
+
+    spec = from_dict({"name": "x", "model": {"ngf": 8, "ndf": 8}, "train": {"steps": 1, "diffaug": ["cutout"]},
+                      "scaling": {"num_workers": 1}})
+    task = GANTask(spec, None, torch.device("cpu"), distributed=False)
+    for x in (torch.ones(8, 1, 32, 32), -torch.ones(8, 1, 32, 32)):  # "real" and "fake"
+        assert ((task._d_input(x, 0, 10) == 0).flatten(1).sum(1) > 0).all()
+
+
+def test_instance_noise_anneals_to_zero():
+    x = torch.zeros(20000)
+    assert losses.instance_noise(x, 0.5, step=0, total=10).std().item() == pytest.approx(0.5, rel=0.05)
+    assert losses.instance_noise(x, 0.5, step=5, total=10).std().item() == pytest.approx(0.25, rel=0.05)
+    assert torch.equal(losses.instance_noise(x, 0.5, step=10, total=10), x)
