@@ -18,12 +18,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Distributed GAN and CNN training jobs on Ray.")
 data_app = typer.Typer(no_args_is_help=True, help="Built-in datasets.")
 app.add_typer(data_app, name="data")
+runs_app = typer.Typer(no_args_is_help=True, help="Runs in a storage location.")
+app.add_typer(runs_app, name="runs")
+ckpt_app = typer.Typer(no_args_is_help=True, help="A run's checkpoints.")
+app.add_typer(ckpt_app, name="checkpoints")
 
-out = Console()
-err = Console(stderr=True)
+# Wide when piped (job logs, CI), so URLs in tables and summaries stay whole.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 STATE = {"verbose": False}
 
 SetOpt = typer.Option(None, "--set", help="override a job key: key.path=value (repeatable)")
+EndpointOpt = typer.Option(None, "--endpoint-url", envvar="AWS_ENDPOINT_URL",
+                           help="S3-compatible endpoint (MinIO, ...)")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -196,6 +203,143 @@ def data_prepare(dataset: str = typer.Argument(..., help="built-in dataset: digi
         raise DataError(f"unknown dataset {dataset!r}; built in: digits")
     n = prepare_digits(out_dir, fmt, size, endpoint_url)
     out.print(f"wrote {n} digits images ({fmt}, {size}x{size}) to {out_dir}")
+
+
+# --------------------------------------------------------------------------- runs and checkpoints
+
+
+def _when(ts) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _run_location(run: str, endpoint_url: str | None) -> tuple[str, str | None]:
+    """A run URL, or the run a job file describes."""
+    if run.endswith((".yaml", ".yml")):
+        from rayganx.runner import resolve_paths
+
+        spec = resolve_paths(jobspec.load(run))
+        return spec.run_url, spec.storage.endpoint_url or endpoint_url
+    return run, endpoint_url
+
+
+@runs_app.command("list")
+@command
+def runs_list(storage: str = typer.Argument(..., help="storage location (path or URL)"),
+              endpoint_url: Optional[str] = EndpointOpt):
+    """A table of the runs found in a storage location."""
+    from rayganx.storage import Store, list_runs
+
+    runs = list_runs(Store(storage, endpoint_url))
+    table = Table(title=f"runs in {storage}")
+    for col in ("name", "model", "last step", "last update", "latest metrics"):
+        table.add_column(col)
+    for r in runs:
+        table.add_row(r["name"], r["model"], str(r["step"] or "-"), _when(r["time"]), _fmt_metrics(r["metrics"]))
+    out.print(table if runs else f"no runs in {storage}")
+
+
+@ckpt_app.command("list")
+@command
+def checkpoints_list(run: str = typer.Argument(..., help="run URL, or the job YAML"),
+                     endpoint_url: Optional[str] = EndpointOpt):
+    """A table of a run's checkpoints."""
+    from rayganx.storage import Store, list_checkpoints
+
+    url, endpoint = _run_location(run, endpoint_url)
+    ckpts = list_checkpoints(Store(url, endpoint))
+    table = Table(title=f"checkpoints of {url}")
+    for col in ("step", "time", "size", "metrics", "url"):
+        table.add_column(col)
+    for c in ckpts:
+        table.add_row(str(c["step"]), _when(c["time"]), _size(c["size"]), _fmt_metrics(c["metrics"]), c["url"])
+    out.print(table if ckpts else f"no checkpoints in {url}", soft_wrap=True)
+
+
+@ckpt_app.command("pull")
+@command
+def checkpoints_pull(run: str = typer.Argument(..., help="run URL, or the job YAML"),
+                     to: str = typer.Option(..., "--to", help="local directory"),
+                     step: Optional[int] = typer.Option(None, "--step"),
+                     latest: bool = typer.Option(False, "--latest", help="the newest checkpoint (default)"),
+                     endpoint_url: Optional[str] = EndpointOpt):
+    """Download one checkpoint of a run."""
+    import os
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from rayganx.storage import Store, StorageError, download, list_checkpoints
+
+    url, endpoint = _run_location(run, endpoint_url)
+    ckpts = list_checkpoints(Store(url, endpoint))
+    if not ckpts:
+        raise StorageError(f"{url}: no checkpoints")
+    chosen = [c for c in ckpts if c["step"] == step] if step is not None else ckpts[-1:]
+    if not chosen:
+        raise StorageError(f"{url}: no checkpoint at step {step} (have {', '.join(str(c['step']) for c in ckpts)})")
+    c = chosen[0]
+    dest = os.path.join(to, c["name"])
+    with Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err,
+                  disable=not err.is_terminal) as bar:
+        task = bar.add_task(c["name"], total=c["size"] or None)
+        download(c["url"], dest, endpoint, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    out.print(f"pulled step {c['step']} to {dest}", soft_wrap=True)
+
+
+@app.command()
+@command
+def sample(checkpoint: str = typer.Argument(..., help="checkpoint folder (local or URL) or exported .pt"),
+           n: int = typer.Option(64, "--n", help="number of images"),
+           seed: int = typer.Option(0, "--seed"),
+           out_png: Optional[str] = typer.Option(None, "--out", help="grid PNG to write"),
+           out_dir: Optional[str] = typer.Option(None, "--out-dir", help="also write each image here"),
+           endpoint_url: Optional[str] = EndpointOpt):
+    """Generate images from a checkpoint's generator; no Ray cluster needed."""
+    import os
+
+    from rayganx import models
+    from rayganx.data import grid_png, to_uint8
+    from rayganx.storage import load_state
+
+    if not out_png and not out_dir:
+        raise jobspec.SpecError("--out or --out-dir: say where to write the images")
+    if checkpoint.endswith(".pt") and os.path.isfile(checkpoint):
+        g, spec, num_classes = models.load_generator(checkpoint)
+    else:
+        g, spec, num_classes = models.generator_from_state(load_state(checkpoint, endpoint_url))
+    images, per_row = models.sample_images(g, spec, num_classes, n, seed)
+    if out_png:
+        with open(out_png, "wb") as f:
+            f.write(grid_png(images, per_row))
+        out.print(f"wrote a grid of {len(images)} images to {out_png}")
+    if out_dir:
+        from PIL import Image
+
+        os.makedirs(out_dir, exist_ok=True)
+        for i, im in enumerate(to_uint8(images)):
+            Image.fromarray(im[0] if im.shape[0] == 1 else im.transpose(1, 2, 0)).save(
+                os.path.join(out_dir, f"{i:05d}.png"))
+        out.print(f"wrote {len(images)} images to {out_dir}")
+
+
+@app.command()
+@command
+def export(checkpoint: str = typer.Argument(..., help="checkpoint folder (local or URL)"),
+           out_path: str = typer.Option(..., "--out", help="file to write, e.g. generator.pt"),
+           endpoint_url: Optional[str] = EndpointOpt):
+    """Write the generator's weights and architecture for plain PyTorch + rayganx.models."""
+    from rayganx import models
+    from rayganx.storage import load_state
+
+    models.export_generator(load_state(checkpoint, endpoint_url), out_path)
+    out.print(f"wrote {out_path}: load it with rayganx.models.load_generator({out_path!r})")
 
 
 def main():

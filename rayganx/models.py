@@ -314,3 +314,59 @@ def build(spec: JobSpec, num_classes: int | None = None) -> dict[str, nn.Module]
 def generate(g: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Samples in [-1, 1] from a generator or a VAE's decoder."""
     return g.generate(z, y) if hasattr(g, "generate") else g(z, y)
+
+
+# --------------------------------------------------------------------------- checkpoints and export
+
+EXPORT_FORMAT = "rayganx-generator/1"
+
+
+def generator_from_state(state: dict) -> tuple[nn.Module, JobSpec, int | None]:
+    """The sampling generator of a checkpoint (the EMA copy when the run kept one), in eval mode."""
+    spec = JobSpec.model_validate(state["spec"])
+    num_classes = state.get("num_classes")
+    if spec.model.kind == "vae":
+        net = build(spec)["net"]
+        net.load_state_dict(state["models"]["net"])
+        return net.eval(), spec, None
+    if spec.model.kind not in ("mlp_gan", "dcgan", "resnet_gan"):
+        raise ValueError(f"a {spec.model.kind} checkpoint has no generator")
+    g = build(spec, num_classes)["g"]
+    g.load_state_dict(state["models"].get("g_ema") or state["models"]["g"])
+    return g.eval(), spec, num_classes
+
+
+def export_generator(state: dict, path: str) -> None:
+    """A file that loads with torch and rayganx.models alone: weights plus architecture config."""
+    g, spec, num_classes = generator_from_state(state)
+    torch.save({"format": EXPORT_FORMAT, "spec": spec.to_dict(), "num_classes": num_classes,
+                "step": state.get("step"), "state_dict": g.state_dict()}, path)
+
+
+def load_generator(path: str) -> tuple[nn.Module, JobSpec, int | None]:
+    """Load an exported generator: `g, spec, num_classes = load_generator("generator.pt")`."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if blob.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: not a rayganx generator export")
+    spec = JobSpec.model_validate(blob["spec"])
+    g = build(spec, blob["num_classes"])["g" if spec.model.kind != "vae" else "net"]
+    g.load_state_dict(blob["state_dict"])
+    return g.eval(), spec, blob["num_classes"]
+
+
+def sample_inputs(spec: JobSpec, n: int, seed: int, num_classes: int | None):
+    """Fixed noise, labels (one class per row for conditional models) and the grid's row width."""
+    gen = torch.Generator().manual_seed(seed)
+    if spec.model.conditional and num_classes:
+        per_row = max(1, n // num_classes)
+        y = torch.arange(num_classes).repeat_interleave(per_row)
+        return torch.randn(len(y), spec.model.latent_dim, generator=gen), y, per_row
+    return torch.randn(n, spec.model.latent_dim, generator=gen), None, max(1, int(math.sqrt(n)))
+
+
+@torch.no_grad()
+def sample_images(g: nn.Module, spec: JobSpec, num_classes: int | None, n: int, seed: int,
+                  device: torch.device | str = "cpu"):
+    """n images in [-1, 1] from fixed noise, and the grid's row width."""
+    z, y, per_row = sample_inputs(spec, n, seed, num_classes)
+    return generate(g, z.to(device), None if y is None else y.to(device)), per_row

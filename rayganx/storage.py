@@ -69,8 +69,8 @@ def explain(url: str, err: BaseException) -> StorageError:
     """Turn a botocore/fsspec exception into one line that names the URL and the cause."""
     text = f"{type(err).__name__}: {err}"
     low = text.lower()
-    if "invalidaccesskeyid" in low or "signaturedoesnotmatch" in low or "accessdenied" in low \
-            or "forbidden" in low or "403" in low:
+    if isinstance(err, PermissionError) or "invalidaccesskeyid" in low or "signaturedoesnotmatch" in low \
+            or "accessdenied" in low or "forbidden" in low or "403" in low:
         why = "access denied: check the credentials in the environment (AWS_ACCESS_KEY_ID/profile)"
     elif "nosuchbucket" in low or "bucket does not exist" in low:
         why = "the bucket does not exist"
@@ -179,6 +179,8 @@ def list_checkpoints(run: Store) -> list[dict]:
 def list_runs(root: Store) -> list[dict]:
     import yaml
 
+    if not root.exists():
+        raise StorageError(f"{root.url}: does not exist")
     runs = []
     for entry in root.listdir():
         if entry.get("type") != "directory":
@@ -193,3 +195,43 @@ def list_runs(root: Store) -> list[dict]:
         runs.append({"name": name, "model": spec.get("model", {}).get("kind", "?"),
                      "step": last.get("step"), "time": last.get("time"), "metrics": last})
     return sorted(runs, key=lambda r: r["name"])
+
+
+def split_checkpoint_url(url: str) -> tuple[str, str]:
+    """(run URL, checkpoint folder name) of a checkpoint URL."""
+    url = url.rstrip("/")
+    return url.rsplit("/", 1)[0], url.rsplit("/", 1)[1]
+
+
+def load_state(url: str, endpoint_url: str | None = None, map_location="cpu") -> dict:
+    """The state.pt of a checkpoint folder, local or remote (no Ray needed)."""
+    import torch
+
+    store = Store(url, endpoint_url)
+    target = store.path("state.pt") if not url.endswith(".pt") else store.root
+    try:
+        with store._call(store.fs.open, target, "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise StorageError(f"{url}: not a rayganx checkpoint (no state.pt)") from None
+
+
+def download(url: str, to: str, endpoint_url: str | None = None, progress=None) -> list[str]:
+    """Copy a checkpoint folder to a local directory; `progress(bytes_done, bytes_total)`."""
+    store = Store(url, endpoint_url)
+    files = [f for f in store._call(store.fs.find, store.root, detail=True).values() if f["type"] == "file"]
+    if not files:
+        raise StorageError(f"{url}: no such checkpoint")
+    total, done, written = sum(f["size"] or 0 for f in files), 0, []
+    for f in files:
+        rel = posixpath.relpath(f["name"], store.root)
+        dest = os.path.join(to, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with store._call(store.fs.open, f["name"], "rb") as src, open(dest, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+        written.append(dest)
+    return written

@@ -168,22 +168,9 @@ class GANTask(Task):
             z = torch.randn(2000, self.spec.model.latent_dim, generator=gen).to(self.device)
             png = rdata.scatter_png(g(z).cpu().numpy(), rdata.mixture_centres(self.spec.data.mixture))
         else:
-            z, y, nrow = sample_inputs(self.spec, n, seed, self.num_classes)
-            png = rdata.grid_png(models.generate(g, z.to(self.device), None if y is None else y.to(self.device)), nrow)
+            png = rdata.grid_png(*models.sample_images(g, self.spec, self.num_classes, n, seed, self.device))
         g.train(was_training)
         return png
-
-
-def sample_inputs(spec: JobSpec, n: int, seed: int, num_classes: int | None):
-    """Fixed noise (and labels, one class per row for conditional models) for sample grids."""
-    gen = torch.Generator().manual_seed(seed)
-    if spec.model.conditional and num_classes:
-        per_row = max(1, n // num_classes)
-        n = per_row * num_classes
-        y = torch.arange(num_classes).repeat_interleave(per_row)
-        return torch.randn(n, spec.model.latent_dim, generator=gen), y, per_row
-    nrow = max(1, int(math.sqrt(n)))
-    return torch.randn(n, spec.model.latent_dim, generator=gen), None, nrow
 
 
 class ClassifierTask(Task):
@@ -254,9 +241,8 @@ class VAETask(Task):
 
     @torch.no_grad()
     def sample_png(self, n, seed):
-        z, _, nrow = sample_inputs(self.spec, n, seed, None)
         net = self.generator().eval()
-        png = rdata.grid_png(net.generate(z.to(self.device)), nrow)
+        png = rdata.grid_png(*models.sample_images(net, self.spec, None, n, seed, self.device))
         net.train()
         return png
 

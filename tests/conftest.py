@@ -10,6 +10,28 @@ ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "jobs"
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Test credentials for the moto server, set before Ray starts so its workers inherit them the way
+# cluster nodes get theirs (environment, profile, instance role). Distinctive, so tests can grep.
+TEST_KEY_ID, TEST_SECRET = "AKIARAYGANXTESTKEY01", "rayganx-test-secret-7f3c9a1e"
+os.environ.update(AWS_ACCESS_KEY_ID=TEST_KEY_ID, AWS_SECRET_ACCESS_KEY=TEST_SECRET,
+                  AWS_DEFAULT_REGION="us-east-1")
+for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+    os.environ.pop(var, None)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server on loopback (moto), with one bucket; yields its endpoint."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="rayganx-test")
+    yield endpoint
+    server.stop()
 
 
 @pytest.fixture(scope="session")

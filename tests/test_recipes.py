@@ -7,7 +7,7 @@ from PIL import Image
 
 from rayganx import runner, spec as jobspec
 from rayganx.storage import Store, list_checkpoints, read_metrics
-from rayganx.train import sample_inputs
+from rayganx.models import sample_inputs
 from tests.conftest import JOBS, tiny, write_job
 
 
