@@ -29,16 +29,19 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 STATE = {"verbose": False}
 
 SetOpt = typer.Option(None, "--set", help="override a job key: key.path=value (repeatable)")
+AddressOpt = typer.Option(None, "--address", envvar=["RAY_API_SERVER_ADDRESS"],
+                          help="Ray dashboard/Jobs API address (default: RAY_ADDRESS when it is http://...)")
 EndpointOpt = typer.Option(None, "--endpoint-url", envvar="AWS_ENDPOINT_URL",
                            help="S3-compatible endpoint (MinIO, ...)")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from rayganx.data import DataError
+    from rayganx.remote import RemoteError
     from rayganx.runner import RunError
     from rayganx.storage import StorageError
 
-    return (jobspec.SpecError, RunError, StorageError, DataError)
+    return (jobspec.SpecError, RunError, StorageError, DataError, RemoteError)
 
 
 def command(fn):
@@ -158,8 +161,7 @@ def _run_here(spec: jobspec.JobSpec) -> None:
 @app.command()
 @command
 def submit(job: str, set_: Optional[list[str]] = SetOpt,
-           address: Optional[str] = typer.Option(None, "--address", envvar=["RAY_API_SERVER_ADDRESS"],
-                                                 help="Ray dashboard/Jobs API address (http://HEAD:8265)"),
+           address: Optional[str] = AddressOpt,
            follow: bool = typer.Option(False, "--follow", "-f", help="stream logs until the job ends")):
     """Run a job: on an embedded local Ray, or on a cluster through the Jobs API with --address."""
     spec = jobspec.load(job, set_)
@@ -167,9 +169,23 @@ def submit(job: str, set_: Optional[list[str]] = SetOpt,
     if address:
         from rayganx import remote
 
-        remote.submit_cli(job, spec, set_ or [], address, follow, out, err)
+        job_id = remote.submit(job, spec, set_ or [], address)
+        out.print(f"submitted {job_id} to {address}", highlight=False)
+        if not follow:
+            out.print(f"follow it with: rayganx logs {job_id} --follow --address {address}", highlight=False)
+            return
+        _follow(address, job_id)
         return
     _run_here(spec)
+
+
+def _follow(address: str, job_id: str) -> None:
+    from rayganx import remote
+
+    state = remote.follow(address, job_id, lambda chunk: (sys.stdout.write(chunk), sys.stdout.flush()))
+    (out if state == "SUCCEEDED" else err).print(f"{job_id}: {state}", highlight=False)
+    if state != "SUCCEEDED":
+        raise typer.Exit(1)
 
 
 def _jobs_address_from_env() -> str | None:
@@ -177,6 +193,74 @@ def _jobs_address_from_env() -> str | None:
 
     addr = os.environ.get("RAY_ADDRESS", "")
     return addr if addr.startswith(("http://", "https://")) else None
+
+
+
+def _need_address(address: str | None) -> str:
+    address = address or _jobs_address_from_env()
+    if not address:
+        raise jobspec.SpecError("--address: no cluster given (or set RAY_API_SERVER_ADDRESS / RAY_ADDRESS)")
+    return address
+
+
+@app.command()
+@command
+def status(job_id: Optional[str] = typer.Argument(None, help="submission id (default: the newest rayganx job)"),
+           address: Optional[str] = AddressOpt):
+    """The state of a job on a cluster."""
+    from rayganx import remote
+
+    address = _need_address(address)
+    if job_id is None:
+        jobs = remote.list_jobs(address)
+        if not jobs:
+            out.print(f"no rayganx jobs on {address}")
+            return
+        job_id = jobs[0].submission_id
+    info = remote.info(address, job_id)
+    out.print(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""), highlight=False)
+
+
+@app.command()
+@command
+def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"), address: Optional[str] = AddressOpt):
+    """A job's logs; --follow streams them until the job ends."""
+    from rayganx import remote
+
+    address = _need_address(address)
+    if follow:
+        _follow(address, job_id)
+    else:
+        sys.stdout.write(remote.logs(address, job_id))
+
+
+@app.command()
+@command
+def stop(job_id: str, address: Optional[str] = AddressOpt):
+    """Stop a running job."""
+    from rayganx import remote
+
+    address = _need_address(address)
+    remote.stop(address, job_id)
+    out.print(f"stop requested for {job_id}", highlight=False)
+
+
+@app.command("list")
+@command
+def list_cmd(address: Optional[str] = AddressOpt):
+    """A table of the rayganx jobs on a cluster."""
+    from rayganx import remote
+
+    address = _need_address(address)
+    table = Table(title=f"rayganx jobs on {address}")
+    for col in ("submission id", "job", "status", "started", "duration"):
+        table.add_column(col)
+    for j in remote.list_jobs(address):
+        start, end = (j.start_time or 0) / 1000, (j.end_time or 0) / 1000
+        dur = (end or time.time()) - start if start else 0
+        table.add_row(j.submission_id, j.metadata.get("rayganx_job", ""), j.status.value, _when(start),
+                      f"{dur:.0f} s")
+    out.print(table)
 
 
 @app.command("run")

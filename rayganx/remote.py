@@ -1,0 +1,175 @@
+"""Jobs on a remote Ray cluster through the Ray Jobs API (the dashboard's HTTP server).
+
+The job file (and the local files it references) travel in the runtime environment's
+working_dir, rayganx itself in py_modules, and the entrypoint runs `rayganx run` on the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from rayganx import __version__
+from rayganx.spec import JobSpec
+from rayganx.storage import is_remote
+
+
+class RemoteError(RuntimeError):
+    """A cluster or Jobs API problem, in one line."""
+
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def _token_source() -> str | None:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"RAY_AUTH_TOKEN_PATH ({os.environ['RAY_AUTH_TOKEN_PATH']})"
+    if (Path.home() / ".ray" / "auth_token").is_file():
+        return "~/.ray/auth_token"
+    return None
+
+
+def client(address: str):
+    """A JobSubmissionClient that sends the cluster token from the usual places."""
+    import logging
+
+    # Keep upload/packaging chatter out of the terminal (the SDK sets INFO on its own logger).
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    source = _token_source()
+    if source:
+        # Ray's client only reads a token when told the cluster uses token auth.
+        if not os.environ.get("RAY_AUTH_MODE"):
+            os.environ["RAY_AUTH_MODE"] = "token"
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # ray raises ConnectionError, AuthenticationError, RuntimeError...
+        raise _explain(address, e, source) from None
+
+
+def _explain(address: str, e: Exception, source: str | None) -> RemoteError:
+    text = str(e)
+    if "Invalid authentication token" in text or "Forbidden" in text:
+        return RemoteError(f"{address}: the cluster rejected the auth token from {source or 'the environment'}")
+    if "authentication token" in text.lower() or type(e).__name__ == "AuthenticationError":
+        return RemoteError(f"{address}: the cluster requires an auth token; set RAY_AUTH_TOKEN or "
+                           f"RAY_AUTH_TOKEN_PATH, or put it in ~/.ray/auth_token")
+    if isinstance(e, ConnectionError) or "Failed to connect" in text or "Connection refused" in text:
+        return RemoteError(f"{address}: cannot reach the Ray Jobs API (is the dashboard running there, "
+                           f"port 8265 by default?)")
+    return RemoteError(f"{address}: does not serve the Ray Jobs API ({type(e).__name__}: "
+                       f"{text.splitlines()[0][:200] if text else ''})")
+
+
+def _call(address: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:
+        text = str(e)
+        if "does not exist" in text or "404" in text:
+            raise RemoteError(f"{address}: no job {args[0] if args else ''!s} on this cluster") from None
+        raise _explain(address, e, _token_source()) from None
+    except Exception as e:
+        raise _explain(address, e, _token_source()) from None
+
+
+def package_job(job_file: str, spec: JobSpec) -> tuple[str, dict]:
+    """A working_dir holding the job file and the local files it references, rewritten relative."""
+    workdir = tempfile.mkdtemp(prefix="rayganx_job_")
+    raw = yaml.safe_load(Path(job_file).read_text())
+    for section, key in (("data", "path"), ("eval", "extractor")):
+        value = getattr(getattr(spec, section), key)
+        if value and not is_remote(value) and os.path.exists(value):
+            name = f"{section}_{os.path.basename(value.rstrip('/')) or key}"
+            target = os.path.join(workdir, "files", name)
+            (shutil.copytree if os.path.isdir(value) else shutil.copy)(value, target)
+            raw.setdefault(section, {})[key] = os.path.join("files", name)
+    Path(workdir, "job.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return workdir, raw
+
+
+def submit(job_file: str, spec: JobSpec, overrides: list[str], address: str) -> str:
+    """Submit a job; returns its submission id (job name plus time)."""
+    import rayganx
+
+    c = client(address)
+    workdir, _ = package_job(job_file, spec)
+    sets = " ".join(f"--set {_quote(o)}" for o in overrides)
+    submission_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    runtime_env = {"working_dir": workdir, "py_modules": [os.path.dirname(rayganx.__file__)],
+                   "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+    kwargs = dict(entrypoint=f"python -m rayganx.cli run job.yaml {sets}".strip(), submission_id=submission_id,
+                  runtime_env=runtime_env, entrypoint_num_cpus=0,
+                  metadata={"rayganx_job": spec.name, "rayganx_version": __version__})
+    try:
+        for attempt in range(30):
+            try:
+                return c.submit_job(**kwargs)
+            except RuntimeError as e:
+                # A head that has just started has no job agent for a few seconds.
+                if "No available agent" not in str(e) or attempt == 29:
+                    raise _explain(address, e, _token_source()) from None
+                time.sleep(1)
+    except Exception as e:
+        if isinstance(e, RemoteError):
+            raise
+        raise _explain(address, e, _token_source()) from None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+def status(address: str, job_id: str) -> str:
+    return str(_call(address, client(address).get_job_status, job_id).value)
+
+
+def info(address: str, job_id: str):
+    return _call(address, client(address).get_job_info, job_id)
+
+
+def logs(address: str, job_id: str) -> str:
+    return _call(address, client(address).get_job_logs, job_id)
+
+
+def stop(address: str, job_id: str) -> bool:
+    return _call(address, client(address).stop_job, job_id)
+
+
+def list_jobs(address: str) -> list:
+    """rayganx jobs on the cluster, newest first."""
+    jobs = _call(address, client(address).list_jobs)
+    ours = [j for j in jobs if (j.metadata or {}).get("rayganx_job")]
+    return sorted(ours, key=lambda j: j.start_time or 0, reverse=True)
+
+
+def follow(address: str, job_id: str, write) -> str:
+    """Stream a job's logs until it ends; returns its final status."""
+    c = client(address)
+    _call(address, c.get_job_status, job_id)  # a clear error for an unknown id
+
+    async def tail():
+        async for chunk in c.tail_job_logs(job_id):
+            write(chunk)
+
+    asyncio.run(tail())
+    for _ in range(60):  # the log stream closes a moment before the status settles
+        state = str(c.get_job_status(job_id).value)
+        if state in TERMINAL:
+            return state
+        time.sleep(0.5)
+    return state

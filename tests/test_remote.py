@@ -1,0 +1,144 @@
+"""The Jobs API against a real head node started with `ray start --head` on 127.0.0.1."""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+
+from tests.conftest import JOBS, rayganx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A real Ray head (token auth as Ray sets it); only its own processes are ended afterwards."""
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="rgx", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    dash, metrics = free_port(), free_port()
+    proc = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--num-cpus=3", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
+         f"--temp-dir={temp}", "--disable-usage-stats", "--include-dashboard=true",
+         # Free ports for the agents too: the defaults (52365, ...) may be held by another Ray here.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # 401 without a token: the server is up
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        pytest.fail("the Ray head did not start")
+    yield {"address": address, "metrics": f"http://127.0.0.1:{metrics}/metrics", "tmp": temp}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # it drains for up to 30 s; nothing here needs draining
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    for p in psutil.process_iter(["cmdline"]):
+        if any(temp in arg for arg in (p.info["cmdline"] or [])):
+            p.kill()
+
+
+def test_submit_follow_logs_list_and_status(head, tmp_path):
+    addr = head["address"]
+    r = rayganx("submit", JOBS / "dcgan_digits.yaml", "--address", addr, "--follow", "--set", "train.steps=4",
+                "--set", "train.log_every=2", "--set", f"storage.path={tmp_path}", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id = r.stdout.split("submitted ", 1)[1].split()[0]
+    assert job_id.startswith("dcgan_digits-") and f"{job_id}: SUCCEEDED" in r.stdout
+    assert "step 4/4" in r.stdout and (tmp_path / "dcgan_digits" / "checkpoint_000004").is_dir()
+
+    r = rayganx("logs", job_id, "--address", addr)
+    assert r.returncode == 0 and "step 2/4 | loss_d" in r.stdout
+    r = rayganx("status", job_id, "--address", addr)
+    assert r.returncode == 0 and r.stdout.strip().startswith(f"{job_id}: SUCCEEDED")
+    r = rayganx("list", "--address", addr)
+    assert r.returncode == 0 and job_id in r.stdout and "SUCCEEDED" in r.stdout and "dcgan_digits" in r.stdout
+
+
+def _rayganx_metrics(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("ray_rayganx_") and 'job="long_digits"' in line:
+            name = line.split("{", 1)[0]
+            out[name] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_metrics_on_prometheus_endpoint_then_stop(head, tmp_path):
+    addr = head["address"]
+    r = rayganx("submit", JOBS / "dcgan_digits.yaml", "--address", addr, "--set", "name=long_digits",
+                "--set", "train.steps=100000", "--set", "train.log_every=5", "--set", f"storage.path={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.split("submitted ", 1)[1].split()[0]
+    seen: dict[str, float] = {}
+    deadline = time.time() + 180
+    while time.time() < deadline and not {"ray_rayganx_loss_d", "ray_rayganx_images_per_s",
+                                          "ray_rayganx_step"} <= set(seen):
+        time.sleep(3)
+        try:
+            seen = _rayganx_metrics(head["metrics"])
+        except OSError:
+            pass
+    assert seen.get("ray_rayganx_step", 0) >= 5, seen
+    assert 0 < seen["ray_rayganx_loss_d"] < 20 and seen["ray_rayganx_images_per_s"] > 1
+
+    r = rayganx("stop", job_id, "--address", addr)
+    assert r.returncode == 0, r.stderr
+    for _ in range(60):
+        r = rayganx("status", job_id, "--address", addr)
+        if "STOPPED" in r.stdout:
+            break
+        time.sleep(1)
+    assert r.stdout.strip().startswith(f"{job_id}: STOPPED"), r.stdout
+
+
+def test_unknown_job_id(head):
+    r = rayganx("status", "no-such-job-123", "--address", head["address"])
+    assert r.returncode == 1 and "no job no-such-job-123" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_token_errors_and_unreachable(head, tmp_path):
+    no_token = {"HOME": str(tmp_path), "RAY_AUTH_TOKEN": "", "RAY_AUTH_TOKEN_PATH": "", "RAY_AUTH_MODE": ""}
+    r = rayganx("list", "--address", head["address"], env=no_token)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: {head['address']}: the cluster requires an auth token; set RAY_AUTH_TOKEN " \
+                               "or RAY_AUTH_TOKEN_PATH, or put it in ~/.ray/auth_token"
+    r = rayganx("list", "--address", head["address"], env={**no_token, "RAY_AUTH_TOKEN": "wrong-token"})
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"error: {head['address']}: the cluster rejected the auth token from RAY_AUTH_TOKEN"
+    r = rayganx("list", "--address", f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 1 and "cannot reach the Ray Jobs API" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_address_that_is_not_a_ray_cluster(tmp_path):
+    port = free_port()
+    server = subprocess.Popen(["python", "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)
+        r = rayganx("list", "--address", f"http://127.0.0.1:{port}")
+        assert r.returncode == 1 and "does not serve the Ray Jobs API" in r.stderr, r.stderr
+    finally:
+        server.kill()
