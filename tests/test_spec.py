@@ -82,3 +82,14 @@ def test_validate_cli_prints_resolved_spec(tmp_path):
     bad.write_text("name: x\ntrain: {steps: 5, lr: 3}\n")
     r = rayganx("validate", bad)
     assert r.returncode == 1 and "train.lr: unknown key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_job_reference_documents_every_key():
+    from pydantic import BaseModel
+
+    text = (JOBS.parent / "docs" / "jobs.md").read_text()
+    for section, field in jobspec.JobSpec.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            for key in ann.model_fields:
+                assert f"`{section}.{key}`" in text, f"docs/jobs.md lacks {section}.{key}"
