@@ -426,6 +426,55 @@ def export(checkpoint: str = typer.Argument(..., help="checkpoint folder (local 
     out.print(f"wrote {out_path}: load it with rayganx.models.load_generator({out_path!r})")
 
 
+# --------------------------------------------------------------------------- bench
+
+
+@app.command()
+@command
+def bench(job: str, set_: Optional[list[str]] = SetOpt,
+          steps: int = typer.Option(100, "--steps", help="timed steps per row"),
+          warmup: int = typer.Option(20, "--warmup", help="steps excluded from timing"),
+          workers: str = typer.Option("1", "--workers", help="worker counts, e.g. 1,2"),
+          json_out: Optional[str] = typer.Option(None, "--json", help="write the results here")):
+    """Measure the job through rayganx against a plain PyTorch loop, side by side."""
+    import json
+
+    from rayganx.bench import bench as run_bench
+
+    spec = jobspec.load(job, set_)
+    counts = [int(w) for w in workers.split(",") if w.strip()]
+    res = run_bench(spec, steps=steps, warmup=warmup, workers=counts)
+    p = res["plain"]
+    table = Table(title=f"{res['job']}: {res['model']} {res['image_size']} px, batch {res['per_worker_batch']}"
+                        f"/worker, {steps} steps after {warmup} warm-up"
+                        + (" (stand-in images)" if res["stand_in_data"] else ""))
+    for col in ("row", "images/s", "step ms median (min-max)", "vs plain", "scaling", "first step",
+                "peak RSS/worker", "FLOP util"):
+        table.add_column(col, justify="right")
+
+    def ms(st):
+        return f"{st['median'] * 1e3:.1f} ({st['min'] * 1e3:.1f}-{st['max'] * 1e3:.1f})"
+
+    table.add_row("plain PyTorch", f"{p['images_per_s']:.0f}", ms(p["step_time"]), "1.00", "-", "-", "-",
+                  f"{p['flop_utilisation']:.1%}")
+    for r in res["rayganx"]:
+        table.add_row(f"rayganx {r['workers']} worker(s)", f"{r['images_per_s']:.0f}", ms(r["step_time"]),
+                      f"{r['ratio_to_plain']:.2f}", f"{r['scaling_efficiency']:.2f}",
+                      f"{r['time_to_first_step']:.1f} s (+{r['startup_over_bare_s']:.1f})",
+                      f"{r['peak_rss_mb_per_worker']:.0f} MB", f"{r['flop_utilisation']:.1%}")
+    i = res["input_only"]
+    table.add_row("input only (Ray Data)", f"{i['images_per_s']:.0f}", "-",
+                  f"{i['multiple_of_consumption']:.1f}x need", "-", "-", "-", "-")
+    out.print(table)
+    out.print(f"bare TorchTrainer start-up {res['bare_trainer_startup_s']:.1f} s; matmul peak "
+              f"{res['machine']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s on {res['machine']['threads_per_worker']} "
+              f"thread(s); whole command {res['command_s']:.0f} s")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(res, f, indent=2)
+        out.print(f"wrote {json_out}")
+
+
 def main():
     app()
 

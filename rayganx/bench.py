@@ -1,0 +1,220 @@
+"""`rayganx bench`: the job's training speed through rayganx against a plain PyTorch loop,
+measured side by side in one invocation, plus input-pipeline headroom, scaling, start-up,
+memory and FLOP utilisation.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from rayganx import data as rdata
+from rayganx import runner
+from rayganx.spec import JobSpec
+from rayganx.storage import Store, read_metrics
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
+
+
+def matmul_flops(threads: int, seconds: float = 1.0, n: int = 1024) -> float:
+    """The machine's dense fp32 matmul rate with the thread count one worker gets."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    rate = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    torch.set_num_threads(prev)
+    return rate
+
+
+def plain(spec: JobSpec, steps: int, warmup: int) -> dict:
+    """The job's networks, optimisers and loss in a bare single-process loop on in-memory tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rayganx.train import TASKS
+
+    threads = max(1, int(spec.scaling.cpus_per_worker))  # what Ray gives one worker
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    num_classes = 10 if (spec.model.kind == "cnn" or spec.model.conditional) else None
+    task = TASKS[spec.model.kind](spec, num_classes, torch.device("cpu"), distributed=False)
+    b = spec.per_worker_batch
+    shape = (2,) if spec.data.source == "gaussian_mixture" else (spec.data.channels, spec.data.image_size,
+                                                                   spec.data.image_size)
+    x = torch.rand(b, *shape) * 2 - 1
+    y = torch.randint(0, num_classes or 1, (b,))
+    if spec.train.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    it, times = 0, []
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        stepped = False
+        while not stepped:  # a generator step takes d_steps batches
+            stepped, stats = task.step(x, y, it, step, warmup + steps)
+            it += 1
+        stats.tolist()  # the same host sync the real loop does
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    with FlopCounterMode(display=False) as counter:
+        stepped = False
+        while not stepped:
+            stepped, _ = task.step(x, y, it, 0, 1)
+            it += 1
+    torch.set_num_threads(prev)
+    images_per_step = b * spec.train.d_steps if spec.is_gan else b
+    st = _spread(times)
+    return {"step_time": st, "images_per_s": images_per_step / st["median"],
+            "flops_per_step": counter.get_total_flops(), "threads": threads}
+
+
+def _rayganx_row(spec: JobSpec, workers: int, steps: int, warmup: int, storage: str) -> dict:
+    s = spec.model_copy(deep=True)
+    s.name = f"bench_{workers}w"
+    s.scaling.num_workers = workers
+    s.train.batch_size = spec.per_worker_batch * workers
+    s.train.steps = warmup + steps
+    s.storage.path = storage
+    s.storage.keep = 1
+    s.samples.every = max(s.samples.every, warmup + steps)  # sampling is not what we time
+    s.train.log_every = max(1, min(s.train.log_every, steps // 5))  # enough intervals to time
+    t0 = time.time()
+    runner.run(s)
+    reports = [m for m in read_metrics(Store(s.run_url)) if m["step"] > warmup]
+    if not reports:
+        raise runner.RunError(f"bench: no reports after the warm-up; raise --steps above {s.train.log_every}")
+    st = _spread([m["step_time"] for m in reports])
+    ips = [m["images_per_s"] for m in reports]
+    first = read_metrics(Store(s.run_url))[0]
+    return {"workers": workers, "step_time": st, "images_per_s": statistics.median(ips),
+            "images_per_s_spread": _spread(ips), "time_to_first_step": first["first_step_at"] - t0,
+            "peak_rss_mb_per_worker": max(m["peak_rss_mb"] for m in reports)}
+
+
+def _input_only(spec: JobSpec, workers: int, batches: int) -> dict:
+    """The job's Ray Data pipeline iterated by Ray Train workers with no model."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    p = runner.plan(spec)
+    ds = rdata.build(spec.data, p.split, seed=0)
+    bs = spec.per_worker_batch
+
+    def loop(config):
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        n, t0, seen = 0, None, 0
+        while n < config["batches"]:
+            for batch in shard.iter_torch_batches(batch_size=bs, drop_last=True, prefetch_batches=2,
+                                                  local_shuffle_buffer_size=max(4 * bs, 2048)):
+                if t0 is None:  # start the clock after the first batch: pipeline start-up is separate
+                    t0 = time.perf_counter()
+                else:
+                    seen += len(batch["image"])
+                n += 1
+                if n >= config["batches"]:
+                    break
+        rate = seen / (time.perf_counter() - t0)
+        with open(os.path.join(config["out"], f"rank{ray.train.get_context().get_world_rank()}"), "w") as f:
+            f.write(str(rate))
+
+    out = tempfile.mkdtemp(prefix="rayganx_bench_")
+    trainer = TorchTrainer(loop, train_loop_config={"batches": batches, "out": out},
+                           scaling_config=ScalingConfig(num_workers=workers,
+                                                        resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
+                           run_config=RunConfig(name=f"bench_input_{time.time_ns()}",
+                                                storage_path=tempfile.mkdtemp(prefix="rayganx_bench_")),
+                           datasets={"train": ds})
+    trainer.fit()
+    # Result.metrics is None for runs that report no checkpoint: the workers write files instead.
+    rates = [float(open(os.path.join(out, f)).read()) for f in os.listdir(out) if f.startswith("rank")]
+    return {"workers": workers, "images_per_s_per_worker": statistics.mean(rates), "images_per_s": sum(rates)}
+
+
+def _bare_startup() -> float:
+    """Seconds from building a bare TorchTrainer to its train function running."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = tempfile.mkdtemp(prefix="rayganx_bench_")
+
+    def loop(config):
+        with open(os.path.join(config["out"], "started"), "w") as f:
+            f.write(str(time.time()))
+
+    t0 = time.time()
+    TorchTrainer(loop, train_loop_config={"out": out}, scaling_config=ScalingConfig(num_workers=1),
+                 run_config=RunConfig(name=f"bench_bare_{time.time_ns()}", storage_path=out)).fit()
+    return float(open(os.path.join(out, "started")).read()) - t0
+
+
+def stand_in_data(spec: JobSpec, n: int = 512) -> JobSpec:
+    """Generated images of the job's size when its dataset is not on this machine."""
+    spec = spec.model_copy(deep=True)
+    folder = tempfile.mkdtemp(prefix="rayganx_standin_")
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    sub = os.path.join(folder, "img_align_celeba") if spec.data.source == "celeba" else folder
+    os.makedirs(sub, exist_ok=True)
+    h, w = (218, 178) if spec.data.source == "celeba" else (spec.data.image_size,) * 2
+    mode = "L" if spec.data.channels == 1 else "RGB"
+    for i in range(n):
+        arr = rng.integers(0, 255, (h, w) if mode == "L" else (h, w, 3), dtype=np.uint8)
+        Image.fromarray(arr, mode=mode).save(os.path.join(sub, f"{i:06d}.jpg"), quality=90)
+    spec.data.path = folder
+    if spec.data.source == "parquet":
+        spec.data.source = "image_folder"
+    return spec
+
+
+def bench(spec: JobSpec, steps: int = 100, warmup: int = 20, workers: list[int] | None = None,
+          stand_in: bool | None = None) -> dict:
+    t_command = time.time()
+    spec = runner.resolve_paths(spec)
+    if stand_in is None:
+        stand_in = bool(spec.data.path) and not Store(spec.data.path, spec.data.endpoint_url).exists()
+    if stand_in:
+        spec = stand_in_data(spec)
+    workers = workers or [1]
+    storage = tempfile.mkdtemp(prefix="rayganx_bench_runs_")
+    spec.storage.path = storage
+    spec.storage.endpoint_url = None
+
+    ref = plain(spec, steps, warmup)
+    runner.init_ray()
+    bare = _bare_startup()
+    rows = [_rayganx_row(spec, n, steps, warmup, storage) for n in sorted(set([1] + workers))]
+    one = rows[0]
+    consumption = one["images_per_s"]
+    inp = _input_only(spec, 1, max(50, steps))
+    peak = matmul_flops(ref["threads"])
+    for r in rows:
+        r["ratio_to_plain"] = r["images_per_s"] / ref["images_per_s"]
+        r["scaling_efficiency"] = r["images_per_s"] / (one["images_per_s"] * r["workers"])
+        per_worker_steps = 1 / r["step_time"]["median"]
+        r["flops_per_s_per_worker"] = ref["flops_per_step"] * per_worker_steps
+        r["flop_utilisation"] = r["flops_per_s_per_worker"] / peak
+        r["startup_over_bare_s"] = r["time_to_first_step"] - bare
+    ref["flop_utilisation"] = ref["flops_per_step"] / ref["step_time"]["median"] / peak
+    return {
+        "job": spec.name, "model": spec.model.kind, "image_size": spec.data.image_size,
+        "per_worker_batch": spec.per_worker_batch, "steps": steps, "warmup": warmup, "stand_in_data": stand_in,
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "matmul_flops_per_s": peak,
+                    "threads_per_worker": ref["threads"]},
+        "plain": ref, "rayganx": rows,
+        "input_only": inp | {"multiple_of_consumption": inp["images_per_s"] / consumption},
+        "bare_trainer_startup_s": bare, "command_s": time.time() - t_command,
+    }
