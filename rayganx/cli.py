@@ -37,11 +37,12 @@ EndpointOpt = typer.Option(None, "--endpoint-url", envvar="AWS_ENDPOINT_URL",
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from rayganx.data import DataError
+    from rayganx.metrics import EvalError
     from rayganx.remote import RemoteError
     from rayganx.runner import RunError
     from rayganx.storage import StorageError
 
-    return (jobspec.SpecError, RunError, StorageError, DataError, RemoteError)
+    return (jobspec.SpecError, RunError, StorageError, DataError, RemoteError, EvalError)
 
 
 def command(fn):
@@ -424,6 +425,45 @@ def export(checkpoint: str = typer.Argument(..., help="checkpoint folder (local 
 
     models.export_generator(load_state(checkpoint, endpoint_url), out_path)
     out.print(f"wrote {out_path}: load it with rayganx.models.load_generator({out_path!r})")
+
+
+@app.command("eval")
+@command
+def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (local or URL)"),
+             metrics: str = typer.Option("fid,kid", "--metrics", help="comma list of fid, kid, is, pr"),
+             num_samples: int = typer.Option(1000, "--num-samples"),
+             features: Optional[str] = typer.Option(None, "--features", help="random | classifier | torchscript"),
+             extractor: Optional[str] = typer.Option(None, "--extractor", help="classifier checkpoint or .pt file"),
+             seed: int = typer.Option(0, "--seed"),
+             json_out: Optional[str] = typer.Option(None, "--json", help="also write the results here"),
+             endpoint_url: Optional[str] = EndpointOpt):
+    """Score a checkpoint's generator against its job's data (FID, KID, IS, precision/recall)."""
+    import json
+
+    from rayganx import models
+    from rayganx.metrics import evaluate_generator
+    from rayganx.storage import load_state
+
+    state = load_state(checkpoint, endpoint_url)
+    g, spec, num_classes = models.generator_from_state(state)
+    names = [m.strip() for m in metrics.split(",") if m.strip()]
+    ev = {"metrics": names, "num_samples": num_samples}
+    ev |= {"features": features} if features else {}
+    ev |= {"extractor": extractor} if extractor else {}
+    spec = jobspec.from_dict(spec.to_dict() | {"eval": spec.eval.model_dump() | ev}, source=checkpoint)
+    if endpoint_url and not spec.storage.endpoint_url:
+        spec.storage.endpoint_url = endpoint_url
+    results = evaluate_generator(g, spec, num_classes, names, num_samples, seed)
+    table = Table(title=f"{checkpoint} (step {state.get('step')}, {num_samples} samples, {spec.eval.features} features)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in results.items():
+        table.add_row(k, f"{v:.4f}")
+    out.print(table)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({"checkpoint": checkpoint, "step": state.get("step"), "num_samples": num_samples,
+                       "features": spec.eval.features, **results}, f, indent=2)
 
 
 # --------------------------------------------------------------------------- bench

@@ -100,18 +100,19 @@ def seen_errors(err: BaseException) -> list[BaseException]:
 def _root_cause(err: BaseException) -> str:
     """The user-facing line inside Ray's layers of wrapping."""
     from rayganx.data import DataError
+    from rayganx.metrics import EvalError
     from rayganx.storage import StorageError
     from rayganx.train import DivergenceError
 
     for e in seen_errors(err):
-        if isinstance(e, (DataError, StorageError, DivergenceError)):
+        if isinstance(e, (DataError, StorageError, DivergenceError, EvalError)):
             return str(e).splitlines()[0]
     # Ray Data re-raises worker errors as text: find our error's line in the whole chain.
     import re
 
     texts = [str(e) for e in seen_errors(err)]
     for text in texts:
-        m = re.search(r"(?:DataError|StorageError|DivergenceError): (.+)", text)
+        m = re.search(r"(?:DataError|StorageError|DivergenceError|EvalError): (.+)", text)
         if m:
             return m.group(1).strip()
     text = str(err).strip().splitlines()
@@ -126,6 +127,7 @@ class Plan:
     num_classes: int | None
     total_steps: int
     split: str
+    real_features: str | None = None  # local file of cached real-data features, for evaluation
 
 
 def plan(spec: JobSpec) -> Plan:
@@ -137,7 +139,25 @@ def plan(spec: JobSpec) -> Plan:
     if rows < spec.train.batch_size:
         raise RunError(f"data: {rows} images is fewer than one batch (train.batch_size={spec.train.batch_size})")
     total = spec.train.steps or spec.train.epochs * max(1, rows // spec.train.batch_size)
+    if spec.eval.every:  # a missing or unreadable extractor fails here, before Ray starts
+        from rayganx.metrics import load_extractor
+
+        load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url)
     return Plan(num_classes, total, split)
+
+
+def prepare_eval(spec: JobSpec, p: Plan) -> None:
+    """Real-data features for evaluation, computed once per dataset and extractor (cached in storage)."""
+    import tempfile
+
+    import torch
+
+    from rayganx.metrics import load_extractor, real_features
+
+    real = real_features(spec, load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url),
+                         spec.eval.num_samples)
+    p.real_features = os.path.join(tempfile.mkdtemp(prefix="rayganx_eval_"), "real.pt")
+    torch.save(real, p.real_features)
 
 
 def trainer_for(spec: JobSpec, p: Plan, callbacks=None):
@@ -166,7 +186,7 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None):
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.to_dict(), "num_classes": p.num_classes,
-                           "total_steps": p.total_steps},
+                           "total_steps": p.total_steps, "real_features": p.real_features},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -243,6 +263,8 @@ def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None]
     if embedded:
         check_fits_locally(spec)
     start = last_step(spec)
+    if spec.eval.every:
+        prepare_eval(spec, p)
     trainer = trainer_for(spec, p)
     if on_start:
         on_start(start, p.total_steps)

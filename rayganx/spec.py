@@ -297,8 +297,15 @@ def check(spec: JobSpec) -> list[str]:
     if spec.storage.keep_best_by and spec.storage.keep_best_by not in METRIC_MODES:
         p.append(f"storage.keep_best_by: expected one of {', '.join(METRIC_MODES)}, "
                  f"got {spec.storage.keep_best_by!r}")
-    if spec.storage.keep_best_by in ("fid", "kid", "is", "precision", "recall") and not spec.eval.every:
-        p.append("storage.keep_best_by: ranking by an evaluation metric needs eval.every")
+    if spec.storage.keep_best_by in ("fid", "kid", "is", "precision", "recall"):
+        if not spec.eval.every:
+            p.append("storage.keep_best_by: ranking by an evaluation metric needs eval.every")
+        elif spec.storage.checkpoint_every % spec.eval.every:
+            p.append(f"storage.checkpoint_every: {spec.storage.checkpoint_every} must be a multiple of "
+                     f"eval.every={spec.eval.every} so every checkpoint carries {spec.storage.keep_best_by}")
+        name = {"precision": "pr", "recall": "pr"}.get(spec.storage.keep_best_by, spec.storage.keep_best_by)
+        if spec.eval.every and name not in spec.eval.metrics:
+            p.append(f"storage.keep_best_by: {spec.storage.keep_best_by} is not in eval.metrics")
     e = spec.eval
     if e.every and not spec.is_gan and m.kind != "vae":
         p.append("eval.every: evaluation applies to generative models")

@@ -314,6 +314,8 @@ def train_loop(config: dict) -> None:
     history = [m for m in _read_history(run) if m["step"] <= step] if run else []
     telemetry = _Telemetry(spec.name, rank)
 
+    evaluator = Evaluator(spec, config, rank, world, device) if spec.eval.every else None
+
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if isinstance(task, ClassifierTask) else None
     sums, count, images, it = None, 0, 0, 0
@@ -341,7 +343,8 @@ def train_loop(config: dict) -> None:
             last = step >= total
             do_ckpt = step % spec.storage.checkpoint_every == 0 or last
             do_sample = (step % spec.samples.every == 0 or last) and hasattr(task, "sample_png")
-            if not (step % t.log_every == 0 or do_ckpt or do_sample):
+            do_eval = bool(spec.eval.every) and step % spec.eval.every == 0
+            if not (step % t.log_every == 0 or do_ckpt or do_sample or do_eval):
                 continue
             elapsed = time.perf_counter() - t_last
             mean = _all_reduce(sums / count)
@@ -351,6 +354,8 @@ def train_loop(config: dict) -> None:
                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
             if val_shard is not None and do_ckpt:
                 metrics |= task.validate(val_shard, spec.per_worker_batch)
+            if evaluator and (step % spec.eval.every == 0 or last):
+                metrics |= evaluator(task)
             # Reporting, sampling and checkpointing below count in the next interval's time.
             sums, count, images, last_report, t_last = None, 0, 0, step, time.perf_counter()
             telemetry.record(metrics)
@@ -376,6 +381,37 @@ def train_loop(config: dict) -> None:
             raise rdata.DataError(f"data: a worker's shard yielded no full batch of "
                                   f"{spec.per_worker_batch}; the dataset is smaller than "
                                   f"train.batch_size={t.batch_size}")
+
+
+class Evaluator:
+    """Sample-quality metrics during training: every worker generates and extracts its share."""
+
+    def __init__(self, spec: JobSpec, config: dict, rank: int, world: int, device):
+        from rayganx import metrics as m
+
+        self.m, self.spec, self.rank, self.world, self.device = m, spec, rank, world, device
+        self.num_classes = config["num_classes"]
+        self.extractor = m.load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url).to(device)
+        self.real = torch.load(config["real_features"], weights_only=True) if rank == 0 else None
+
+    def __call__(self, task) -> dict:
+        import torch.distributed as dist
+
+        g = task.generator()
+        was_training = g.training
+        g.eval()
+        part = self.m.generated_features(g, self.spec, self.num_classes, self.extractor, self.spec.eval.num_samples,
+                                         seed=0, device=self.device, rank=self.rank, world=self.world)
+        g.train(was_training)
+        part = {i: (f.cpu(), None if lg is None else lg.cpu()) for i, (f, lg) in part.items()}
+        parts = [part]
+        if self.world > 1:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, part)
+        if self.rank != 0:
+            return {}
+        fake, logits = self.m.assemble(parts)
+        return self.m.compute(self.spec.eval.metrics, self.real, fake, logits)
 
 
 def _read_history(run: Store) -> list[dict]:

@@ -1,0 +1,35 @@
+"""`rayganx bench` end to end with tiny settings: every field present and sane (no timing thresholds)."""
+
+import json
+
+from tests.conftest import JOBS, rayganx
+
+
+def test_bench_json_has_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    r = rayganx("bench", JOBS / "dcgan_digits.yaml", "--steps", "10", "--warmup", "2", "--workers", "1,2",
+                "--json", out, "--set", "model.ngf=8", "--set", "model.ndf=8", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "plain PyTorch" in r.stdout and "input only" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["plain"]["images_per_s"] > 0 and res["plain"]["flops_per_step"] > 0
+    assert 0 < res["plain"]["flop_utilisation"] < 2
+    assert [row["workers"] for row in res["rayganx"]] == [1, 2]
+    for row in res["rayganx"]:
+        assert row["images_per_s"] > 0 and 0 < row["ratio_to_plain"] < 2
+        assert 0 < row["scaling_efficiency"] < 2 and 0 < row["flop_utilisation"] < 2
+        assert row["step_time"]["min"] <= row["step_time"]["median"] <= row["step_time"]["max"]
+        assert 0 < row["time_to_first_step"] < 300 and row["peak_rss_mb_per_worker"] > 50
+    assert res["input_only"]["images_per_s"] > 0 and res["input_only"]["multiple_of_consumption"] > 0
+    assert res["bare_trainer_startup_s"] > 0 and res["machine"]["matmul_flops_per_s"] > 1e8
+
+
+def test_bench_makes_stand_in_images_when_the_dataset_is_absent(tmp_path):
+    from rayganx import spec as jobspec
+    from rayganx.bench import stand_in_data
+
+    spec = jobspec.load(JOBS / "dcgan_celeba.yaml", [f"data.path={tmp_path}/none"])
+    s = stand_in_data(spec, n=4)
+    from rayganx.data import count_rows
+
+    assert count_rows(s.data) == 4 and s.data.source == "celeba"

@@ -1,0 +1,152 @@
+"""Sanity properties of the evaluation metrics that a wrong implementation fails."""
+
+import numpy as np
+import pytest
+import torch
+
+from rayganx import data as rdata
+from rayganx import metrics as m
+from rayganx.spec import EvalSpec, from_dict
+
+
+def digits(size=32):
+    raw, labels = rdata.digits_arrays()
+    batch = rdata._resize_digits({"raw": raw, "label": labels, "key": np.arange(len(raw))}, size=size, channels=1,
+                                 split="all", val_fraction=0.0)
+    return torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
+
+
+@pytest.fixture(scope="module")
+def classifier_ckpt(tmp_path_factory):
+    """A digits CNN trained in-process by rayganx's own classifier task, saved as a checkpoint."""
+    from rayganx.train import ClassifierTask, save_checkpoint
+
+    spec = from_dict({"name": "cnn", "model": {"kind": "cnn", "ndf": 16}, "data": {"labels": True},
+                      "train": {"steps": 300, "batch_size": 64}, "scaling": {"num_workers": 1}})
+    x, y = digits()
+    torch.manual_seed(0)
+    task = ClassifierTask(spec, 10, torch.device("cpu"), distributed=False)
+    for it in range(300):
+        idx = torch.randint(0, len(x), (64,))
+        task.step(x[idx], y[idx], it, it, 300)
+    return save_checkpoint(task, 300, {}, 10)
+
+
+@pytest.fixture(scope="module")
+def random_feats():
+    x, _ = digits()
+    return m.features_of(m.RandomCNN(1), x)[0]
+
+
+def test_fid_kid_real_vs_real_near_zero_and_far_below_noised(random_feats):
+    x, _ = digits()
+    ext = m.RandomCNN(1)
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=gen)
+    a, b = random_feats[perm[:898]], random_feats[perm[898:1796]]
+    noised = m.features_of(ext, (x[perm[898:1796]] + 0.5 * torch.randn(898, 1, 32, 32, generator=gen)).clamp(-1, 1))[0]
+    fid_same, fid_noise = m.fid(a, b), m.fid(a, noised)
+    kid_same, kid_noise = m.kid(a, b), m.kid(a, noised)
+    assert fid_same < 0.1 * fid_noise and kid_same < 0.1 * kid_noise, (fid_same, fid_noise, kid_same, kid_noise)
+    assert abs(kid_same) < 0.01
+
+
+def test_fid_grows_with_noise(random_feats):
+    x, _ = digits()
+    ext = m.RandomCNN(1)
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(x.shape, generator=gen)
+    scores = [m.fid(random_feats, m.features_of(ext, (x + s * noise).clamp(-1, 1))[0]) for s in (0.05, 0.2, 0.5, 1.0)]
+    assert scores == sorted(scores) and scores[0] < scores[-1] / 5, scores
+
+
+def test_inception_score_with_the_digits_classifier(classifier_ckpt):
+    ext = m.load_extractor(EvalSpec(features="classifier", extractor=classifier_ckpt), channels=1)
+    x, _ = digits()
+    _, logits = m.features_of(ext, x)
+    assert (logits.argmax(1) == digits()[1]).float().mean() > 0.95  # a working classifier
+    assert m.inception_score(logits) > 8.0  # close to the 10 classes
+    _, one = m.features_of(ext, x[:1].repeat(500, 1, 1, 1))
+    assert m.inception_score(one) == pytest.approx(1.0, abs=0.05)
+
+
+def test_precision_recall_of_a_collapsed_generator(random_feats):
+    x, labels = digits()
+    real = random_feats[:900]
+    # a generator collapsed to one mode: the same realistic image every time
+    collapsed = m.features_of(m.RandomCNN(1), x[3:4].repeat(200, 1, 1, 1))[0]
+    p, r = m.precision_recall(real, collapsed)
+    assert p > 0.9 and r < 0.1, (p, r)
+    p_all, r_all = m.precision_recall(real, random_feats[900:1800])  # a held-out real set covers the data
+    assert r_all > 0.5 and r_all > 5 * r, (p_all, r_all)
+
+
+def test_missing_or_unreadable_extractor(tmp_path):
+    with pytest.raises(m.EvalError, match="eval.extractor: .*does not exist"):
+        m.load_extractor(EvalSpec(features="classifier", extractor=str(tmp_path / "nope")), 1)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not torchscript")
+    with pytest.raises(m.EvalError, match="eval.extractor: cannot load"):
+        m.load_extractor(EvalSpec(features="torchscript", extractor=str(bad)), 1)
+
+
+def test_torchscript_extractor_follows_the_stylegan_calling_convention(tmp_path):
+    class Detector(torch.nn.Module):  # the interface of StyleGAN2-ADA's inception-2015-12-05.pt
+        def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            assert img.dtype == torch.uint8 and img.shape[1] == 3
+            f = img.float().mean(dim=(2, 3))
+            return f if return_features else f.softmax(1)
+
+    path = tmp_path / "detector.pt"
+    torch.jit.script(Detector()).save(str(path))
+    ext = m.load_extractor(EvalSpec(features="torchscript", extractor=str(path)), 1)
+    feats = ext(torch.zeros(2, 1, 8, 8))
+    assert feats.shape == (2, 3) and torch.allclose(feats, torch.full((2, 3), 128.0))
+
+
+def test_chunks_split_across_workers_reassemble_to_the_single_process_set():
+    spec = from_dict({"name": "x", "model": {"ngf": 8, "ndf": 8}, "train": {"steps": 1}})
+    from rayganx.models import build
+
+    g = build(spec)["g"].eval()
+    ext = m.RandomCNN(1)
+    one = m.assemble([m.generated_features(g, spec, None, ext, 600, seed=0)])[0]
+    two = m.assemble([m.generated_features(g, spec, None, ext, 600, seed=0, rank=r, world=2) for r in (0, 1)])[0]
+    assert one.shape == (600, 256) and torch.equal(one, two)
+
+
+def test_training_evaluates_keeps_best_and_cli_matches_the_two_worker_value(ray_session, tmp_path):
+    """Evaluation inside a 2-worker run equals `rayganx eval` (one process) on the same checkpoint."""
+    import json
+
+    from rayganx import runner, spec as jobspec
+    from rayganx.storage import Store, list_checkpoints, read_metrics
+    from tests.conftest import JOBS, rayganx, tiny, write_job
+
+    job = write_job(tmp_path / "ev.yaml", "dcgan_digits.yaml", **tiny("ev", tmp_path / "runs", steps=4),
+                    eval={"every": 2, "num_samples": 500, "metrics": ["fid", "kid"], "features": "random"})
+    spec = jobspec.load(job, ["storage.keep_best_by=fid", "storage.keep=1"])
+    runner.run(spec)
+    run = Store(spec.run_url)
+    history = {m["step"]: m for m in read_metrics(run)}
+    assert history[2]["fid"] > 0 and history[4]["fid"] > 0 and "kid" in history[4]
+    kept = [c["step"] for c in list_checkpoints(run)]
+    best = min((2, 4), key=lambda s: history[s]["fid"])
+    assert best in kept  # Ray's checkpoint score attribute keeps the best FID
+    assert list((tmp_path / "runs" / "_stats").glob("real_*.pt"))  # real statistics cached in storage
+
+    r = rayganx("eval", run.path(f"checkpoint_{best:06d}"), "--metrics", "fid,kid", "--num-samples", "500",
+                "--json", tmp_path / "ev.json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    single = json.loads((tmp_path / "ev.json").read_text())
+    assert single["fid"] == pytest.approx(history[best]["fid"], rel=1e-5)
+    assert single["kid"] == pytest.approx(history[best]["kid"], rel=1e-4, abs=1e-7)
+
+
+def test_missing_extractor_fails_before_training(tmp_path):
+    from tests.conftest import JOBS, rayganx
+
+    r = rayganx("submit", JOBS / "dcgan_digits.yaml", "--set", "eval.every=2", "--set", "eval.features=classifier",
+                "--set", f"eval.extractor={tmp_path}/cnn/checkpoint_000400", "--set", f"storage.path={tmp_path}")
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"error: eval.extractor: {tmp_path}/cnn/checkpoint_000400 does not exist"
