@@ -22,6 +22,8 @@ runs_app = typer.Typer(no_args_is_help=True, help="Runs in a storage location.")
 app.add_typer(runs_app, name="runs")
 ckpt_app = typer.Typer(no_args_is_help=True, help="A run's checkpoints.")
 app.add_typer(ckpt_app, name="checkpoints")
+k8s_app = typer.Typer(no_args_is_help=True, help="KubeRay manifests.")
+app.add_typer(k8s_app, name="k8s")
 
 # Wide when piped (job logs, CI), so URLs in tables and summaries stay whole.
 out = Console(width=None if sys.stdout.isatty() else 200)
@@ -37,12 +39,13 @@ EndpointOpt = typer.Option(None, "--endpoint-url", envvar="AWS_ENDPOINT_URL",
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from rayganx.data import DataError
+    from rayganx.k8s import ManifestError
     from rayganx.metrics import EvalError
     from rayganx.remote import RemoteError
     from rayganx.runner import RunError
     from rayganx.storage import StorageError
 
-    return (jobspec.SpecError, RunError, StorageError, DataError, RemoteError, EvalError)
+    return (jobspec.SpecError, RunError, StorageError, DataError, RemoteError, EvalError, ManifestError)
 
 
 def command(fn):
@@ -464,6 +467,49 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
         with open(json_out, "w") as f:
             json.dump({"checkpoint": checkpoint, "step": state.get("step"), "num_samples": num_samples,
                        "features": spec.eval.features, **results}, f, indent=2)
+
+
+@k8s_app.command("render")
+@command
+def k8s_render(job: str, image: str = typer.Option(..., "--image", help="container image with rayganx"),
+               namespace: str = typer.Option("default", "--namespace"),
+               gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker"),
+               secret: str = typer.Option("rayganx-storage", "--secret", help="Secret with storage credentials"),
+               out_file: Optional[str] = typer.Option(None, "--out", help="write here instead of stdout"),
+               set_: Optional[list[str]] = SetOpt):
+    """A ConfigMap + RayJob manifest for a job, sized from its scaling section (validated)."""
+    from rayganx import k8s
+
+    spec = jobspec.load(job, set_)
+    docs = k8s.render(spec, job, image, namespace, gpus_per_worker, secret)
+    problems = [p for d in docs for p in k8s.validate_doc(d, "rendered manifest")]
+    if problems:
+        raise k8s.ManifestError("\n".join(problems))
+    text = yaml_dump_all(docs)
+    if out_file:
+        with open(out_file, "w") as f:
+            f.write(text)
+        out.print(f"wrote {out_file}")
+    else:
+        sys.stdout.write(text)
+
+
+def yaml_dump_all(docs) -> str:
+    import yaml
+
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+@k8s_app.command("validate")
+@command
+def k8s_validate(files: list[str] = typer.Argument(..., help="manifest files")):
+    """Validate manifests offline against the KubeRay CRD schemas and KubeRay's own rules."""
+    from rayganx import k8s
+
+    problems = [p for f in files for p in k8s.validate_file(f)]
+    if problems:
+        raise k8s.ManifestError("\n".join(problems))
+    out.print(f"{len(files)} manifest file(s) valid")
 
 
 # --------------------------------------------------------------------------- bench
