@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -104,7 +105,7 @@ def submit(job_file: str, spec: JobSpec, overrides: list[str], address: str) -> 
 
     c = client(address)
     workdir, _ = package_job(job_file, spec)
-    sets = " ".join(f"--set {_quote(o)}" for o in overrides)
+    sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
     submission_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     runtime_env = {"working_dir": workdir, "py_modules": [os.path.dirname(rayganx.__file__)],
                    "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
@@ -126,12 +127,6 @@ def submit(job_file: str, spec: JobSpec, overrides: list[str], address: str) -> 
         raise _explain(address, e, _token_source()) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
 
 
 def status(address: str, job_id: str) -> str:

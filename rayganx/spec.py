@@ -17,9 +17,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 GAN_KINDS = ("mlp_gan", "dcgan", "resnet_gan")
-MODEL_KINDS = GAN_KINDS + ("cnn", "vae")
-LOSSES = ("non_saturating", "hinge", "wasserstein", "least_squares")
-SOURCES = ("image_folder", "parquet", "celeba", "digits", "gaussian_mixture")
 # Metric names a run can be ranked by; "min" metrics are better when lower.
 METRIC_MODES = {"fid": "min", "kid": "min", "is": "max", "precision": "max", "recall": "max",
                 "val_accuracy": "max", "loss_g": "min", "loss_d": "min", "elbo": "max"}
