@@ -44,7 +44,8 @@ def main() -> None:
         ev = trained.eval.model_copy(update={"features": "classifier", "extractor": extractor})
         trained = trained.model_copy(update={"eval": ev, "storage": spec.storage})
         scores = evaluate_generator(g, runner.resolve_paths(trained), num_classes, ["fid", "kid", "is", "pr"], SAMPLES)
-        rows.append((job.stem, spec.model.kind, result.steps, spec.train.loss, scores, time.time() - t0))
+        loss = spec.train.loss if spec.is_gan else "elbo"
+        rows.append((job.stem, spec.model.kind, result.steps, loss, scores, time.time() - t0))
         print(job.stem, json.dumps(scores), flush=True)
 
     lines = [
@@ -56,6 +57,7 @@ def main() -> None:
         "against the digits, with the penultimate layer of the `jobs/cnn_digits.yaml` classifier as",
         "the feature extractor (and its logits for the Inception Score, at most 10 here). These numbers",
         "are comparable with each other, not with Inception-based FIDs published for other datasets.",
+        "Wall times include Ray start-up and evaluation, and vary with what else runs on the machine.",
         "",
         "| job | model | steps | loss | FID | KID | IS | precision | recall | wall time |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
