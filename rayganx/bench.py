@@ -93,12 +93,13 @@ def _rayganx_row(spec: JobSpec, workers: int, steps: int, warmup: int, storage: 
     s.train.log_every = max(1, min(s.train.log_every, steps // 5))  # enough intervals to time
     t0 = time.time()
     runner.run(s)
-    reports = [m for m in read_metrics(Store(s.run_url)) if m["step"] > warmup]
+    history = read_metrics(Store(s.run_url))
+    reports = [m for m in history if m["step"] > warmup]
     if not reports:
         raise runner.RunError(f"bench: no reports after the warm-up; raise --steps above {s.train.log_every}")
     st = _spread([m["step_time"] for m in reports])
     ips = [m["images_per_s"] for m in reports]
-    first = read_metrics(Store(s.run_url))[0]
+    first = history[0]
     return {"workers": workers, "step_time": st, "images_per_s": statistics.median(ips),
             "images_per_s_spread": _spread(ips), "time_to_first_step": first["first_step_at"] - t0,
             "peak_rss_mb_per_worker": max(m["peak_rss_mb"] for m in reports)}

@@ -485,19 +485,15 @@ def k8s_render(job: str, image: str = typer.Option(..., "--image", help="contain
     problems = [p for d in docs for p in k8s.validate_doc(d, "rendered manifest")]
     if problems:
         raise k8s.ManifestError("\n".join(problems))
-    text = yaml_dump_all(docs)
+    import yaml
+
+    text = yaml.safe_dump_all(docs, sort_keys=False)
     if out_file:
         with open(out_file, "w") as f:
             f.write(text)
         out.print(f"wrote {out_file}")
     else:
         sys.stdout.write(text)
-
-
-def yaml_dump_all(docs) -> str:
-    import yaml
-
-    return yaml.safe_dump_all(docs, sort_keys=False)
 
 
 @k8s_app.command("validate")

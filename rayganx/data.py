@@ -184,6 +184,23 @@ def _open(data: DataSpec, path: str | None = None) -> Store:
     return store
 
 
+def _parquet_files(store: Store) -> list[str]:
+    """A .parquet file, or every one below a folder."""
+    files = [store.root] if store.fs.isfile(store.root) else store.fs.find(store.root)
+    files = [f for f in files if f.endswith(".parquet")]
+    if not files:
+        raise DataError(f"data.path: no .parquet files under {store.url}")
+    return files
+
+
+def _image_store(data: DataSpec) -> Store:
+    """The folder of images: for CelebA, its img_align_celeba/ when the path holds one."""
+    store = _open(data)
+    if data.source == "celeba" and store.fs.isdir(store.path("img_align_celeba")):
+        return _open(data, data.path.rstrip("/") + "/img_align_celeba")
+    return store
+
+
 def build(data: DataSpec, split: str = "all", seed: int = 0):
     """The Ray Dataset for a job's data section (split: all | train | val)."""
     import ray
@@ -208,10 +225,7 @@ def build(data: DataSpec, split: str = "all", seed: int = 0):
     opts = dict(decode, crop=data.crop, on_corrupt=data.on_corrupt, image_col="bytes",
                 label_col=data.label_column, classes=None, root=store.root)
     if data.source == "parquet":
-        files = [f for f in ([store.root] if store.fs.isfile(store.root) else store.fs.find(store.root))
-                 if f.endswith(".parquet")]
-        if not files:
-            raise DataError(f"data.path: no .parquet files under {data.path}")
+        files = _parquet_files(store)
         columns = [data.image_column] + ([data.label_column] if data.labels else [])
         ds = ray.data.read_parquet(files, filesystem=pyarrow_filesystem(store.fs)).select_columns(columns)
         opts.update(image_col=data.image_column)
@@ -221,10 +235,10 @@ def build(data: DataSpec, split: str = "all", seed: int = 0):
             functools.partial(_decode_batch, **opts), batch_format="numpy")
 
     # image_folder and celeba: encoded files, recursively
+    store = _image_store(data)
+    opts.update(root=store.root)
     if data.source == "celeba":
-        if store.fs.isdir(store.path("img_align_celeba")):
-            store = _open(data, data.path.rstrip("/") + "/img_align_celeba")
-        opts.update(crop=data.crop or CELEBA_CROP, root=store.root)
+        opts.update(crop=data.crop or CELEBA_CROP)
     files = _list_images(store)
     if not files:
         raise DataError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) under {store.url}")
@@ -253,10 +267,8 @@ def num_classes(data: DataSpec) -> int:
     if data.source == "parquet":
         import pyarrow.parquet as pq
 
-        files = [store.root] if store.fs.isfile(store.root) else \
-            [f for f in store.fs.find(store.root) if f.endswith(".parquet")]
         labels = set()
-        for f in files:
+        for f in _parquet_files(store):
             with store.fs.open(f, "rb") as fh:
                 labels.update(pq.read_table(fh, columns=[data.label_column]).column(0).to_pylist())
         return int(max(labels)) + 1
@@ -303,17 +315,13 @@ def count_rows(data: DataSpec, split: str = "all") -> int:
     if data.source == "parquet":
         import pyarrow.parquet as pq
 
-        files = [store.root] if store.fs.isfile(store.root) else \
-            [f for f in store.fs.find(store.root) if f.endswith(".parquet")]
         rows = 0
-        for f in files:
+        for f in _parquet_files(store):
             with store.fs.open(f, "rb") as fh:
                 rows += pq.ParquetFile(fh).metadata.num_rows
         frac = {"all": 1.0, "train": 1 - data.val_fraction, "val": data.val_fraction}[split]
         return int(rows * frac)
-    if data.source == "celeba" and store.fs.isdir(store.path("img_align_celeba")):
-        store = _open(data, data.path.rstrip("/") + "/img_align_celeba")
-    return sum(_in_split(f.encode(), split, data.val_fraction) for f in _list_images(store))
+    return sum(_in_split(f.encode(), split, data.val_fraction) for f in _list_images(_image_store(data)))
 
 
 # --------------------------------------------------------------------------- image grids

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rayganx import data as rdata
 from rayganx import losses, models
 from rayganx.spec import JobSpec
-from rayganx.storage import Store
+from rayganx.storage import Store, read_metrics
 
 
 class DivergenceError(RuntimeError):
@@ -311,7 +311,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(t.seed + 1000 * rank + step)  # different noise per rank and after resume
 
     run = Store(spec.run_url, spec.storage.endpoint_url) if rank == 0 else None
-    history = [m for m in _read_history(run) if m["step"] <= step] if run else []
+    history = [m for m in read_metrics(run) if m["step"] <= step] if run else []
     telemetry = _Telemetry(spec.name, rank)
 
     evaluator = Evaluator(spec, config, rank, world, device) if spec.eval.every else None
@@ -412,12 +412,6 @@ class Evaluator:
             return {}
         fake, logits = self.m.assemble(parts)
         return self.m.compute(self.spec.eval.metrics, self.real, fake, logits)
-
-
-def _read_history(run: Store) -> list[dict]:
-    from rayganx.storage import read_metrics
-
-    return read_metrics(run)
 
 
 class _Telemetry:

@@ -28,23 +28,15 @@ def test_train_val_split_is_disjoint_and_complete(ray_session):
     assert n_val == rdata.count_rows(spec, "val")
 
 
-def test_image_folder_with_class_labels(ray_session, tmp_path):
-    rdata.prepare_digits(str(tmp_path / "digits"), "folder", size=16)
-    spec = DataSpec(source="image_folder", path=str(tmp_path / "digits"), image_size=16, labels=True)
+@pytest.mark.parametrize("fmt,source", [("folder", "image_folder"), ("parquet", "parquet")])
+def test_prepared_digits_read_back_with_labels(ray_session, tmp_path, fmt, source):
+    rdata.prepare_digits(str(tmp_path / "digits"), fmt, size=16)
+    spec = DataSpec(source=source, path=str(tmp_path / "digits"), image_size=16, labels=True)
     images, labels = rows(rdata.build(spec))
     assert images.shape == (1797, 1, 16, 16)
-    # sub-folder "k" holds digit k: the labels match scikit-learn's
+    # folder "k" / label column k holds digit k: the labels match scikit-learn's
     assert np.bincount(labels).tolist() == np.bincount(rdata.digits_arrays()[1]).tolist()
-    assert rdata.num_classes(spec) == 10
-
-
-def test_parquet_source(ray_session, tmp_path):
-    rdata.prepare_digits(str(tmp_path / "pq"), "parquet", size=32)
-    spec = DataSpec(source="parquet", path=str(tmp_path / "pq"), image_size=32, labels=True)
-    images, labels = rows(rdata.build(spec))
-    assert images.shape == (1797, 1, 32, 32)
-    assert np.bincount(labels).tolist() == np.bincount(rdata.digits_arrays()[1]).tolist()
-    assert rdata.count_rows(spec) == 1797
+    assert rdata.num_classes(spec) == 10 and rdata.count_rows(spec) == 1797
 
 
 def test_celeba_layout_centre_crops_then_resizes(ray_session, tmp_path):
