@@ -274,6 +274,121 @@ def run_cmd(job: str, set_: Optional[list[str]] = SetOpt):
     _run_here(jobspec.load(job, set_))
 
 
+# --------------------------------------------------------------------------- tune
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1] if not key.startswith("train.optim") else key.split(".", 1)[1]
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+class _TrialTable:
+    """The sweep's trials as a live rich table on a terminal, one line per event elsewhere."""
+
+    def __init__(self, sw):
+        from rayganx.tune import _is_distribution
+
+        self.sw, self.rows = sw, {}
+        self.keys = [k for k, v in sw.space.items() if _is_distribution(v)] + \
+                    [k for k in sw.mutations if k not in sw.space]
+        self.live = None
+        if out.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self.table(), console=out, refresh_per_second=2)
+            self.live.start()
+
+    def table(self) -> Table:
+        t = Table(title=f"sweep {self.sw.spec.name}: {self.sw.metric} ({self.sw.mode}), "
+                        f"{self.sw.spec.scheduler.kind}, up to {self.sw.max_steps} steps")
+        for col in ("trial", "status", "step", self.sw.metric, *map(_short, self.keys)):
+            t.add_column(col)
+        for name, r in sorted(self.rows.items()):
+            t.add_row(name, r["status"], str(r.get("step", "")), _fmt(r.get("metric", "")),
+                      *(_fmt(r["config"].get(k, "")) for k in self.keys))
+        return t
+
+    def __call__(self, trial: str, status: str, result: dict | None, config: dict):
+        row = self.rows.setdefault(trial, {"status": status, "config": config})
+        if status == "ended":  # a finished trial or one the scheduler stopped
+            status = "finished" if row.get("step", 0) >= self.sw.max_steps else "stopped early"
+        row["status"], row["config"] = status, config
+        if result:
+            row["step"] = result.get("step", row.get("step"))
+            if self.sw.metric in result:
+                row["metric"] = result[self.sw.metric]
+        if self.live:
+            self.live.update(self.table())
+        else:
+            m = f" {self.sw.metric} {_fmt(row['metric'])}" if result and "metric" in row else ""
+            hp = " ".join(f"{_short(k)}={_fmt(config.get(k))}" for k in self.keys)
+            out.print(f"{trial} {status} step {row.get('step', 0)}{m} | {hp}", highlight=False, soft_wrap=True)
+
+    def stop(self):
+        if self.live:
+            self.live.stop()
+
+
+def _print_leaderboard(board: dict) -> None:
+    t = Table(title=f"leaderboard: {board['sweep']} by {board['metric']} ({board['mode']})")
+    for col in ("rank", "trial", "status", "steps", f"best {board['metric']}", "at step"):
+        t.add_column(col)
+    for i, r in enumerate(board["trials"], 1):
+        t.add_row(str(i), r["trial"], r["status"], str(r["step"]), _fmt(r["best"]) if r["best"] is not None else "-",
+                  str(r["best_step"] or "-"))
+    out.print(t)
+    if board.get("best_job"):
+        best = board["trials"][0]
+        out.print(f"  [bold]best checkpoint[/bold]: {best['checkpoint']}", highlight=False, soft_wrap=True)
+        out.print(f"  [bold]best job[/bold]: {board['best_job']} (train it: rayganx submit {board['best_job']})",
+                  highlight=False, soft_wrap=True)
+    out.print(f"  [bold]leaderboard[/bold]: {board['root']}/leaderboard.json", highlight=False, soft_wrap=True)
+
+
+@app.command("tune")
+@command
+def tune_cmd(sweep: Optional[str] = typer.Argument(None, help="sweep YAML"),
+             set_: Optional[list[str]] = typer.Option(None, "--set", help="override a sweep key: key=value"),
+             resume: bool = typer.Option(False, "--resume", help="continue an interrupted sweep"),
+             defaults: bool = typer.Option(False, "--defaults", help="print the built-in search spaces"),
+             address: Optional[str] = AddressOpt,
+             follow: bool = typer.Option(False, "--follow", "-f", help="with --address: stream logs until it ends")):
+    """Run a Ray Tune sweep (ASHA or PBT) over a job's hyperparameters."""
+    from rayganx import tune
+
+    if defaults:
+        sys.stdout.write(tune.default_spaces_yaml())
+        return
+    if not sweep:
+        raise jobspec.SpecError("tune: give a sweep YAML (or --defaults)")
+    sw = tune.load(sweep, set_)
+    address = address or _jobs_address_from_env()
+    if address:
+        from rayganx import remote
+
+        job_id = remote.submit_sweep(sw, address, resume)
+        out.print(f"submitted {job_id} to {address}", highlight=False)
+        if follow:
+            _follow(address, job_id)
+        else:
+            out.print(f"follow it with: rayganx logs {job_id} --follow --address {address}", highlight=False)
+        return
+    table = _TrialTable(sw)
+    t0 = time.monotonic()
+    try:
+        board = tune.run(sw, resume=resume, verbose=STATE["verbose"], printer=table)
+    finally:
+        table.stop()
+    out.print(f"[bold green]done[/bold green] sweep {sw.spec.name}: {len(board['trials'])} trials in "
+              f"{time.monotonic() - t0:.0f} s")
+    _print_leaderboard(board)
+    if not board.get("best_job"):
+        raise typer.Exit(1)
+
+
 # --------------------------------------------------------------------------- data
 
 

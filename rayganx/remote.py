@@ -84,10 +84,9 @@ def _call(address: str, fn, *args, **kwargs):
         raise _explain(address, e, _token_source()) from None
 
 
-def package_job(job_file: str, spec: JobSpec) -> tuple[str, dict]:
-    """A working_dir holding the job file and the local files it references, rewritten relative."""
-    workdir = tempfile.mkdtemp(prefix="rayganx_job_")
-    raw = yaml.safe_load(Path(job_file).read_text())
+def _ship_files(raw: dict, spec: JobSpec, workdir: str) -> dict:
+    """Copy the local files a job references into workdir/files and point the job at them."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))
     for section, key in (("data", "path"), ("eval", "extractor")):
         value = getattr(getattr(spec, section), key)
         if value and not is_remote(value) and os.path.exists(value):
@@ -95,23 +94,27 @@ def package_job(job_file: str, spec: JobSpec) -> tuple[str, dict]:
             target = os.path.join(workdir, "files", name)
             (shutil.copytree if os.path.isdir(value) else shutil.copy)(value, target)
             raw.setdefault(section, {})[key] = os.path.join("files", name)
+    return raw
+
+
+def package_job(job_file: str, spec: JobSpec) -> tuple[str, dict]:
+    """A working_dir holding the job file and the local files it references, rewritten relative."""
+    workdir = tempfile.mkdtemp(prefix="rayganx_job_")
+    raw = _ship_files(yaml.safe_load(Path(job_file).read_text()), spec, workdir)
     Path(workdir, "job.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return workdir, raw
 
 
-def submit(job_file: str, spec: JobSpec, overrides: list[str], address: str) -> str:
-    """Submit a job; returns its submission id (job name plus time)."""
+def _submit(address: str, name: str, workdir: str, entrypoint: str) -> str:
     import rayganx
 
     c = client(address)
-    workdir, _ = package_job(job_file, spec)
-    sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
-    submission_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    submission_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     runtime_env = {"working_dir": workdir, "py_modules": [os.path.dirname(rayganx.__file__)],
                    "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
-    kwargs = dict(entrypoint=f"python -m rayganx.cli run job.yaml {sets}".strip(), submission_id=submission_id,
+    kwargs = dict(entrypoint=entrypoint, submission_id=submission_id,
                   runtime_env=runtime_env, entrypoint_num_cpus=0,
-                  metadata={"rayganx_job": spec.name, "rayganx_version": __version__})
+                  metadata={"rayganx_job": name, "rayganx_version": __version__})
     try:
         for attempt in range(30):
             try:
@@ -127,6 +130,29 @@ def submit(job_file: str, spec: JobSpec, overrides: list[str], address: str) -> 
         raise _explain(address, e, _token_source()) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def submit(job_file: str, spec: JobSpec, overrides: list[str], address: str) -> str:
+    """Submit a job; returns its submission id (job name plus time)."""
+    workdir, _ = package_job(job_file, spec)
+    sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
+    return _submit(address, spec.name, workdir, f"python -m rayganx.cli run job.yaml {sets}".strip())
+
+
+def package_sweep(sweep) -> str:
+    """A working_dir holding the sweep with its base job inline (and the job's local files)."""
+    workdir = tempfile.mkdtemp(prefix="rayganx_sweep_")
+    raw = sweep.spec.model_dump(mode="json", exclude_none=True)
+    raw["job"] = _ship_files(sweep.base_raw, sweep.base, workdir)
+    raw["space"] = sweep.spec.space  # as written: the included spaces are named in `include`
+    Path(workdir, "sweep.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return workdir
+
+
+def submit_sweep(sweep, address: str, resume: bool = False) -> str:
+    """Submit `rayganx tune` to a cluster; returns its submission id."""
+    entry = "python -m rayganx.cli tune sweep.yaml" + (" --resume" if resume else "")
+    return _submit(address, sweep.spec.name, package_sweep(sweep), entry)
 
 
 def status(address: str, job_id: str) -> str:

@@ -127,7 +127,7 @@ class Plan:
     num_classes: int | None
     total_steps: int
     split: str
-    real_features: str | None = None  # local file of cached real-data features, for evaluation
+    real_features: object = None  # real-data features (a tensor) for evaluation
 
 
 def plan(spec: JobSpec) -> Plan:
@@ -147,21 +147,19 @@ def plan(spec: JobSpec) -> Plan:
 
 
 def prepare_eval(spec: JobSpec, p: Plan) -> None:
-    """Real-data features for evaluation, computed once per dataset and extractor (cached in storage)."""
-    import tempfile
+    """Real-data features for evaluation, computed once per dataset and extractor (cached in storage).
 
-    import torch
-
+    They travel in the train loop's config, not as a file: rank 0 may run on another node."""
     from rayganx.metrics import load_extractor, real_features
 
-    real = real_features(spec, load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url),
-                         spec.eval.num_samples)
-    p.real_features = os.path.join(tempfile.mkdtemp(prefix="rayganx_eval_"), "real.pt")
-    torch.save(real, p.real_features)
+    p.real_features = real_features(spec, load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url),
+                                    spec.eval.num_samples)
 
 
-def trainer_for(spec: JobSpec, p: Plan, callbacks=None):
-    """The TorchTrainer for a job, with its datasets, storage and checkpoint policy."""
+def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = None):
+    """The TorchTrainer for a job, with its datasets, storage and checkpoint policy.
+
+    init_from: a checkpoint URL to start from when the run has no checkpoint of its own."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -186,7 +184,8 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None):
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.to_dict(), "num_classes": p.num_classes,
-                           "total_steps": p.total_steps, "real_features": p.real_features},
+                           "total_steps": p.total_steps, "real_features": p.real_features,
+                           "init_from": init_from},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -164,11 +164,25 @@ def _keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(err: dict) -> str:
+def job_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every settable dotted key of a job (train.optim_g.lr, ...)."""
+    out = []
+    for name, field in (model or JobSpec).model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += job_keys(ann, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def describe_error(err: dict, model: type[BaseModel] = None) -> str:
+    """One pydantic error as 'dotted.key: what was expected, got what'."""
+    model = model or JobSpec
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        valid = _keys_at(JobSpec, loc)
+        valid = _keys_at(model, loc)
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
         return f"{key}: unknown key ({hint})"
@@ -239,7 +253,7 @@ def from_dict(raw: dict, source: str = "<job>", overrides: list[str] | None = No
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:
-        lines = [_describe(err) for err in e.errors()]
+        lines = [describe_error(err) for err in e.errors()]
         raise SpecError(f"{source}: " + f"\n{source}: ".join(lines)) from None
     problems = check(spec)
     if problems:

@@ -66,6 +66,10 @@ class Task:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
 
+    def optim_specs(self) -> dict:
+        """The spec section behind each optimiser (same keys as `optimizers`)."""
+        return {"net": self.spec.train.optim}
+
     def networks(self) -> dict[str, torch.nn.Module]:
         raise NotImplementedError
 
@@ -76,8 +80,16 @@ class Task:
     def load_state_dict(self, state: dict) -> None:
         for k, m in self.networks().items():
             _unwrap(m).load_state_dict(state["models"][k])
+        specs = self.optim_specs()
         for k, o in self.optimizers().items():
             o.load_state_dict(state["optimizers"][k])
+            # The spec wins over the saved hyperparameters: a PBT exploit restores a donor's
+            # state under mutated learning rates and betas.
+            for group in o.param_groups:
+                group.update(lr=specs[k].lr, betas=tuple(specs[k].betas), weight_decay=specs[k].weight_decay)
+
+    def learning_rates(self) -> dict[str, float]:
+        return {f"lr_{k}": o.param_groups[0]["lr"] for k, o in self.optimizers().items()}
 
     def _backward(self, loss, model, opt) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
@@ -108,6 +120,9 @@ class GANTask(Task):
 
     def optimizers(self):
         return {"g": self.opt_g, "d": self.opt_d}
+
+    def optim_specs(self):
+        return {"g": self.spec.train.optim_g, "d": self.spec.train.optim_d}
 
     def generator(self) -> torch.nn.Module:
         """The generator samples and evaluation use: the EMA copy when there is one."""
@@ -286,8 +301,18 @@ def save_checkpoint(task: Task, step: int, metrics: dict, num_classes: int | Non
     return path
 
 
+def _load_state(checkpoint, url: str | None, endpoint_url: str | None, device) -> dict:
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            return torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=False)
+    from rayganx.storage import load_state
+
+    return load_state(url, endpoint_url, map_location=device)
+
+
 def train_loop(config: dict) -> None:
-    """Runs on every worker. config: spec (dict), num_classes, total_steps."""
+    """Runs on every worker. config: spec (dict), num_classes, total_steps, real_features, and
+    init_from: a checkpoint URL to start from when Ray Train has none of its own (Tune trials)."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -301,13 +326,14 @@ def train_loop(config: dict) -> None:
     task = TASKS[spec.model.kind](spec, config["num_classes"], device, world > 1)
     total = config["total_steps"]
 
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=False)
+    step, restored = 0, {}
+    checkpoint, init_from = ray.train.get_checkpoint(), config.get("init_from")
+    if checkpoint or init_from:
+        state = _load_state(checkpoint, init_from, spec.storage.endpoint_url, device)
         task.load_state_dict(state)
         step = state["step"]
+        if not checkpoint:
+            restored = {"restored_from": init_from, "restored_step": step}
     torch.manual_seed(t.seed + 1000 * rank + step)  # different noise per rank and after resume
 
     run = Store(spec.run_url, spec.storage.endpoint_url) if rank == 0 else None
@@ -352,6 +378,8 @@ def train_loop(config: dict) -> None:
             metrics |= {"step": step, "images_per_s": images / elapsed, "step_time": elapsed / (step - last_report),
                         "time": time.time(), "first_step_at": first_step_at,
                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            metrics |= task.learning_rates() | restored
+            restored = {}
             if val_shard is not None and do_ckpt:
                 metrics |= task.validate(val_shard, spec.per_worker_batch)
             if evaluator and (step % spec.eval.every == 0 or last):
@@ -392,7 +420,7 @@ class Evaluator:
         self.m, self.spec, self.rank, self.world, self.device = m, spec, rank, world, device
         self.num_classes = config["num_classes"]
         self.extractor = m.load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url).to(device)
-        self.real = torch.load(config["real_features"], weights_only=True) if rank == 0 else None
+        self.real = config["real_features"] if rank == 0 else None
 
     def __call__(self, task) -> dict:
         import torch.distributed as dist
