@@ -6,4 +6,4 @@ WORKDIR /app
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users rayganx ./rayganx
 COPY --chown=ray:users jobs ./jobs
-RUN pip install --no-cache-dir ".[s3,gcs]"
+RUN pip install --no-cache-dir ".[s3,gcs,optuna]"

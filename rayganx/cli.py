@@ -584,43 +584,61 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
                        "features": spec.eval.features, **results}, f, indent=2)
 
 
+def _is_sweep(path: str) -> bool:
+    raw = jobspec.load_yaml(path)
+    return "job" in raw and "model" not in raw
+
+
+def _core_schema_note() -> None:
+    from rayganx import k8s
+
+    if not k8s.core_schema_available():
+        err.print("[yellow]note:[/yellow] pod templates not checked against the Kubernetes core schema "
+                  "(pip install 'rayganx[k8s]')", highlight=False)
+
+
 @k8s_app.command("render")
 @command
-def k8s_render(job: str, image: str = typer.Option(..., "--image", help="container image with rayganx"),
+def k8s_render(job: str = typer.Argument(..., help="job or sweep YAML"),
+               image: str = typer.Option(..., "--image", help="container image with rayganx"),
                namespace: str = typer.Option("default", "--namespace"),
                gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker"),
                secret: str = typer.Option("rayganx-storage", "--secret", help="Secret with storage credentials"),
                out_file: Optional[str] = typer.Option(None, "--out", help="write here instead of stdout"),
                set_: Optional[list[str]] = SetOpt):
-    """A ConfigMap + RayJob manifest for a job, sized from its scaling section (validated)."""
+    """A ConfigMap + RayJob manifest for a job or a sweep, sized from its scaling section (validated)."""
     from rayganx import k8s
 
-    spec = jobspec.load(job, set_)
-    docs = k8s.render(spec, job, image, namespace, gpus_per_worker, secret)
+    if _is_sweep(job):
+        from rayganx import tune
+
+        docs = k8s.render_sweep(tune.load(job, set_), image, namespace, gpus_per_worker, secret)
+    else:
+        docs = k8s.render(jobspec.load(job, set_), job, image, namespace, gpus_per_worker, secret)
     problems = [p for d in docs for p in k8s.validate_doc(d, "rendered manifest")]
     if problems:
         raise k8s.ManifestError("\n".join(problems))
-    import yaml
-
-    text = yaml.safe_dump_all(docs, sort_keys=False)
+    text = k8s.dump(docs)
     if out_file:
         with open(out_file, "w") as f:
             f.write(text)
         out.print(f"wrote {out_file}")
     else:
         sys.stdout.write(text)
+    _core_schema_note()
 
 
 @k8s_app.command("validate")
 @command
 def k8s_validate(files: list[str] = typer.Argument(..., help="manifest files")):
-    """Validate manifests offline against the KubeRay CRD schemas and KubeRay's own rules."""
+    """Validate manifests offline: KubeRay CRD schemas and rules, pod templates against Kubernetes."""
     from rayganx import k8s
 
     problems = [p for f in files for p in k8s.validate_file(f)]
     if problems:
         raise k8s.ManifestError("\n".join(problems))
     out.print(f"{len(files)} manifest file(s) valid")
+    _core_schema_note()
 
 
 # --------------------------------------------------------------------------- bench

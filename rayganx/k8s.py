@@ -94,6 +94,55 @@ def _env_problems(doc, where: str) -> list[str]:
     return out
 
 
+def _pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    spec = doc.get("spec") or {}
+    prefix = "spec"
+    if doc.get("kind") == "RayJob":
+        out = [("spec.submitterPodTemplate", spec["submitterPodTemplate"])] if "submitterPodTemplate" in spec else []
+        spec, prefix = spec.get("rayClusterSpec") or {}, "spec.rayClusterSpec"
+    else:
+        out = []
+    if isinstance(spec.get("headGroupSpec"), dict) and "template" in spec["headGroupSpec"]:
+        out.append((f"{prefix}.headGroupSpec.template", spec["headGroupSpec"]["template"]))
+    for i, group in enumerate(spec.get("workerGroupSpecs") or []):
+        if isinstance(group, dict) and "template" in group:
+            out.append((f"{prefix}.workerGroupSpecs.{i}.template", group["template"]))
+    return out
+
+
+def pod_problems(doc: dict, where: str) -> list[str]:
+    """The pod templates (containers, resources, env, volumes) against the Kubernetes core schema.
+
+    The KubeRay CRDs leave pod templates loosely typed; kubernetes-validate ships the upstream
+    OpenAPI schemas, so a misspelt container field or a wrong resource type is caught offline."""
+    try:
+        import kubernetes_validate as kv
+    except ImportError:
+        return []
+    out = []
+    for path, template in _pod_templates(doc):
+        if not isinstance(template, dict):
+            continue
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "template"}, "spec": template.get("spec")}
+        try:
+            kv.validate(pod, kv.latest_version(), strict=True)
+        except kv.ValidationError as e:
+            field = ".".join(str(p) for p in e.path)
+            msg = e.message
+            if "Additional properties" in msg:
+                msg = "unknown field " + msg.split("(")[-1].rstrip(")").replace(" was unexpected", "")
+            out.append(f"{where}: {path}.{field}: {msg} (Kubernetes {kv.latest_version()} Pod schema)")
+    return out
+
+
+def core_schema_available() -> bool:
+    try:
+        import kubernetes_validate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def validate_doc(doc: dict, where: str = "<manifest>") -> list[str]:
     """Problems of one manifest document (empty when valid)."""
     kind = doc.get("kind")
@@ -106,6 +155,7 @@ def validate_doc(doc: dict, where: str = "<manifest>") -> list[str]:
             if err.validator == "additionalProperties":
                 msg = "unknown field " + msg.split("(")[-1].rstrip(")").replace(" was unexpected", "")
             problems.append(f"{where}: {_path(err)}: {msg}")
+        problems += pod_problems(doc, where)
     if kind == "RayJob":
         spec = doc.get("spec") or {}
         if ("rayClusterSpec" in spec) == ("clusterSelector" in spec):
@@ -136,8 +186,19 @@ def validate_file(path: str | Path) -> list[str]:
 # --------------------------------------------------------------------------- render
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the job file in the ConfigMap) as readable literal blocks."""
+
+
+_Dumper.add_representer(str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
+
+
+def dump(docs: list[dict]) -> str:
+    return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False)
+
+
 def _container(image: str, cpus: float, gpus: float, memory: str | None, secret: str | None, head: bool) -> dict:
-    limits = {"cpu": str(cpus)} | ({"memory": memory} if memory else {}) | ({"nvidia.com/gpu": int(gpus)} if gpus else {})
+    limits = {"cpu": f"{float(cpus):g}"} | ({"memory": memory} if memory else {}) | ({"nvidia.com/gpu": int(gpus)} if gpus else {})
     c = {"name": "ray-head" if head else "ray-worker", "image": image,
          "resources": {"limits": limits, "requests": {k: v for k, v in limits.items() if k != "nvidia.com/gpu"}}}
     if head:
@@ -148,21 +209,17 @@ def _container(image: str, cpus: float, gpus: float, memory: str | None, secret:
     return c
 
 
-def render(spec: JobSpec, job_file: str, image: str, namespace: str = "default", gpus_per_worker: float | None = None,
-           secret: str | None = DEFAULT_SECRET) -> list[dict]:
-    """A ConfigMap holding the job file and a RayJob running it on its own KubeRay cluster."""
-    s = spec.scaling
-    gpus = gpus_per_worker if gpus_per_worker is not None else (s.gpus_per_worker if s.use_gpu else 0)
-    sets = ["scaling.use_gpu=true", f"scaling.gpus_per_worker={gpus:g}"] if gpus else []
-    name = spec.name.replace("_", "-").lower()
+def _rayjob(name: str, namespace: str, entrypoint: str, files: dict[str, str], s, replicas: int, image: str,
+            gpus: float, secret: str | None) -> list[dict]:
     labels = {"app.kubernetes.io/name": "rayganx", "rayganx/job": name}
     config_map = {"apiVersion": "v1", "kind": "ConfigMap",
-                  "metadata": {"name": f"{name}-job", "namespace": namespace, "labels": labels},
-                  "data": {"job.yaml": Path(job_file).read_text()}}
+                  "metadata": {"name": f"{name}-job", "namespace": namespace, "labels": labels}, "data": files}
     head = _container(image, 2, 0, "8Gi", secret, head=True)
     # The entrypoint runs on the head: the job file is mounted there from the ConfigMap.
     head["volumeMounts"] = [{"name": "job", "mountPath": "/etc/rayganx"}]
-    worker = _container(image, s.cpus_per_worker, gpus, s.memory_per_worker, secret, head=False)
+    # One CPU per pod beyond the Train worker's: Ray Data's read and decode tasks need a whole
+    # free CPU, and a pod the worker fills would starve the input pipeline.
+    worker = _container(image, f"{s.cpus_per_worker + 1:g}", gpus, s.memory_per_worker, secret, head=False)
     pod: dict = {"containers": [worker]}
     if gpus:
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -170,7 +227,7 @@ def render(spec: JobSpec, job_file: str, image: str, namespace: str = "default",
         "apiVersion": "ray.io/v1", "kind": "RayJob",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": {
-            "entrypoint": " ".join(["rayganx", "run", "/etc/rayganx/job.yaml"] + [f"--set {x}" for x in sets]),
+            "entrypoint": entrypoint,
             "shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": 3600,
             "activeDeadlineSeconds": 7 * 24 * 3600, "backoffLimit": 2, "submissionMode": "K8sJobMode",
             "rayClusterSpec": {
@@ -181,7 +238,7 @@ def render(spec: JobSpec, job_file: str, image: str, namespace: str = "default",
                                           "volumes": [{"name": "job", "configMap": {"name": f"{name}-job"}}]}}},
                 "workerGroupSpecs": [{
                     "groupName": "gpu-workers" if gpus else "cpu-workers",
-                    "replicas": s.num_workers, "minReplicas": s.num_workers, "maxReplicas": s.num_workers,
+                    "replicas": replicas, "minReplicas": replicas, "maxReplicas": replicas,
                     "rayStartParams": {},
                     "template": {"spec": pod},
                 }],
@@ -189,3 +246,36 @@ def render(spec: JobSpec, job_file: str, image: str, namespace: str = "default",
         },
     }
     return [config_map, job]
+
+
+def _gpu_sets(s, gpus_per_worker: float | None) -> tuple[float, list[str]]:
+    gpus = gpus_per_worker if gpus_per_worker is not None else (s.gpus_per_worker if s.use_gpu else 0)
+    return gpus, ([f"--set scaling.use_gpu=true --set scaling.gpus_per_worker={gpus:g}"] if gpus else [])
+
+
+def render(spec: JobSpec, job_file: str, image: str, namespace: str = "default", gpus_per_worker: float | None = None,
+           secret: str | None = DEFAULT_SECRET) -> list[dict]:
+    """A ConfigMap holding the job file and a RayJob running it on its own KubeRay cluster."""
+    gpus, sets = _gpu_sets(spec.scaling, gpus_per_worker)
+    return _rayjob(spec.name.replace("_", "-").lower(), namespace,
+                   " ".join(["rayganx", "run", "/etc/rayganx/job.yaml", *sets]),
+                   {"job.yaml": Path(job_file).read_text()}, spec.scaling, spec.scaling.num_workers, image, gpus, secret)
+
+
+def render_sweep(sweep, image: str, namespace: str = "default", gpus_per_worker: float | None = None,
+                 secret: str | None = DEFAULT_SECRET) -> list[dict]:
+    """A ConfigMap holding the sweep (its base job inline) and a RayJob running `rayganx tune` on a
+    cluster sized for max_concurrent_trials trials at once (2 when unset)."""
+    import copy
+
+    s = sweep.base.scaling
+    trials = sweep.spec.max_concurrent_trials or 2
+    job = copy.deepcopy(sweep.base_raw)
+    gpus, sets = _gpu_sets(s, gpus_per_worker)
+    if sets:
+        job.setdefault("scaling", {}).update(use_gpu=True, gpus_per_worker=gpus)
+    raw = sweep.spec.model_dump(mode="json", exclude_defaults=True) | {
+        "job": job, "space": sweep.spec.space, "max_concurrent_trials": trials}
+    return _rayjob(sweep.spec.name.replace("_", "-").lower(), namespace, "rayganx tune /etc/rayganx/sweep.yaml",
+                   {"sweep.yaml": yaml.safe_dump(raw, sort_keys=False)}, s, trials * sweep.workers_per_trial,
+                   image, gpus, secret)

@@ -116,6 +116,12 @@ class Sweep:
         self.mutations = mutations if s.kind == "pbt" else {}
 
     @property
+    def workers_per_trial(self) -> int:
+        """The most Train workers one trial can ask for."""
+        workers = self.space.get("scaling.num_workers", self.base.scaling.num_workers)
+        return max(_check_distribution("scaling.num_workers", workers)) if _is_distribution(workers) else workers
+
+    @property
     def storage(self) -> str:
         return self.spec.storage or self.base.storage.path
 
@@ -165,29 +171,34 @@ def default_metric(base: JobSpec) -> str:
 
 
 def _apply_recipe(raw: dict, recipe: dict) -> None:
+    if not recipe:
+        return
     sd = lambda k, v: jobspec.set_dotted(raw, k, v)  # noqa: E731
-    train = raw.get("train") or {}
+    try:  # the job's current values, defaults included, to change one part of them
+        cur = JobSpec.model_validate(raw)
+    except ValidationError:
+        return  # from_dict reports what is wrong with the job itself
+    t = cur.train
     if "recipe.loss" in recipe:
         loss = recipe["recipe.loss"]
         if loss == "wgan_gp":
             sd("train.loss", "wasserstein")
-            sd("train.gp_lambda", recipe.get("recipe.gp_lambda", train.get("gp_lambda") or 10.0))
+            sd("train.gp_lambda", recipe.get("recipe.gp_lambda", t.gp_lambda or 10.0))
             sd("model.d_batchnorm", False)
         else:
             sd("train.loss", loss)
             sd("train.gp_lambda", 0.0)
-    elif "recipe.gp_lambda" in recipe and train.get("gp_lambda"):
+    elif "recipe.gp_lambda" in recipe and t.gp_lambda:
         sd("train.gp_lambda", recipe["recipe.gp_lambda"])
+    opts = ("optim_g", "optim_d") if cur.is_gan else ("optim",)
     for i, key in enumerate(("recipe.beta1", "recipe.beta2")):
         if key in recipe:
-            for opt in ("optim_g", "optim_d", "optim"):
-                betas = list((raw.get("train") or {}).get(opt, {}).get("betas") or
-                             (jobspec.OptimSpec().betas if opt != "optim" else (0.9, 0.999)))
+            for opt in opts:
+                betas = list(getattr(t, opt).betas)
                 betas[i] = recipe[key]
                 sd(f"train.{opt}.betas", betas)
     if "recipe.lr_ratio" in recipe:
-        lr_g = (raw.get("train") or {}).get("optim_g", {}).get("lr", jobspec.OptimSpec().lr)
-        sd("train.optim_d.lr", float(lr_g) * float(recipe["recipe.lr_ratio"]))
+        sd("train.optim_d.lr", t.optim_g.lr * float(recipe["recipe.lr_ratio"]))
     if "recipe.spectral_norm" in recipe:
         sd("model.spectral_norm", "d" if recipe["recipe.spectral_norm"] else "none")
     if "recipe.diffaug" in recipe:
@@ -474,33 +485,29 @@ def _events_callback():
     return Events()
 
 
-def _concurrency(sw: Sweep, embedded: bool) -> int | None:
-    """Trials at once. On the embedded Ray nothing autoscales: as many as fit with a CPU to spare,
-    since Ray Data's tasks need a whole free CPU and trials holding them all wait forever."""
+def _concurrency(sw: Sweep) -> int:
+    """Trials at once. By default as many as the cluster holds now, with a CPU to spare: Ray Data's
+    tasks need a whole free CPU, and trials holding every CPU would wait forever. On one node
+    nothing autoscales, so asking for more than fit is an error; elsewhere the user decides."""
     import ray
 
-    s, want = sw.base.scaling, sw.spec.max_concurrent_trials
-    workers = sw.space.get("scaling.num_workers", s.num_workers)
-    if _is_distribution(workers):
-        workers = max(_check_distribution("scaling.num_workers", workers))
-    if not embedded:
-        return want
+    s, want, workers = sw.base.scaling, sw.spec.max_concurrent_trials, sw.workers_per_trial
     have = ray.cluster_resources()
     if s.use_gpu:
         fit = int(have.get("GPU", 0) // (workers * s.gpus_per_worker))
     else:
         fit = int((have.get("CPU", 1) - 1) // (workers * s.cpus_per_worker))
+    if len(ray.nodes()) > 1:
+        return want or max(1, fit)
+    from rayganx.runner import RunError
+
     if fit < 1:
-        from rayganx.runner import RunError
-
         raise RunError(f"scaling: one trial needs {workers} workers x {s.cpus_per_worker:g} CPU plus a CPU for "
-                       f"Ray Data; this machine's Ray has {have.get('CPU', 0):g}. Lower scaling.num_workers "
-                       f"in the space, or run with --address")
+                       f"Ray Data; this Ray has {have.get('CPU', 0):g}. Lower scaling.num_workers in the space, "
+                       f"or run on a cluster with --address")
     if want and want > fit:
-        from rayganx.runner import RunError
-
-        raise RunError(f"max_concurrent_trials: {want} trials x {workers} workers do not fit this machine's "
-                       f"Ray ({have.get('CPU', 0):g} CPUs, one kept for Ray Data); at most {fit}")
+        raise RunError(f"max_concurrent_trials: {want} trials x {workers} workers do not fit this Ray "
+                       f"({have.get('CPU', 0):g} CPUs, one kept for Ray Data); at most {fit}")
     return want or fit
 
 
@@ -526,11 +533,14 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
         raise runner.RunError(f"--resume: no sweep {sw.spec.name} at {sw.root} to continue")
 
     if not verbose:
+        import warnings
+
+        # Tune suggests reuse_actors for PBT; a trial here is a whole TorchTrainer run, not reusable.
+        warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy engine at verbose=0 prints nothing
         # Each trial starts a controller, workers and Ray Data actors at once; the raylet warns
         # about that many worker processes at 4x this limit (the CPU count by default).
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "8")
-    embedded = not runner.ray_is_up()
     runner.init_ray(verbose=verbose)
     _PRINTER[0] = printer or (lambda *a: None)
     # Trials run in their own working directories: local paths must be absolute here.
@@ -545,7 +555,7 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
     # fractional CPU here would leave Ray Data less than the whole CPU its tasks ask for.
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 256 * 1024**2})
 
-    concurrency = _concurrency(sw, embedded)
+    concurrency = _concurrency(sw)
     s = sw.spec.scheduler
     if s.kind == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=sw.max_steps, grace_period=s.grace_period,

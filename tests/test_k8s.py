@@ -47,9 +47,41 @@ def test_rendered_manifest_is_valid_and_sized_from_the_spec(tmp_path):
     group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert group["replicas"] == 4 and job["metadata"]["namespace"] == "gans"
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert limits["nvidia.com/gpu"] == 1 and limits["cpu"] == "1"
+    # One CPU beyond the Train worker's, for Ray Data's tasks.
+    assert limits["nvidia.com/gpu"] == 1 and limits["cpu"] == "2"
     assert "scaling.use_gpu=true" in job["spec"]["entrypoint"]
     assert group["template"]["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "rayganx-storage"}}]
+
+
+def test_rendered_sweep_runs_rayganx_tune_on_a_cluster_sized_for_its_trials(tmp_path):
+    from rayganx import tune
+
+    out = tmp_path / "sweep.yaml"
+    r = rayganx("k8s", "render", JOBS / "tune_dcgan_digits.yaml", "--image", "reg/rayganx:1",
+                "--set", "max_concurrent_trials=3", "--set", "storage=s3://bucket/sweeps", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert k8s.validate_file(out) == []
+    cm, job = docs(out)
+    sweep = tune.from_dict(yaml.safe_load(cm["data"]["sweep.yaml"]))  # the base job travels inline
+    assert sweep.base.name == "dcgan_digits" and sweep.storage == "s3://bucket/sweeps"
+    assert job["spec"]["entrypoint"] == "rayganx tune /etc/rayganx/sweep.yaml"
+    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert group["replicas"] == 3 * sweep.workers_per_trial == 3
+    assert group["template"]["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "rayganx-storage"}}]
+
+
+def test_pod_templates_are_checked_against_the_kubernetes_core_schema():
+    doc = rayjob()
+    container = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    container["imagePullPolicyy"] = "Always"
+    problems = k8s.validate_doc(doc, "x.yaml")
+    assert any("spec.rayClusterSpec.workerGroupSpecs.0.template.spec.containers.0: unknown field "
+               "'imagePullPolicyy'" in p and "Pod schema" in p for p in problems), problems
+    doc = rayjob()
+    doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"][0][
+        "containerPort"] = "gcs"
+    problems = k8s.validate_doc(doc, "x.yaml")
+    assert any("headGroupSpec.template.spec.containers.0.ports.0.containerPort" in p for p in problems), problems
 
 
 def test_misspelt_field_and_wrong_type_are_named():

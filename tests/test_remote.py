@@ -142,3 +142,21 @@ def test_address_that_is_not_a_ray_cluster(tmp_path):
         assert r.returncode == 1 and "does not serve the Ray Jobs API" in r.stderr, r.stderr
     finally:
         server.kill()
+
+
+def test_tune_sweep_through_the_jobs_api(head, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "remote_sweep", "job": str(JOBS / "dcgan_digits.yaml"), "storage": str(tmp_path / "sweeps"),
+        "metric": "loss_d", "search": "grid", "num_samples": 1, "report_every": 2,
+        "space": {"scaling.num_workers": 1, "train.batch_size": 32, "train.log_every": 2,
+                  "train.optim_g.lr": {"grid": [1e-4, 2e-4]}},
+        "scheduler": {"kind": "fifo", "max_steps": 4}}))
+    r = rayganx("tune", sweep, "--address", head["address"], "--follow", timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id = r.stdout.split("submitted ", 1)[1].split()[0]
+    assert job_id.startswith("remote_sweep-") and f"{job_id}: SUCCEEDED" in r.stdout
+    assert "leaderboard: remote_sweep by loss_d (min)" in r.stdout
+    board = json.loads((tmp_path / "sweeps" / "remote_sweep" / "leaderboard.json").read_text())
+    assert sorted(t["config"]["train.optim_g.lr"] for t in board["trials"]) == [1e-4, 2e-4]
+    assert all(t["status"] == "finished" and t["step"] == 4 for t in board["trials"])

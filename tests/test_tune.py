@@ -1,0 +1,143 @@
+"""Ray Tune sweeps: checks before any trial, ASHA stopping, PBT exploits, the leaderboard."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rayganx import runner, spec as jobspec, tune
+from rayganx.spec import SpecError
+from rayganx.storage import Store, read_metrics
+from tests.conftest import JOBS, rayganx
+
+SHIPPED = sorted(JOBS.glob("tune_*.yaml")) + sorted(JOBS.glob("pbt_*.yaml"))
+
+
+def sweep_file(tmp_path: Path, **keys) -> Path:
+    raw = {"name": "sw", "job": str(JOBS / "dcgan_digits.yaml"), "storage": str(tmp_path / "runs"),
+           "metric": "loss_d", "mode": "min"} | keys
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def error_of(tmp_path, **keys) -> str:
+    with pytest.raises(SpecError) as e:
+        tune.load(sweep_file(tmp_path, **keys))
+    return str(e.value)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_sweep_validates(path):
+    sw = tune.load(path)
+    assert sw.metric == "fid" and sw.max_steps > sw.spec.report_every
+
+
+def test_the_default_space_prints_and_validates(tmp_path):
+    res = rayganx("tune", "--defaults")
+    assert res.returncode == 0, res.stderr
+    space = yaml.safe_load(res.stdout)
+    for key in ("recipe.loss", "train.optim_g.lr", "recipe.lr_ratio", "recipe.beta1", "recipe.beta2",
+                "train.d_steps", "recipe.spectral_norm", "recipe.gp_lambda", "train.r1_gamma", "train.ema_decay",
+                "recipe.diffaug", "train.batch_size", "train.seed"):
+        assert key in space, key
+    assert space["recipe.loss"] == {"choice": ["non_saturating", "hinge", "wgan_gp"]}
+    sw = tune.load(sweep_file(tmp_path, include=["gan_stability"]))
+    assert sw.space["train.ema_decay"] == {"choice": [None, 0.999, 0.9999]}
+    # A wgan_gp trial is a valid job: Wasserstein loss, the penalty, no BatchNorm in D.
+    spec = sw.trial_spec({"recipe.loss": "wgan_gp", "recipe.gp_lambda": 3.0, "recipe.lr_ratio": 4,
+                          "train.optim_g.lr": 1e-4, "recipe.beta1": 0.0, "recipe.spectral_norm": True}, "t")
+    assert (spec.train.loss, spec.train.gp_lambda, spec.model.d_batchnorm) == ("wasserstein", 3.0, False)
+    assert spec.train.optim_d.lr == pytest.approx(4e-4) and spec.train.optim_g.betas[0] == 0.0
+    assert spec.model.spectral_norm == "d" and spec.storage.checkpoint_every == sw.spec.report_every
+
+
+def test_bad_spaces_fail_before_any_trial_naming_the_key(tmp_path):
+    assert "space.train.optim_g.lrr: unknown key 'train.optim_g.lrr' (did you mean 'train.optim_g.lr'?)" in \
+        error_of(tmp_path, space={"train.optim_g.lrr": {"loguniform": [1e-5, 1e-3]}})
+    # A value the job spec rejects, only at one corner of the space.
+    msg = error_of(tmp_path, space={"train.batch_size": {"choice": [64, 63]}})
+    assert "space.train.batch_size=63" in msg and "does not split evenly" in msg
+    assert "space.train.optim_g.lr.loguniform: bounds must be positive" in \
+        error_of(tmp_path, space={"train.optim_g.lr": {"loguniform": [0, 1e-3]}})
+    assert "space.train.d_steps: expected a value or one of" in \
+        error_of(tmp_path, space={"train.d_steps": {"choise": [1, 2]}})
+    assert "space.train.optim_d.lr=" in error_of(tmp_path, space={"train.optim_d.lr": {"uniform": [-1.0, 1e-3]}})
+    msg = error_of(tmp_path, space={"train.optim_g.lr": {"loguniform": [1e-5, 1e-3]}},
+                   scheduler={"kind": "pbt", "mutations": {"model.ngf": {"choice": [16, 32]}}})
+    assert "scheduler.mutations.model.ngf: PBT can only mutate training hyperparameters" in msg
+    assert "metric: unknown metric 'fdi' (did you mean 'fid'?)" in error_of(tmp_path, metric="fdi")
+    assert "scheduler.grace_period" in error_of(tmp_path, report_every=50, scheduler={"grace_period": 10})
+    assert "num_sample: unknown key" in error_of(tmp_path, num_sample=3)
+
+    # Through the CLI: one line naming the key, exit 1, and nothing written to storage.
+    path = sweep_file(tmp_path, space={"train.optim_g.lrr": 0.1})
+    res = rayganx("tune", path)
+    assert res.returncode == 1 and "space.train.optim_g.lrr" in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_asha_sweep_stops_trials_early_and_writes_a_runnable_best_job(ray_session, tmp_path):
+    # Trials 2 and 3 start after 0 and 1 (two fit at once) with a discriminator that cannot
+    # learn (loss_d stays near 2 ln 2): ASHA must stop them at the first rung.
+    sw = tune.load(sweep_file(
+        tmp_path, num_samples=1, report_every=10, search="grid",
+        space={"scaling.num_workers": 1, "train.batch_size": 32, "train.log_every": 5,
+               "train.optim_d.lr": {"grid": [2e-4, 4e-4, 1e-9, 1e-9]}},
+        scheduler={"kind": "asha", "max_steps": 40, "grace_period": 10, "reduction_factor": 2}))
+    seen = []
+    board = tune.run(sw, printer=lambda *event: seen.append(event))
+
+    rows = {r["trial"]: r for r in board["trials"]}
+    assert len(rows) == 4 and all(not r["status"].startswith("error") for r in rows.values())
+    stopped = [r for r in rows.values() if r["status"] == "stopped early"]
+    assert stopped and all(r["step"] < 40 for r in stopped)
+    assert any(r["status"] == "finished" and r["step"] == 40 for r in rows.values())
+    best = board["trials"][0]
+    assert best["config"]["train.optim_d.lr"] >= 2e-4 and best["best"] < 1.0
+    assert {e[0] for e in seen} == set(rows) and any(e[2] and "loss_d" in e[2] for e in seen)
+
+    root = Store(sw.root)
+    assert json.loads(root.read_text("leaderboard.json"))["trials"][0]["trial"] == best["trial"]
+    assert Store(best["checkpoint"]).exists("state.pt")
+    best_job = tmp_path / "best_job.yaml"
+    best_job.write_text(root.read_text("best_job.yaml"))
+    assert best["checkpoint"] in best_job.read_text()
+    spec = jobspec.load(best_job, [f"storage.path={tmp_path / 'best'}", "train.steps=4"])
+    assert spec.train.optim_d.lr == best["config"]["train.optim_d.lr"] and spec.name == "sw-best"
+    result = runner.run(spec)
+    assert result.steps == 4 and result.checkpoints
+
+    # The same sweep again is refused rather than mixed into the finished one.
+    with pytest.raises(runner.RunError, match="already exists .* --resume"):
+        tune.run(sw)
+
+
+def test_pbt_exploit_continues_the_donor_checkpoint_with_the_mutated_learning_rate(ray_session, tmp_path):
+    sw = tune.load(sweep_file(
+        tmp_path, name="pbt", num_samples=1, report_every=10,
+        space={"scaling.num_workers": 1, "train.batch_size": 32, "train.log_every": 5,
+               "train.optim_d.lr": {"grid": [2e-4, 1e-9]},
+               "train.optim_g.lr": {"loguniform": [1e-4, 5e-4]}},
+        scheduler={"kind": "pbt", "max_steps": 60, "perturbation_interval": 20, "quantile_fraction": 0.5,
+                   "resample_probability": 0.0, "mutations": {"train.optim_g.lr": {"loguniform": [1e-5, 1e-2]}}}))
+    board = tune.run(sw)
+    assert all(r["step"] == 60 for r in board["trials"]), board
+
+    histories = {r["trial"]: read_metrics(Store(r["run"])) for r in board["trials"]}
+    exploits = []
+    for trial, rows in histories.items():
+        for prev, row in zip(rows, rows[1:]):
+            donor = row.get("restored_from", "")
+            if donor and f"/{trial}/" not in donor:
+                exploits.append((trial, prev, row))
+    assert exploits, "no PBT exploit happened"
+    for trial, prev, row in exploits:
+        donor_trial, donor_step = row["restored_from"].rstrip("/").split("/")[-2:]
+        assert donor_step == f"checkpoint_{row['restored_step']:06d}"
+        # Training continues from the donor's step, not from this trial's own.
+        assert row["step"] == row["restored_step"] + 5
+        donor_lr = next(m["lr_g"] for m in histories[donor_trial] if m["step"] == row["restored_step"])
+        # The optimiser runs at PBT's perturbed value, not the donor's saved one.
+        assert row["lr_g"] / donor_lr == pytest.approx(0.8) or row["lr_g"] / donor_lr == pytest.approx(1.2)
