@@ -382,10 +382,16 @@ def tune_cmd(sweep: Optional[str] = typer.Argument(None, help="sweep YAML"),
         board = tune.run(sw, resume=resume, verbose=STATE["verbose"], printer=table)
     finally:
         table.stop()
+    if board["unfinished"]:
+        _print_leaderboard(board)
+        err.print(f"[yellow]interrupted[/yellow]: {len(board['unfinished'])} trial(s) unfinished; continue with "
+                  f"rayganx tune {sweep} --resume", highlight=False)
+        raise typer.Exit(130)
     out.print(f"[bold green]done[/bold green] sweep {sw.spec.name}: {len(board['trials'])} trials in "
               f"{time.monotonic() - t0:.0f} s")
     _print_leaderboard(board)
     if not board.get("best_job"):
+        err.print("[red]error:[/red] no trial reported the metric; see the trials' status above", highlight=False)
         raise typer.Exit(1)
 
 

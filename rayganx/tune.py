@@ -78,6 +78,7 @@ class SchedulerSpec(_Section):
                                                                        "(default: 2 x report_every)")
     quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="PBT: bottom fraction that exploits the top")
     resample_probability: float = Field(0.25, ge=0, le=1, description="PBT: resample instead of perturb")
+    synch: bool = Field(False, description="PBT: wait for every trial at each interval (all must run at once)")
     mutations: dict[str, Any] | None = Field(None, description="PBT: keys and distributions to mutate "
                                                                 "(default: the sampled keys of `space`)")
 
@@ -408,6 +409,31 @@ def _to_tune_callback(queue):
     return ToTune()
 
 
+def _restore_point(spec: JobSpec, restored) -> str | None:
+    """The checkpoint a restored trial starts from (None: Ray Train resumes the trial's own run).
+
+    Tune restores a trial from the pointer it last reported: its own run after --resume or a
+    pause, another trial's for a PBT exploit. Its own run resumes from its newest checkpoint. A
+    donor's named checkpoint may have been pruned since (storage.keep): then the donor's newest."""
+    from rayganx.storage import list_checkpoints
+
+    if not restored:
+        return None
+    with restored.as_directory() as d:
+        url = json.loads(Path(d, "pointer.json").read_text())["checkpoint"]
+    run_url = url.rstrip("/").rsplit("/", 1)[0]
+    if run_url == spec.run_url:
+        return None
+    ckpts = list_checkpoints(Store(run_url, spec.storage.endpoint_url))
+    if not any(c["url"].rstrip("/") == url.rstrip("/") for c in ckpts) and ckpts:
+        url = ckpts[-1]["url"]
+    # Without this, Ray Train would resume the trial's own newest checkpoint, not the donor's.
+    run = Store(spec.run_url, spec.storage.endpoint_url)
+    if run.exists("checkpoint_manager_snapshot.json"):
+        run.fs.rm(run.path("checkpoint_manager_snapshot.json"))
+    return url
+
+
 def _trial(config: dict, sweep_raw: dict, source: str, base_dir: str | None) -> None:
     """The Tune function trainable: drives one trial's TorchTrainer."""
     from ray import tune
@@ -420,16 +446,7 @@ def _trial(config: dict, sweep_raw: dict, source: str, base_dir: str | None) -> 
     p = runner.plan(spec)
     if spec.eval.every:
         runner.prepare_eval(spec, p)
-    init_from = None
-    restored = tune.get_checkpoint()
-    if restored:
-        with restored.as_directory() as d:
-            init_from = json.loads(Path(d, "pointer.json").read_text())["checkpoint"]
-        # The pointer is authoritative: without this, Ray Train would resume the trial's own
-        # newest checkpoint instead of a PBT donor's.
-        run = Store(spec.run_url, spec.storage.endpoint_url)
-        if run.exists("checkpoint_manager_snapshot.json"):
-            run.fs.rm(run.path("checkpoint_manager_snapshot.json"))
+    init_from = _restore_point(spec, tune.get_checkpoint())
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = runner.trainer_for(spec, p, callbacks=[_to_tune_callback(queue)], init_from=init_from)
     failure: list[BaseException] = []
@@ -460,6 +477,7 @@ def _trial(config: dict, sweep_raw: dict, source: str, base_dir: str | None) -> 
 
 
 _PRINTER: list[Callable] = [lambda *a: None]  # module state: Tune pickles its callbacks with the sweep
+_ENDED: set[str] = set()  # trials that finished, stopped or failed in this process
 
 
 def _events_callback():
@@ -467,7 +485,13 @@ def _events_callback():
     from ray.tune import Callback
 
     def printer(*args):
-        _PRINTER[0](*args)
+        # Looked up at call time: Tune pickles its callbacks, and the printer (a live terminal
+        # table) must not travel with them.
+        from rayganx import tune as this
+
+        if args[1] in ("ended", "error"):
+            this._ENDED.add(args[0])
+        this._PRINTER[0](*args)
 
     class Events(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
@@ -541,6 +565,10 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
         # Each trial starts a controller, workers and Ray Data actors at once; the raylet warns
         # about that many worker processes at 4x this limit (the CPU count by default).
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "8")
+        # A failed trial's cause is in the table and the leaderboard; Tune would add a traceback.
+        import logging
+
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     runner.init_ray(verbose=verbose)
     _PRINTER[0] = printer or (lambda *a: None)
     # Trials run in their own working directories: local paths must be absolute here.
@@ -563,7 +591,7 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
     elif s.kind == "pbt":
         scheduler = PopulationBasedTraining(
             time_attr="step", perturbation_interval=sw.interval, quantile_fraction=s.quantile_fraction,
-            resample_probability=s.resample_probability,
+            resample_probability=s.resample_probability, synch=s.synch,
             hyperparam_mutations={k: _tune_domain(v) for k, v in sw.mutations.items()})
     else:
         scheduler = FIFOScheduler()
@@ -592,14 +620,41 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
                                                                    if "storage_filesystem" in storage else {}))
     else:
         tuner = tune.Tuner(trainable, param_space=_param_space(sw), tune_config=tune_config, run_config=run_config)
-    grid = tuner.fit()
+    _ENDED.clear()
+    grid, interrupted = _fit(tuner)
     board = leaderboard(sw, grid)
+    board["unfinished"] = []
+    if interrupted:
+        for r in board["trials"]:
+            if r["trial"] not in _ENDED and r["status"] == "stopped early":
+                r["status"] = "unfinished"
+                board["unfinished"].append(r["trial"])
     root.write_text(json.dumps(board, indent=1), "leaderboard.json")
     best = board["trials"][0] if board["trials"] and board["trials"][0].get("best") is not None else None
-    if best:
+    if best and not board["unfinished"]:
         root.write_text(best_job_yaml(sw, best), "best_job.yaml")
         board["best_job"] = root.path("best_job.yaml") if is_remote(sw.root) else os.path.join(sw.root, "best_job.yaml")
     return board
+
+
+def _fit(tuner):
+    """Run the sweep; also say whether Ctrl-C ended it. Tune then returns normally with the
+    unfinished trials saved for --resume, and tells only through its SIGINT handler: on the first
+    signal it puts back the handler it found, so finding ours back in place means it fired."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit(), False
+
+    def ours(sig, frame):  # a second Ctrl-C while Tune saves its state
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, ours)
+    try:
+        grid = tuner.fit()
+        return grid, signal.getsignal(signal.SIGINT) is ours
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def leaderboard(sw: Sweep, grid) -> dict:

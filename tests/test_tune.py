@@ -120,7 +120,8 @@ def test_pbt_exploit_continues_the_donor_checkpoint_with_the_mutated_learning_ra
         space={"scaling.num_workers": 1, "train.batch_size": 32, "train.log_every": 5,
                "train.optim_d.lr": {"grid": [2e-4, 1e-9]},
                "train.optim_g.lr": {"loguniform": [1e-4, 5e-4]}},
-        scheduler={"kind": "pbt", "max_steps": 60, "perturbation_interval": 20, "quantile_fraction": 0.5,
+        # synch: both trials report at each interval before the worse one exploits (no race).
+        scheduler={"kind": "pbt", "max_steps": 60, "perturbation_interval": 20, "quantile_fraction": 0.5, "synch": True,
                    "resample_probability": 0.0, "mutations": {"train.optim_g.lr": {"loguniform": [1e-5, 1e-2]}}}))
     board = tune.run(sw)
     assert all(r["step"] == 60 for r in board["trials"]), board
@@ -141,3 +142,38 @@ def test_pbt_exploit_continues_the_donor_checkpoint_with_the_mutated_learning_ra
         donor_lr = next(m["lr_g"] for m in histories[donor_trial] if m["step"] == row["restored_step"])
         # The optimiser runs at PBT's perturbed value, not the donor's saved one.
         assert row["lr_g"] / donor_lr == pytest.approx(0.8) or row["lr_g"] / donor_lr == pytest.approx(1.2)
+
+
+def test_interrupted_sweep_resumes_from_the_trials_checkpoints(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    path = sweep_file(tmp_path, name="resumable", num_samples=1, report_every=10, search="grid",
+                      space={"scaling.num_workers": 1, "train.batch_size": 32, "train.log_every": 10,
+                             "train.optim_g.lr": {"grid": [1e-4, 2e-4]}},
+                      scheduler={"kind": "fifo", "max_steps": 400})
+    runs = tmp_path / "runs" / "resumable"
+    proc = subprocess.Popen([sys.executable, "-m", "rayganx.cli", "tune", str(path)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not list(runs.glob("trial_*/checkpoint_0000[2-9]0")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "unfinished" in out and f"rayganx tune {path} --resume" in err.replace("\n", "")
+    assert not (runs / "best_job.yaml").exists()
+
+    r = rayganx("tune", path)  # the same sweep again without --resume is refused
+    assert r.returncode == 1 and "already exists" in r.stderr and "--resume" in r.stderr
+    r = rayganx("tune", path, "--resume", timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for trial in ("trial_00000", "trial_00001"):
+        steps = [m["step"] for m in read_metrics(Store(str(runs / trial)))]
+        # Continued, not restarted: one row per 10 steps up to 400, none repeated.
+        assert steps == list(range(10, 401, 10)), (trial, steps)
+    assert (runs / "best_job.yaml").exists()
