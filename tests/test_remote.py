@@ -1,5 +1,6 @@
 """The Jobs API against a real head node started with `ray start --head` on 127.0.0.1."""
 
+import json
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import urllib.request
 
 import psutil
 import pytest
+import yaml
 
 from tests.conftest import JOBS, rayganx
 
