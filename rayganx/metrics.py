@@ -274,7 +274,7 @@ def real_features(spec: JobSpec, extractor: Extractor, limit: int) -> torch.Tens
         init_ray()
     feats, seen = [], 0
     for batch in rdata.build(spec.data, "all").iter_torch_batches(batch_size=256):
-        feats.append(features_of(extractor, batch["image"])[0])
+        feats.append(features_of(extractor, rdata.model_input(batch["image"]))[0])
         seen += len(batch["image"])
         if seen >= limit:
             break

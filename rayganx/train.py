@@ -219,7 +219,7 @@ class ClassifierTask(Task):
         net = _unwrap(self.net).eval()
         correct = torch.zeros(2, device=self.device)
         for batch in shard.iter_torch_batches(batch_size=batch_size, device=self.device):
-            pred = net(batch["image"]).argmax(1)
+            pred = net(rdata.model_input(batch["image"])).argmax(1)
             correct += torch.stack([(pred == batch["label"]).sum().float(),
                                     torch.tensor(float(len(pred)), device=self.device)])
         net.train()
@@ -352,7 +352,7 @@ def train_loop(config: dict) -> None:
                                               device=device, prefetch_batches=2,
                                               local_shuffle_buffer_size=max(4 * spec.per_worker_batch, 2048)):
             batches += 1
-            x = batch["image"]
+            x = rdata.model_input(batch["image"])
             if t.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             stepped, stats = task.step(x, batch["label"], it, step, total)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from rayganx import data as rdata
@@ -15,8 +16,10 @@ def rows(ds):
 
 def test_digits_source(ray_session):
     images, labels = rows(rdata.build(DataSpec(source="digits", image_size=32, labels=True)))
-    assert images.shape == (1797, 1, 32, 32) and images.dtype == np.float32
-    assert -1.0 <= images.min() < -0.9 and 0.9 < images.max() <= 1.0
+    assert images.shape == (1797, 1, 32, 32) and images.dtype == np.uint8
+    assert images.min() == 0 and images.max() > 240
+    x = rdata.model_input(torch.from_numpy(images))  # what the networks get, on the worker
+    assert x.dtype == torch.float32 and x.min() == -1.0 and 0.9 < x.max() <= 1.0
     assert sorted(set(labels.tolist())) == list(range(10))
     assert rdata.count_rows(DataSpec(source="digits"), "all") == 1797
 
@@ -52,7 +55,7 @@ def test_celeba_layout_centre_crops_then_resizes(ray_session, tmp_path):
     images, _ = rows(rdata.build(spec))
     assert images.shape == (3, 3, 64, 64)
     red, blue = images[:, 0].mean(), images[:, 2].mean()
-    assert red > 0.9 and blue < -0.9  # the 108 px centre crop keeps only the face
+    assert red > 240 and blue < 15  # the 108 px centre crop keeps only the face
 
 
 def test_gaussian_ring(ray_session):

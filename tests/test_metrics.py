@@ -13,7 +13,7 @@ def digits(size=32):
     raw, labels = rdata.digits_arrays()
     batch = rdata._resize_digits({"raw": raw, "label": labels, "key": np.arange(len(raw))}, size=size, channels=1,
                                  split="all", val_fraction=0.0)
-    return torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
+    return rdata.model_input(torch.from_numpy(batch["image"])), torch.from_numpy(batch["label"])
 
 
 @pytest.fixture(scope="module")
