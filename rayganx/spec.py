@@ -55,6 +55,9 @@ class DataSpec(_Section):
     mixture: Literal["ring", "grid"] = "ring"
     num_points: int = Field(20000, ge=1, description="gaussian_mixture sample count")
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="held out for classifiers")
+    cache: bool | Literal["auto"] = Field(
+        "auto", description="keep decoded images in Ray's object store after one pass; auto: when they "
+                            "take at most a quarter of it")
 
 
 class OptimSpec(_Section):
