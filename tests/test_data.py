@@ -102,3 +102,15 @@ def test_missing_and_empty_paths(tmp_path):
         rdata.build(DataSpec(source="image_folder", path=str(tmp_path / "empty")))
     with pytest.raises(rdata.DataError, match="no .parquet files"):
         rdata.build(DataSpec(source="parquet", path=str(tmp_path / "empty")))
+
+
+def test_decoded_images_are_cached_when_they_fit(ray_session):
+    from rayganx import runner
+    from rayganx.spec import JobSpec
+
+    def spec(cache):
+        return JobSpec.model_validate({"name": "c", "data": {"image_size": 64, "channels": 3, "cache": cache}})
+
+    assert runner.cache_decoded(spec("auto"), 1797)  # 22 MB of uint8
+    assert not runner.cache_decoded(spec("auto"), 10**8)  # 1.2 TB: left streaming
+    assert runner.cache_decoded(spec(True), 10**8) and not runner.cache_decoded(spec(False), 10)
