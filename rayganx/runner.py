@@ -99,7 +99,7 @@ def seen_errors(err: BaseException) -> list[BaseException]:
     return out
 
 
-def _root_cause(err: BaseException) -> str:
+def root_cause(err: BaseException) -> str:
     """The user-facing line inside Ray's layers of wrapping."""
     from rayganx.data import DataError
     from rayganx.metrics import EvalError
@@ -292,7 +292,7 @@ def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None]
         with Progress(spec, start, printer or (lambda m: None)):
             trainer.fit()
     except Exception as e:
-        raise RunError(_root_cause(e)) from e
+        raise RunError(root_cause(e)) from e
     run_store = Store(spec.run_url, spec.storage.endpoint_url)
     ckpts = list_checkpoints(run_store)
     samples = sorted(f["name"] for f in run_store.listdir("samples"))

@@ -473,7 +473,7 @@ def _trial(config: dict, sweep_raw: dict, source: str, base_dir: str | None) -> 
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
     thread.join()
     if failure:
-        raise runner.RunError(runner._root_cause(failure[0])) from failure[0]
+        raise runner.RunError(runner.root_cause(failure[0])) from failure[0]
 
 
 _PRINTER: list[Callable] = [lambda *a: None]  # module state: Tune pickles its callbacks with the sweep
@@ -659,6 +659,7 @@ def _fit(tuner):
 
 def leaderboard(sw: Sweep, grid) -> dict:
     """Trials ranked by their best reported metric (read from each trial's metrics.jsonl)."""
+    from rayganx.runner import root_cause
     from rayganx.storage import list_checkpoints, read_metrics
 
     rows = []
@@ -674,7 +675,7 @@ def leaderboard(sw: Sweep, grid) -> dict:
                "best": best[sw.metric] if best else None, "best_step": best["step"] if best else None,
                "run": f"{sw.root}/{name}"}
         if result.error:
-            row["status"] = "error: " + runner_error_line(result.error)
+            row["status"] = "error: " + root_cause(result.error)
         else:
             row["status"] = "finished" if row["step"] >= sw.max_steps else "stopped early"
         ckpts = list_checkpoints(run)
@@ -684,12 +685,6 @@ def leaderboard(sw: Sweep, grid) -> dict:
     sign = 1 if sw.mode == "min" else -1
     rows.sort(key=lambda r: (r["best"] is None, sign * r["best"] if r["best"] is not None else 0, r["trial"]))
     return {"sweep": sw.spec.name, "metric": sw.metric, "mode": sw.mode, "root": sw.root, "trials": rows}
-
-
-def runner_error_line(err: BaseException) -> str:
-    from rayganx.runner import _root_cause
-
-    return _root_cause(err)
 
 
 def best_job_yaml(sw: Sweep, best: dict) -> str:
