@@ -282,13 +282,13 @@ def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None]
     start = last_step(spec)
     if spec.eval.every:
         prepare_eval(spec, p)
-    trainer = trainer_for(spec, p)
-    if on_start:
-        on_start(start, p.total_steps)
     counter = None
     if spec.data.on_corrupt == "skip" and spec.data.source in ("image_folder", "parquet", "celeba"):
         counter = rdata.skip_counter()
     try:
+        trainer = trainer_for(spec, p)  # with data.cache, the first decoding pass runs here
+        if on_start:
+            on_start(start, p.total_steps)
         with Progress(spec, start, printer or (lambda m: None)):
             trainer.fit()
     except Exception as e:
