@@ -355,6 +355,7 @@ def train_loop(config: dict) -> None:
             x = rdata.model_input(batch["image"])
             if t.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
+            first_step_at = first_step_at or time.time()  # the first batch enters training
             stepped, stats = task.step(x, batch["label"], it, step, total)
             it += 1
             images += x.shape[0] * world
@@ -364,7 +365,6 @@ def train_loop(config: dict) -> None:
                 continue
             step += 1
             check_finite(stats, task.names, step, t.max_grad_norm)
-            first_step_at = first_step_at or time.time()
 
             last = step >= total
             do_ckpt = step % spec.storage.checkpoint_every == 0 or last
