@@ -343,8 +343,9 @@ def _print_leaderboard(board: dict) -> None:
     if board.get("best_job"):
         best = board["trials"][0]
         out.print(f"  [bold]best checkpoint[/bold]: {best['checkpoint']}", highlight=False, soft_wrap=True)
-        out.print(f"  [bold]best job[/bold]: {board['best_job']} (train it: rayganx submit {board['best_job']})",
-                  highlight=False, soft_wrap=True)
+        how = (f"rayganx submit {board['best_job']}" if "://" not in board["best_job"]
+               else "copy it here, then rayganx submit best_job.yaml")
+        out.print(f"  [bold]best job[/bold]: {board['best_job']} (train it: {how})", highlight=False, soft_wrap=True)
     out.print(f"  [bold]leaderboard[/bold]: {board['root']}/leaderboard.json", highlight=False, soft_wrap=True)
 
 

@@ -633,7 +633,7 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
     best = board["trials"][0] if board["trials"] and board["trials"][0].get("best") is not None else None
     if best and not board["unfinished"]:
         root.write_text(best_job_yaml(sw, best), "best_job.yaml")
-        board["best_job"] = root.path("best_job.yaml") if is_remote(sw.root) else os.path.join(sw.root, "best_job.yaml")
+        board["best_job"] = f"{sw.root}/best_job.yaml"
     return board
 
 

@@ -177,3 +177,25 @@ def test_interrupted_sweep_resumes_from_the_trials_checkpoints(tmp_path):
         # Continued, not restarted: one row per 10 steps up to 400, none repeated.
         assert steps == list(range(10, 401, 10)), (trial, steps)
     assert (runs / "best_job.yaml").exists()
+
+
+def test_sweep_to_object_storage(ray_session, s3_server, tmp_path):
+    import boto3
+
+    job = tmp_path / "job.yaml"
+    job.write_text((JOBS / "dcgan_digits.yaml").read_text().replace("path: runs", f"path: runs\n  endpoint_url: {s3_server}"))
+    sw = tune.load(sweep_file(tmp_path, name="s3sweep", job=str(job), storage="s3://rayganx-test/sweeps",
+                              num_samples=1, report_every=10, search="grid",
+                              space={"scaling.num_workers": 1, "train.batch_size": 32, "train.log_every": 10,
+                                     "train.optim_g.lr": {"grid": [1e-4, 2e-4]}},
+                              scheduler={"kind": "fifo", "max_steps": 20}))
+    board = tune.run(sw)
+    assert [t["status"] for t in board["trials"]] == ["finished", "finished"]
+    assert board["best_job"] == "s3://rayganx-test/sweeps/s3sweep/best_job.yaml"
+    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
+        Bucket="rayganx-test", Prefix="sweeps/s3sweep/")["Contents"]}
+    for trial in ("trial_00000", "trial_00001"):
+        assert f"sweeps/s3sweep/{trial}/checkpoint_000020/state.pt" in keys
+        assert any(k.startswith(f"sweeps/s3sweep/{trial}/samples/") for k in keys)
+    assert {"sweeps/s3sweep/leaderboard.json", "sweeps/s3sweep/best_job.yaml"} <= keys
+    assert any(k.startswith("sweeps/s3sweep/tune/") for k in keys)  # Tune's state, for --resume
