@@ -434,14 +434,14 @@ def _restore_point(spec: JobSpec, restored) -> str | None:
     return url
 
 
-def _trial(config: dict, sweep_raw: dict, source: str, base_dir: str | None) -> None:
+def _trial(config: dict, sweep_raw: dict, source: str) -> None:
     """The Tune function trainable: drives one trial's TorchTrainer."""
     from ray import tune
     from ray.util.queue import Queue
 
     from rayganx import runner
 
-    sw = from_dict(sweep_raw, source, Path(base_dir) if base_dir else None)
+    sw = from_dict(sweep_raw, source)  # the base job travels inline
     spec = runner.resolve_paths(sw.trial_spec(config, _trial_name(tune.get_context().get_trial_id())))
     p = runner.plan(spec)
     if spec.eval.every:
@@ -544,10 +544,9 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
     from rayganx import runner
     from rayganx.storage import pyarrow_filesystem
 
-    root = Store(sw.root, sw.base.storage.endpoint_url)
     if not is_remote(sw.storage):
         sw.spec.storage = os.path.abspath(os.path.expanduser(sw.storage))
-        root = Store(sw.root, sw.base.storage.endpoint_url)
+    root = Store(sw.root, sw.base.storage.endpoint_url)
     root.check_writable()
     exists = root.exists("tune")
     if exists and not resume:
@@ -578,7 +577,7 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
         if value and not is_remote(value):
             jobspec.set_dotted(base_raw, f"{section}.{key}", os.path.abspath(os.path.expanduser(value)))
     raw = sw.spec.model_dump(mode="json") | {"job": base_raw}
-    trainable = tune.with_parameters(_trial, sweep_raw=raw, source=sw.source, base_dir=None)
+    trainable = tune.with_parameters(_trial, sweep_raw=raw, source=sw.source)
     # The trial driver only waits on its TorchTrainer: the workers hold the CPUs and GPUs, and a
     # fractional CPU here would leave Ray Data less than the whole CPU its tasks ask for.
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 256 * 1024**2})
