@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from pathlib import Path
 
 import yaml
 
-from rayganx.spec import JobSpec
+from rayganx.spec import SECRET_ENV, JobSpec
 
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
-# Environment variables that hold credentials: they must come from a Secret, never a literal.
-SECRET_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)$", re.I)
 DEFAULT_SECRET = "rayganx-storage"
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rayganx.spec import EvalSpec, JobSpec
+from rayganx.spec import EvalSpec, JobSpec, from_dict
 
 
 class EvalError(ValueError):
@@ -110,7 +110,7 @@ def load_extractor(ev: EvalSpec, channels: int, endpoint_url: str | None = None)
         from rayganx.storage import load_state
 
         state = load_state(url, endpoint_url)
-        spec = JobSpec.model_validate(state["spec"])
+        spec = from_dict(state["spec"], url)
         if spec.model.kind != "cnn":
             raise EvalError(f"eval.extractor: {url} is a {spec.model.kind} checkpoint, not a cnn classifier")
         net = build(spec, state["num_classes"])["net"]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _sn
 
-from rayganx.spec import JobSpec
+from rayganx.spec import JobSpec, from_dict
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -323,7 +323,7 @@ EXPORT_FORMAT = "rayganx-generator/1"
 
 def generator_from_state(state: dict) -> tuple[nn.Module, JobSpec, int | None]:
     """The sampling generator of a checkpoint (the EMA copy when the run kept one), in eval mode."""
-    spec = JobSpec.model_validate(state["spec"])
+    spec = from_dict(state["spec"], "checkpoint")  # ${VAR} placeholders resolve here
     num_classes = state.get("num_classes")
     if spec.model.kind == "vae":
         net = build(spec)["net"]
@@ -348,7 +348,7 @@ def load_generator(path: str) -> tuple[nn.Module, JobSpec, int | None]:
     blob = torch.load(path, map_location="cpu", weights_only=False)
     if blob.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path}: not a rayganx generator export")
-    spec = JobSpec.model_validate(blob["spec"])
+    spec = from_dict(blob["spec"], path)
     g = build(spec, blob["num_classes"])["g" if spec.model.kind != "vae" else "net"]
     g.load_state_dict(blob["state_dict"])
     return g.eval(), spec, blob["num_classes"]

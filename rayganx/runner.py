@@ -201,7 +201,8 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
 
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.to_dict(), "num_classes": p.num_classes,
+        # The spec object, not a dict: it keeps its ${VAR} placeholders for what workers store.
+        train_loop_config={"spec": spec, "num_classes": p.num_classes,
                            "total_steps": p.total_steps, "real_features": p.real_features,
                            "init_from": init_from},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,

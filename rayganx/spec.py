@@ -14,10 +14,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 GAN_KINDS = ("mlp_gan", "dcgan", "resnet_gan")
 # Metric names a run can be ranked by; "min" metrics are better when lower.
+# Environment variables that hold credentials. A job file may not reference them: their values
+# would end up in spec.yaml, checkpoints and logs. Credentials reach fsspec/botocore from the
+# environment, a profile or an instance role (and on Kubernetes from a Secret).
+SECRET_ENV = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?|API_KEY)", re.I)
+ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+# user:password@ in a URL (s3://key:secret@bucket, http://user:pass@minio:9000)
+URL_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
 METRIC_MODES = {"fid": "min", "kid": "min", "is": "max", "precision": "max", "recall": "max",
                 "val_accuracy": "max", "loss_g": "min", "loss_d": "min", "elbo": "max"}
 
@@ -124,6 +131,9 @@ class EvalSpec(_Section):
 
 
 class JobSpec(_Section):
+    # dotted key -> the string as written, with its ${VAR} placeholders (see to_dict)
+    _templates: dict[str, str] = PrivateAttr(default_factory=dict)
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
@@ -146,8 +156,15 @@ class JobSpec(_Section):
     def per_worker_batch(self) -> int:
         return self.train.batch_size // self.scaling.num_workers
 
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+    def to_dict(self, resolved: bool = False) -> dict[str, Any]:
+        """The spec as plain data. Values that came from ${VAR} placeholders show the placeholder,
+        not the value, unless `resolved`: this is what is stored, printed and shipped, and the
+        machine that runs it resolves the placeholders from its own environment."""
+        raw = self.model_dump(mode="json")
+        if not resolved:
+            for key, template in self._templates.items():
+                set_dotted(raw, key, template)
+        return raw
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -218,17 +235,32 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
-def _expand_env(obj: Any) -> Any:
-    # ${VAR} and ${VAR:-default} in string values, so a placeholder path can come from the env.
+def _expand_env(obj: Any, templates: dict[str, str] | None = None, where: str = "") -> Any:
+    """${VAR} and ${VAR:-default} in string values, so a path can come from the environment.
+
+    The strings as written are recorded in `templates` by dotted key. Credential variables are
+    refused: a job file is stored, printed and shipped, and must never carry a secret."""
     if isinstance(obj, dict):
-        return {k: _expand_env(v) for k, v in obj.items()}
+        return {k: _expand_env(v, templates, f"{where}.{k}" if where else str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_expand_env(v) for v in obj]
+        return [_expand_env(v, None, where) for v in obj]
     if isinstance(obj, str):
-        def sub(m: re.Match) -> str:
-            return os.environ.get(m.group(1)) or (m.group(2) or "")
-        return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", sub, obj)
+        refs = ENV_REF.findall(obj)
+        for var, _ in refs:
+            if SECRET_ENV.search(var):
+                raise SpecError(f"{where or 'value'}: ${{{var}}} looks like a credential; credentials are read "
+                                f"from the environment, a profile or an instance role, never from the job file")
+        if not refs:
+            return obj
+        if templates is not None:
+            templates[where] = obj
+        return ENV_REF.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), obj)
     return obj
+
+
+def expand_env(raw: dict) -> dict:
+    """A raw job with its ${VAR} placeholders resolved from this environment."""
+    return _expand_env(raw)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -250,14 +282,22 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def from_dict(raw: dict, source: str = "<job>", overrides: list[str] | None = None) -> JobSpec:
-    raw = _expand_env(dict(raw))
+    import copy
+
+    raw = copy.deepcopy(raw)
     for key, value in parse_overrides(overrides):
         set_dotted(raw, key, value)
+    templates: dict[str, str] = {}
+    try:
+        raw = _expand_env(raw, templates)
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from None
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:
         lines = [describe_error(err) for err in e.errors()]
         raise SpecError(f"{source}: " + f"\n{source}: ".join(lines)) from None
+    spec._templates = templates
     problems = check(spec)
     if problems:
         raise SpecError("\n".join(f"{source}: {p}" for p in problems))
@@ -320,6 +360,12 @@ def check(spec: JobSpec) -> list[str]:
         name = {"precision": "pr", "recall": "pr"}.get(spec.storage.keep_best_by, spec.storage.keep_best_by)
         if spec.eval.every and name not in spec.eval.metrics:
             p.append(f"storage.keep_best_by: {spec.storage.keep_best_by} is not in eval.metrics")
+    for key, value in (("data.path", d.path), ("data.endpoint_url", d.endpoint_url),
+                       ("storage.path", spec.storage.path), ("storage.endpoint_url", spec.storage.endpoint_url),
+                       ("eval.extractor", spec.eval.extractor)):
+        if value and URL_CREDENTIALS.match(value):
+            p.append(f"{key}: the URL carries credentials (user:password@); remove them and let the "
+                     f"environment, a profile or an instance role supply them")
     e = spec.eval
     if e.every and not spec.is_gan and m.kind != "vae":
         p.append("eval.every: evaluation applies to generative models")

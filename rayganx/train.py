@@ -317,7 +317,7 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    spec = JobSpec.model_validate(config["spec"])
+    spec: JobSpec = config["spec"]
     t = spec.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

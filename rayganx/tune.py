@@ -272,7 +272,6 @@ def from_dict(raw: dict, source: str = "<sweep>", base_dir: Path | None = None) 
         base_raw, base_source = jobspec.load_yaml(found), str(found)
     else:
         base_raw, base_source = spec.job, f"{source} (job)"
-    base_raw = jobspec._expand_env(base_raw)
     base = jobspec.from_dict(base_raw, base_source)
     try:
         sweep = Sweep(spec, base_raw, base, source)
