@@ -81,6 +81,16 @@ def command(fn):
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's logs and tracebacks"),
           version: bool = typer.Option(False, "--version", help="print the version and exit")):
     STATE["verbose"] = verbose
+    import logging
+
+    class _ToConsole(logging.Handler):  # the package's warnings, one yellow line each
+        def emit(self, record):
+            _warn(record.getMessage())
+
+    pkg = logging.getLogger("rayganx")
+    if not pkg.handlers:
+        pkg.addHandler(_ToConsole(logging.WARNING))
+        pkg.propagate = False
     if version:
         out.print(__version__)
         raise typer.Exit()
@@ -128,6 +138,12 @@ class _Display:
             self.task = self.progress.add_task(self.name, total=total, completed=step, metrics="starting Ray Train")
 
     def update(self, m: dict):
+        if m.get("event"):
+            text = (f"rollback {m['rollback']} to step {m['step']}: {m['reason']}; learning rates x{m['lr_scale']:g}"
+                    if m["event"] == "rollback" else f"{m['event']} at step {m['step']}: {m.get('note', '')}")
+            (self.progress.console if self.progress else err).print(f"[yellow]warning:[/yellow] {text}",
+                                                                   highlight=False, soft_wrap=True)
+            return
         if self.progress:
             self.progress.update(self.task, completed=m["step"], metrics=_fmt_metrics(m))
         else:
@@ -138,13 +154,26 @@ class _Display:
             self.progress.stop()
 
 
-def _run_here(spec: jobspec.JobSpec) -> None:
+def _warn(text: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {text}", highlight=False, soft_wrap=True)
+
+
+def _run_here(spec: jobspec.JobSpec, force: bool = False) -> None:
     from rayganx import runner
+    from rayganx.storage import Store, list_checkpoints
 
     display = _Display(spec.name)
     t0 = time.monotonic()
     try:
-        result = runner.run(spec, verbose=STATE["verbose"], printer=display.update, on_start=display.start)
+        result = runner.run(spec, verbose=STATE["verbose"], printer=display.update, on_start=display.start,
+                            force=force, notify=_warn)
+    except KeyboardInterrupt:
+        display.stop()
+        ckpts = list_checkpoints(Store(runner.resolve_paths(spec).run_url, spec.storage.endpoint_url), warn=False)
+        where = f"step {ckpts[-1]['step']}" if ckpts else "the start (no checkpoint yet)"
+        err.print(f"[yellow]interrupted[/yellow]: {spec.name} stopped; submit the same job again to continue "
+                  f"from {where}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
     finally:
         display.stop()
     rows = [("run", result.run_url)]
@@ -155,6 +184,9 @@ def _run_here(spec: jobspec.JobSpec) -> None:
         rows.append(("sample grids", f"{result.run_url}/samples/ (latest {result.samples[-1].rsplit('/', 1)[-1]})"))
     if result.metrics:
         rows.append(("final metrics", _fmt_metrics(result.metrics)))
+    if result.rollbacks:
+        rows.append(("divergence rollbacks", f"{len(result.rollbacks)} (learning rates now "
+                                             f"x{result.rollbacks[-1]['lr_scale']:g})"))
     if result.skipped_images:
         rows.append(("skipped corrupt images", f"{len(result.skipped_images)} (first: {result.skipped_images[0]})"))
     out.print(f"[bold green]done[/bold green] {spec.name}: {result.steps} steps in {time.monotonic() - t0:.0f} s")
@@ -162,11 +194,15 @@ def _run_here(spec: jobspec.JobSpec) -> None:
         out.print(f"  [bold]{key}[/bold]: {value}", highlight=False, soft_wrap=True)
 
 
+ForceOpt = typer.Option(False, "--force", help="take over the run even if another live process holds its lock")
+
+
 @app.command()
 @command
 def submit(job: str, set_: Optional[list[str]] = SetOpt,
            address: Optional[str] = AddressOpt,
-           follow: bool = typer.Option(False, "--follow", "-f", help="stream logs until the job ends")):
+           follow: bool = typer.Option(False, "--follow", "-f", help="stream logs until the job ends"),
+           force: bool = ForceOpt):
     """Run a job: on an embedded local Ray, or on a cluster through the Jobs API with --address."""
     spec = jobspec.load(job, set_)
     address = address or _jobs_address_from_env()
@@ -180,7 +216,7 @@ def submit(job: str, set_: Optional[list[str]] = SetOpt,
             return
         _follow(address, job_id)
         return
-    _run_here(spec)
+    _run_here(spec, force)
 
 
 def _follow(address: str, job_id: str) -> None:
@@ -269,9 +305,9 @@ def list_cmd(address: Optional[str] = AddressOpt):
 
 @app.command("run")
 @command
-def run_cmd(job: str, set_: Optional[list[str]] = SetOpt):
+def run_cmd(job: str, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
     """Run a job in this process on the Ray cluster it is started in (the Jobs API entrypoint)."""
-    _run_here(jobspec.load(job, set_))
+    _run_here(jobspec.load(job, set_), force)
 
 
 # --------------------------------------------------------------------------- tune

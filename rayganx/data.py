@@ -62,7 +62,7 @@ def _in_split(key: bytes, split: str, val_fraction: float) -> bool:
 
 
 def _decode_batch(batch, *, size, channels, crop, on_corrupt, classes, root, split,
-                  val_fraction, image_col, label_col):
+                  val_fraction, image_col, label_col, counter=None):
     """Decode encoded images (bytes) with their paths or labels into uint8 arrays."""
     from PIL import Image
 
@@ -82,7 +82,8 @@ def _decode_batch(batch, *, size, channels, crop, on_corrupt, classes, root, spl
                 raise DataError(f"corrupt image {name}: {type(e).__name__}: {e} "
                                 f"(set data.on_corrupt: skip to skip such files)") from None
             log.warning("skipping corrupt image %s: %s", name, e)
-            _count_skip(name)
+            if counter is not None:  # the run's monitor actor: it lives and ends with the run
+                counter.skipped_file.remote(name)
             continue
         images.append(arr)
         if classes is not None:
@@ -108,39 +109,6 @@ def _resize_digits(batch, *, size, channels, split, val_fraction):
         labels.append(int(label))
     stacked = np.stack(images) if images else np.zeros((0, channels, size, size), np.uint8)
     return {"image": stacked, "label": np.asarray(labels, dtype=np.int64)}
-
-
-# --------------------------------------------------------------------------- skip counting
-
-_SKIP_COUNTER = "rayganx_skipped_images"
-
-
-def _count_skip(name: str) -> None:
-    import ray
-
-    try:
-        ray.get_actor(_SKIP_COUNTER, namespace="rayganx").add.remote(name)
-    except ValueError:
-        pass  # no counter (e.g. a plain test of the function): the warning still names the file
-
-
-def skip_counter():
-    """A tiny actor that decode tasks on any node report skipped files to."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class SkipCounter:
-        def __init__(self):
-            self.names = []
-
-        def add(self, name):
-            self.names.append(name)
-
-        def get(self):
-            return self.names
-
-    return SkipCounter.options(name=_SKIP_COUNTER, namespace="rayganx", get_if_exists=True,
-                               lifetime="detached").remote()
 
 
 # --------------------------------------------------------------------------- sources
@@ -206,8 +174,9 @@ def _image_store(data: DataSpec) -> Store:
     return store
 
 
-def build(data: DataSpec, split: str = "all", seed: int = 0):
-    """The Ray Dataset for a job's data section (split: all | train | val)."""
+def build(data: DataSpec, split: str = "all", seed: int = 0, counter=None):
+    """The Ray Dataset for a job's data section (split: all | train | val). counter: an actor
+    with `skipped_file(name)` that hears of each corrupt file skipped."""
     import ray
 
     decode = dict(size=data.image_size, channels=data.channels, split=split,
@@ -224,10 +193,8 @@ def build(data: DataSpec, split: str = "all", seed: int = 0):
             lambda b: {"image": b["data"].astype(np.float32),
                        "label": np.zeros(len(b["data"]), np.int64)}, batch_format="numpy")
 
-    if data.on_corrupt == "skip":
-        skip_counter()
     store = _open(data)
-    opts = dict(decode, crop=data.crop, on_corrupt=data.on_corrupt, image_col="bytes",
+    opts = dict(decode, crop=data.crop, on_corrupt=data.on_corrupt, image_col="bytes", counter=counter,
                 label_col=data.label_column, classes=None, root=store.root)
     if data.source == "parquet":
         files = _parquet_files(store)

@@ -31,6 +31,7 @@ class RunResult:
     checkpoints: list = field(default_factory=list)
     samples: list = field(default_factory=list)
     skipped_images: list = field(default_factory=list)
+    rollbacks: list = field(default_factory=list)
 
 
 def quiet_ray_env() -> None:
@@ -170,17 +171,44 @@ def cache_decoded(spec: JobSpec, rows: int) -> bool:
     return size <= ray.cluster_resources().get("object_store_memory", 0) / 4
 
 
-def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = None):
+def run_monitor():
+    """An actor that lives as long as the process that starts the run (it is not detached): the
+    workers send it every logged row (live progress) and the decode tasks each corrupt file they
+    skip. It goes with the run however the run ends."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class RunMonitor:
+        def __init__(self):
+            self.rows, self.skipped = [], []
+
+        def put(self, row: dict) -> None:
+            self.rows.append(row)
+
+        def since(self, n: int) -> list[dict]:
+            return self.rows[n:]
+
+        def skipped_file(self, name: str) -> None:
+            self.skipped.append(name)
+
+        def skipped_files(self) -> list[str]:
+            return self.skipped
+
+    return RunMonitor.remote()
+
+
+def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = None, monitor=None):
     """The TorchTrainer for a job, with its datasets, storage and checkpoint policy.
 
-    init_from: a checkpoint URL to start from when the run has no checkpoint of its own."""
+    init_from: a checkpoint URL to start from when the run has no checkpoint of its own.
+    monitor: the run's `run_monitor()` actor, when something follows the run live."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from rayganx.train import train_loop
 
     root = Store(spec.storage.path, spec.storage.endpoint_url)
-    datasets = {"train": rdata.build(spec.data, p.split, seed=spec.train.seed)}
+    datasets = {"train": rdata.build(spec.data, p.split, seed=spec.train.seed, counter=monitor)}
     if cache_decoded(spec, p.rows):
         # Decoding once instead of every epoch: the decode tasks otherwise share the CPUs with
         # training (0.85 -> 1.0 of plain PyTorch at 64 px on 2 cores, docs/performance.md).
@@ -204,7 +232,8 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
         # The spec object, not a dict: it keeps its ${VAR} placeholders for what workers store.
         train_loop_config={"spec": spec, "num_classes": p.num_classes,
                            "total_steps": p.total_steps, "real_features": p.real_features,
-                           "init_from": init_from},
+                           "init_from": init_from, "monitor": monitor,
+                           "faults": {k: v for k, v in os.environ.items() if k.startswith("RAYGANX_FAULT_")}},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -219,11 +248,11 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
 
 
 class Progress:
-    """Follows a run by reading its metrics.jsonl from storage; works for local and remote runs."""
+    """Follows a run live: the workers send each logged row to the run's monitor actor through
+    Ray, and a thread here hands the new ones to the printer (storage is never polled)."""
 
-    def __init__(self, spec: JobSpec, start_step: int, printer: Callable[[dict], None]):
-        self.run = Store(spec.run_url, spec.storage.endpoint_url)
-        self.seen, self.printer = start_step, printer
+    def __init__(self, monitor, start_step: int, printer: Callable[[dict], None]):
+        self.monitor, self.seen, self.printer, self.n = monitor, start_step, printer, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -234,20 +263,23 @@ class Progress:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=5)
-        self.poll_once()
+        if exc[0] is None:
+            self.poll_once()
 
     def _poll(self):
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(0.5):
             try:
                 self.poll_once()
             except Exception:  # progress display must never break the run
                 pass
 
     def poll_once(self):
-        from rayganx.storage import read_metrics
+        import ray
 
-        for m in read_metrics(self.run):
-            if m.get("step", 0) > self.seen:
+        rows = ray.get(self.monitor.since.remote(self.n), timeout=10)
+        self.n += len(rows)
+        for m in rows:
+            if m.get("event") or m.get("step", 0) > self.seen:
                 self.seen = m["step"]
                 self.printer(m)
 
@@ -270,42 +302,55 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
 
 
 def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None] | None = None,
-        on_start: Callable[[int, int], None] | None = None) -> RunResult:
-    """Run a job to completion on the current (or an embedded) Ray cluster."""
-    from rayganx.storage import list_checkpoints
+        on_start: Callable[[int, int], None] | None = None, force: bool = False,
+        notify: Callable[[str], None] | None = None) -> RunResult:
+    """Run a job to completion on the current (or an embedded) Ray cluster.
+
+    The run folder is locked for the whole run (force: take over a live lock); notify hears the
+    messages a user should see (a lock taken over)."""
+    from rayganx.storage import RunLock, list_checkpoints, read_metrics
 
     spec = resolve_paths(spec)
     p = plan(spec)
-    embedded = not ray_is_up()
-    init_ray(verbose=verbose)
-    if embedded:
-        check_fits_locally(spec)
-    start = last_step(spec)
-    if spec.eval.every:
-        prepare_eval(spec, p)
-    counter = None
-    if spec.data.on_corrupt == "skip" and spec.data.source in ("image_folder", "parquet", "celeba"):
-        counter = rdata.skip_counter()
-    try:
-        trainer = trainer_for(spec, p)  # with data.cache, the first decoding pass runs here
-        if on_start:
-            on_start(start, p.total_steps)
-        with Progress(spec, start, printer or (lambda m: None)):
-            trainer.fit()
-    except Exception as e:
-        raise RunError(root_cause(e)) from e
     run_store = Store(spec.run_url, spec.storage.endpoint_url)
-    ckpts = list_checkpoints(run_store)
-    samples = sorted(f["name"] for f in run_store.listdir("samples"))
-    from rayganx.storage import read_metrics
-
-    history = read_metrics(run_store)
-    skipped = []
-    if counter is not None:
+    lock = RunLock(run_store)
+    note = lock.acquire(force=force)
+    if note and notify:
+        notify(note)
+    monitor = None
+    try:
+        embedded = not ray_is_up()
+        init_ray(verbose=verbose)
+        if embedded:
+            check_fits_locally(spec)
+        start = last_step(spec)
+        if spec.eval.every:
+            prepare_eval(spec, p)
+        monitor = run_monitor()
+        try:
+            trainer = trainer_for(spec, p, monitor=monitor)  # with data.cache, the first decoding pass runs here
+            if on_start:
+                on_start(start, p.total_steps)
+            with Progress(monitor, start, printer or (lambda m: None)):
+                trainer.fit()
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            raise RunError(root_cause(e)) from e
         import ray
 
-        skipped = ray.get(counter.get.remote())
-        ray.kill(counter)
-    return RunResult(run_url=spec.run_url, steps=history[-1]["step"] if history else start,
-                     metrics=history[-1] if history else {}, checkpoints=ckpts, samples=samples,
-                     skipped_images=skipped)
+        skipped = ray.get(monitor.skipped_files.remote())
+        rollbacks = [r for r in ray.get(monitor.since.remote(0)) if r.get("event") == "rollback"]
+    finally:
+        lock.release()
+        if monitor is not None:
+            import ray
+
+            ray.kill(monitor)
+    ckpts = list_checkpoints(run_store)
+    samples = sorted(f["name"] for f in run_store.listdir("samples"))
+    history = read_metrics(run_store)
+    steps = [m for m in history if "event" not in m]
+    return RunResult(run_url=spec.run_url, steps=steps[-1]["step"] if steps else start,
+                     metrics=steps[-1] if steps else {}, checkpoints=ckpts, samples=samples,
+                     skipped_images=skipped, rollbacks=rollbacks)

@@ -96,6 +96,8 @@ class TrainSpec(_Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast on GPU only")
     channels_last: bool = False
     max_grad_norm: float = Field(1e4, gt=0, description="divergence guard threshold")
+    max_rollbacks: int = Field(3, ge=0, description="divergence rollbacks to the last good state before failing")
+    rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="learning rates x this at each rollback")
     log_every: int = Field(10, ge=1)
 
 

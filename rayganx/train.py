@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from rayganx import data as rdata
 from rayganx import losses, models
 from rayganx.spec import JobSpec
-from rayganx.storage import Store, read_metrics
+from rayganx.storage import (MARKER, MetricsLog, Store, StorageError, checkpoint_manifest, list_checkpoints,
+                              load_state)
 
 
 class DivergenceError(RuntimeError):
@@ -59,6 +60,7 @@ class Task:
 
     def __init__(self, spec: JobSpec, num_classes: int | None, device: torch.device, distributed: bool):
         self.spec, self.device, self.num_classes = spec, device, num_classes
+        self.lr_scale = 1.0
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if spec.train.precision == "bf16" and device.type == "cuda"
                          else contextlib.nullcontext())
@@ -75,18 +77,25 @@ class Task:
 
     def state_dict(self) -> dict:
         return {"models": {k: _unwrap(m).state_dict() for k, m in self.networks().items()},
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()}}
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+                "lr_scale": self.lr_scale}
 
     def load_state_dict(self, state: dict) -> None:
         for k, m in self.networks().items():
             _unwrap(m).load_state_dict(state["models"][k])
-        specs = self.optim_specs()
         for k, o in self.optimizers().items():
             o.load_state_dict(state["optimizers"][k])
-            # The spec wins over the saved hyperparameters: a PBT exploit restores a donor's
-            # state under mutated learning rates and betas.
+        self.set_lr_scale(state.get("lr_scale", 1.0))
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Learning rates = the spec's x scale (lowered by divergence rollbacks). The spec wins over
+        the saved hyperparameters: a PBT exploit restores a donor's state under mutated ones."""
+        self.lr_scale = scale
+        specs = self.optim_specs()
+        for k, o in self.optimizers().items():
             for group in o.param_groups:
-                group.update(lr=specs[k].lr, betas=tuple(specs[k].betas), weight_decay=specs[k].weight_decay)
+                group.update(lr=specs[k].lr * scale, betas=tuple(specs[k].betas),
+                             weight_decay=specs[k].weight_decay)
 
     def learning_rates(self) -> dict[str, float]:
         return {f"lr_{k}": o.param_groups[0]["lr"] for k, o in self.optimizers().items()}
@@ -277,45 +286,109 @@ def _all_reduce(t: torch.Tensor, mean: bool = True) -> torch.Tensor:
     return t
 
 
-def check_finite(stats: torch.Tensor, names: tuple[str, ...], step: int, max_grad_norm: float) -> None:
-    values = dict(zip(names, stats.tolist()))
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    big = {k: v for k, v in values.items() if k.startswith("grad_norm") and v > max_grad_norm}
-    if bad or big:
-        what = ", ".join(f"{k}={v:.4g}" for k, v in (bad or big).items())
-        kind = "non-finite values" if bad else f"gradient norm above train.max_grad_norm={max_grad_norm:g}"
-        raise DivergenceError(f"training diverged at step {step}: {kind} ({what}); "
-                              f"the last good checkpoint is kept")
+def divergence(stats: torch.Tensor, names: tuple[str, ...], max_grad_norm: float) -> torch.Tensor:
+    """1 where this step's stats show divergence, else 0, computed on the device: reading it
+    back every step would make the host wait for the GPU at each step."""
+    grad = torch.tensor([n.startswith("grad_norm") for n in names], device=stats.device)
+    return ((~torch.isfinite(stats)).any() | (grad & (stats > max_grad_norm)).any()).float()
 
 
-def save_checkpoint(task: Task, step: int, metrics: dict, num_classes: int | None) -> str:
-    """Write state.pt, spec.yaml and meta.json to a local directory Ray uploads."""
-    path = tempfile.mkdtemp(prefix="rayganx_ckpt_")
+def describe_divergence(mean: dict, step: int, max_grad_norm: float) -> str:
+    bad = {k: v for k, v in mean.items() if not math.isfinite(v)}
+    big = {k: v for k, v in mean.items() if k.startswith("grad_norm") and v > max_grad_norm}
+    what = ", ".join(f"{k}={v:.4g}" for k, v in (bad or big).items()) or "a single step's values"
+    kind = "non-finite values" if bad else f"gradient norm above train.max_grad_norm={max_grad_norm:g}"
+    return f"training diverged by step {step}: {kind} ({what})"
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(path: str, task: Task, step: int, metrics: dict, num_classes: int | None,
+                    rng: list, lineage: str | None) -> None:
+    """state.pt (tensors and plain data only: it loads with weights_only=True), spec.yaml, meta.json."""
     state = task.state_dict() | {"step": step, "num_classes": num_classes, "spec": task.spec.to_dict(),
-                                 "rng": {"torch": torch.get_rng_state()}}
+                                 "rng": rng, "lineage": lineage}
     torch.save(state, os.path.join(path, "state.pt"))
     with open(os.path.join(path, "spec.yaml"), "w") as f:
         f.write(task.spec.to_yaml())
     with open(os.path.join(path, "meta.json"), "w") as f:
         json.dump({"step": step, "time": time.time(), "metrics": metrics}, f)
-    return path
 
 
-def _load_state(checkpoint, url: str | None, endpoint_url: str | None, device) -> dict:
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            return torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=False)
-    from rayganx.storage import load_state
+def upload_with_marker(checkpoint, dir_name: str):
+    """Ray's own upload, then the completion marker, last: a folder without it was cut off."""
+    import ray.train
 
-    return load_state(url, endpoint_url, map_location=device)
+    local = checkpoint.path
+    manifest = checkpoint_manifest(local, int(dir_name.rsplit("_", 1)[-1]))
+    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+    with persisted.filesystem.open_output_stream(f"{persisted.path}/{MARKER}") as f:
+        f.write(json.dumps(manifest).encode())
+    return persisted
+
+
+def restore(spec: JobSpec, checkpoint, init_from: str | None, device) -> tuple[dict | None, str | None, bool]:
+    """The state a worker starts from, a note when it is not the one Ray offered, and whether it
+    is a PBT donor's.
+
+    Ray offers the run's last reported checkpoint. It is used when complete (an incomplete one
+    falls back to the newest complete checkpoint). `init_from` (a PBT donor) wins over Ray's unless
+    that checkpoint was itself written after restoring from the same donor (a worker restart)."""
+    state, note = None, None
+    if checkpoint is not None:
+        name = os.path.basename(checkpoint.path.rstrip("/"))
+        try:
+            state = load_state(f"{spec.run_url}/{name}", spec.storage.endpoint_url, map_location=device)
+        except StorageError as e:
+            if "incomplete" not in str(e):
+                raise
+            ckpts = list_checkpoints(Store(spec.run_url, spec.storage.endpoint_url), warn=False)
+            note = f"{name} is incomplete; " + (f"resumed from {ckpts[-1]['name']}" if ckpts else "started afresh")
+            state = load_state(ckpts[-1]["url"], spec.storage.endpoint_url, map_location=device) if ckpts else None
+    if init_from and (state is None or state.get("lineage") != init_from):
+        state = load_state(init_from, spec.storage.endpoint_url, map_location=device)
+        state["lineage"] = init_from
+        return state, None, True
+    return state, note, False
+
+
+def _faults(config: dict) -> dict:
+    """Fault injection for the tests (RAYGANX_FAULT_LR_AT=step:lr in the driver's environment sets
+    every learning rate to lr once, at that step, to force a real divergence)."""
+    spec = config.get("faults", {}).get("RAYGANX_FAULT_LR_AT")
+    if not spec:
+        return {}
+    at, lr = spec.split(":")
+    return {"lr_at": int(at), "lr": float(lr)}
 
 
 def train_loop(config: dict) -> None:
-    """Runs on every worker. config: spec (dict), num_classes, total_steps, real_features, and
-    init_from: a checkpoint URL to start from when Ray Train has none of its own (Tune trials)."""
+    """Runs on every worker. config: spec (a JobSpec), num_classes, total_steps, real_features,
+    init_from (a checkpoint URL to start from: a PBT donor), monitor (an actor that hears every
+    logged row, for live progress) and faults (test hooks)."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     spec: JobSpec = config["spec"]
     t = spec.train
@@ -324,91 +397,146 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     task = TASKS[spec.model.kind](spec, config["num_classes"], device, world > 1)
-    total = config["total_steps"]
+    total, monitor, faults = config["total_steps"], config.get("monitor"), _faults(config)
 
-    step, restored = 0, {}
-    checkpoint, init_from = ray.train.get_checkpoint(), config.get("init_from")
-    if checkpoint or init_from:
-        state = _load_state(checkpoint, init_from, spec.storage.endpoint_url, device)
+    state, note, from_donor = restore(spec, ray.train.get_checkpoint(), config.get("init_from"), device)
+    step, lineage, restored = 0, None, {}
+    if state:
         task.load_state_dict(state)
-        step = state["step"]
-        if not checkpoint:
-            restored = {"restored_from": init_from, "restored_step": step}
-    torch.manual_seed(t.seed + 1000 * rank + step)  # different noise per rank and after resume
+        step, lineage = state["step"], state.get("lineage")
+        if from_donor:
+            restored = {"restored_from": lineage, "restored_step": step}
+    rng = state.get("rng") if state and not from_donor else None
+    if isinstance(rng, list) and len(rng) == world:
+        _set_rng_state(rng[rank])  # each rank continues its own noise stream
+    else:
+        torch.manual_seed(t.seed + 1000 * rank + step)
+    del state
 
-    run = Store(spec.run_url, spec.storage.endpoint_url) if rank == 0 else None
-    history = [m for m in read_metrics(run) if m["step"] <= step] if run else []
+    log = MetricsLog(Store(spec.run_url, spec.storage.endpoint_url), step) if rank == 0 else None
+    if log and note:
+        log.append({"step": step, "event": "resume", "note": note}, force=True)
     telemetry = _Telemetry(spec.name, rank)
-
     evaluator = Evaluator(spec, config, rank, world, device) if spec.eval.every else None
+    # The state rollbacks return to: where this attempt starts, then each checkpoint.
+    good = {"state": _to_cpu(task.state_dict()), "step": step, "rng": _rng_state()}
+    rollbacks = 0
 
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if isinstance(task, ClassifierTask) else None
-    sums, count, images, it = None, 0, 0, 0
+    sums, bad, count, images, it = None, torch.zeros((), device=device), 0, 0, 0
     t_last, first_step_at, last_report = time.perf_counter(), None, step
-    while step < total:
-        batches = 0
-        for batch in shard.iter_torch_batches(batch_size=spec.per_worker_batch, drop_last=True,
-                                              device=device, prefetch_batches=2,
-                                              local_shuffle_buffer_size=max(4 * spec.per_worker_batch, 2048)):
-            batches += 1
-            x = rdata.model_input(batch["image"])
-            if t.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            first_step_at = first_step_at or time.time()  # the first batch enters training
-            stepped, stats = task.step(x, batch["label"], it, step, total)
-            it += 1
-            images += x.shape[0] * world
-            sums = stats if sums is None else sums + stats
-            count += 1
-            if not stepped:
-                continue
-            step += 1
-            check_finite(stats, task.names, step, t.max_grad_norm)
+    try:
+        while step < total:
+            batches = 0
+            for batch in shard.iter_torch_batches(batch_size=spec.per_worker_batch, drop_last=True,
+                                                  device=device, prefetch_batches=2,
+                                                  local_shuffle_buffer_size=max(4 * spec.per_worker_batch, 2048)):
+                batches += 1
+                x = rdata.model_input(batch["image"])
+                if t.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                first_step_at = first_step_at or time.time()  # the first batch enters training
+                stepped, stats = task.step(x, batch["label"], it, step, total)
+                it += 1
+                images += x.shape[0] * world
+                sums = stats if sums is None else sums + stats
+                bad = torch.maximum(bad, divergence(stats, task.names, t.max_grad_norm))
+                count += 1
+                if not stepped:
+                    continue
+                step += 1
+                if faults.get("lr_at") == step:
+                    for o in task.optimizers().values():
+                        for group in o.param_groups:
+                            group["lr"] = faults["lr"]
+                    faults.clear()  # once per process: after a rollback the run goes on at lowered rates
 
-            last = step >= total
-            do_ckpt = step % spec.storage.checkpoint_every == 0 or last
-            do_sample = (step % spec.samples.every == 0 or last) and hasattr(task, "sample_png")
-            do_eval = bool(spec.eval.every) and step % spec.eval.every == 0
-            if not (step % t.log_every == 0 or do_ckpt or do_sample or do_eval):
-                continue
-            elapsed = time.perf_counter() - t_last
-            mean = _all_reduce(sums / count)
-            metrics = dict(zip(task.names, mean.tolist()))
-            metrics |= {"step": step, "images_per_s": images / elapsed, "step_time": elapsed / (step - last_report),
-                        "time": time.time(), "first_step_at": first_step_at,
-                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-            metrics |= task.learning_rates() | restored
-            restored = {}
-            if val_shard is not None and do_ckpt:
-                metrics |= task.validate(val_shard, spec.per_worker_batch)
-            if evaluator and (step % spec.eval.every == 0 or last):
-                metrics |= evaluator(task)
-            # Reporting, sampling and checkpointing below count in the next interval's time.
-            sums, count, images, last_report, t_last = None, 0, 0, step, time.perf_counter()
-            telemetry.record(metrics)
-
-            ckpt_dir = None
-            if rank == 0:
-                if do_sample:
-                    run.write_bytes(task.sample_png(spec.samples.n, spec.samples.seed),
-                                    "samples", f"step_{step:06d}.png")
+                last = step >= total
+                do_ckpt = step % spec.storage.checkpoint_every == 0 or last
+                do_sample = (step % spec.samples.every == 0 or last) and hasattr(task, "sample_png")
+                do_eval = bool(spec.eval.every) and step % spec.eval.every == 0
+                if not (step % t.log_every == 0 or do_ckpt or do_sample or do_eval):
+                    continue
+                # One all-reduce carries the interval's means and whether any rank diverged.
+                reduced = _all_reduce(torch.cat([sums / count, bad.reshape(1)]))
+                values = reduced.tolist()
+                mean = dict(zip(task.names, values[:-1]))
+                if values[-1] > 0:
+                    rollbacks += 1
+                    why = describe_divergence(mean, step, t.max_grad_norm)
+                    if rollbacks > t.max_rollbacks:
+                        raise DivergenceError(f"{why}; gave up after train.max_rollbacks={t.max_rollbacks} "
+                                              f"rollback(s); the last good checkpoint is kept")
+                    task.load_state_dict(_to_cpu(good["state"]))
+                    task.set_lr_scale(task.lr_scale * t.rollback_lr_factor)
+                    _set_rng_state(good["rng"])
+                    event = {"step": good["step"], "event": "rollback", "rollback": rollbacks, "diverged_at": step,
+                             "lr_scale": task.lr_scale, "reason": why, "time": time.time()}
+                    step = good["step"]
+                    sums, bad, count, images, last_report, t_last = None, bad.zero_(), 0, 0, step, time.perf_counter()
+                    if log:
+                        log.rollback(event)
+                    if monitor and rank == 0:
+                        monitor.put.remote(event)
+                    continue  # the batches that diverged are skipped: the shard moves on
+                elapsed = time.perf_counter() - t_last
+                metrics = mean | {"step": step, "images_per_s": images / elapsed,
+                                  "step_time": elapsed / (step - last_report), "time": time.time(),
+                                  "first_step_at": first_step_at,
+                                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                metrics |= task.learning_rates() | restored | ({"rollbacks": rollbacks} if rollbacks else {})
+                restored = {}
+                if val_shard is not None and do_ckpt:
+                    metrics |= task.validate(val_shard, spec.per_worker_batch)
+                if evaluator and (step % spec.eval.every == 0 or last):
+                    metrics |= evaluator(task)
+                # Reporting, sampling and checkpointing below count in the next interval's time.
+                sums, count, images, last_report, t_last = None, 0, 0, step, time.perf_counter()
+                telemetry.record(metrics)
+                if rank == 0:
+                    if monitor:
+                        monitor.put.remote(metrics)  # live progress for the driver, fire and forget
+                    if do_sample:
+                        Store(spec.run_url, spec.storage.endpoint_url).write_bytes(
+                            task.sample_png(spec.samples.n, spec.samples.seed), "samples", f"step_{step:06d}.png")
+                    log.append(metrics, force=do_ckpt)
                 if do_ckpt:
-                    ckpt_dir = save_checkpoint(task, step, metrics, config["num_classes"])
-                history.append(metrics)
-                run.write_text("".join(json.dumps(m) + "\n" for m in history), "metrics.jsonl")
-            if do_ckpt:
-                # ray.train.report is a barrier whose queue the controller drains on its own poll
-                # interval: reporting every log step stalled training by half. Logs go to
-                # metrics.jsonl and Ray's metrics; Ray Train hears from us at checkpoints.
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None,
-                                 checkpoint_dir_name=f"checkpoint_{step:06d}")
-            if last:
-                break
-        if batches == 0:
-            raise rdata.DataError(f"data: a worker's shard yielded no full batch of "
-                                  f"{spec.per_worker_batch}; the dataset is smaller than "
-                                  f"train.batch_size={t.batch_size}")
+                    rng = [None] * world
+                    if world > 1:
+                        import torch.distributed as dist
+
+                        dist.all_gather_object(rng, _rng_state())
+                    else:
+                        rng = [_rng_state()]
+                    _checkpoint(task, step, metrics, config["num_classes"], rng, lineage, rank)
+                    good = {"state": _to_cpu(task.state_dict()), "step": step, "rng": _rng_state()}
+                if last:
+                    break
+            if batches == 0:
+                raise rdata.DataError(f"data: a worker's shard yielded no full batch of "
+                                      f"{spec.per_worker_batch}; the dataset is smaller than "
+                                      f"train.batch_size={t.batch_size}")
+    finally:
+        if log:
+            with contextlib.suppress(Exception):  # a store outage already has its own error
+                log.flush()
+
+
+def _checkpoint(task: Task, step: int, metrics: dict, num_classes, rng: list, lineage, rank: int) -> None:
+    """Every rank reports (a barrier); rank 0's folder is uploaded, its marker written last."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    # ray.train.report is a barrier whose queue the controller drains on its own poll interval:
+    # reporting every log step stalled training by half. Logs go to the metrics log and Ray's
+    # metrics; Ray Train hears from us at checkpoints.
+    with tempfile.TemporaryDirectory(prefix="rayganx_ckpt_") as d:
+        if rank == 0:
+            save_checkpoint(d, task, step, metrics, num_classes, rng, lineage)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None,
+                         checkpoint_dir_name=f"checkpoint_{step:06d}",
+                         checkpoint_upload_fn=upload_with_marker if rank == 0 else None)
 
 
 class Evaluator:

@@ -413,7 +413,8 @@ def _restore_point(spec: JobSpec, restored) -> str | None:
 
     Tune restores a trial from the pointer it last reported: its own run after --resume or a
     pause, another trial's for a PBT exploit. Its own run resumes from its newest checkpoint. A
-    donor's named checkpoint may have been pruned since (storage.keep): then the donor's newest."""
+    donor's named checkpoint may have been pruned since (storage.keep), or not be complete yet:
+    then the donor's newest complete one."""
     from rayganx.storage import list_checkpoints
 
     if not restored:
@@ -423,13 +424,12 @@ def _restore_point(spec: JobSpec, restored) -> str | None:
     run_url = url.rstrip("/").rsplit("/", 1)[0]
     if run_url == spec.run_url:
         return None
+    # Only complete checkpoints count: the named one may still be uploading, or pruned since.
     ckpts = list_checkpoints(Store(run_url, spec.storage.endpoint_url))
     if not any(c["url"].rstrip("/") == url.rstrip("/") for c in ckpts) and ckpts:
         url = ckpts[-1]["url"]
-    # Without this, Ray Train would resume the trial's own newest checkpoint, not the donor's.
-    run = Store(spec.run_url, spec.storage.endpoint_url)
-    if run.exists("checkpoint_manager_snapshot.json"):
-        run.fs.rm(run.path("checkpoint_manager_snapshot.json"))
+    # Ray Train still offers the trial's own newest checkpoint; train.restore prefers this one
+    # unless Ray's was written after restoring from it (see its lineage).
     return url
 
 

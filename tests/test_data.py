@@ -84,12 +84,15 @@ def test_corrupt_image_fails_naming_the_file(ray_session, tmp_path):
 
 def test_corrupt_image_skipped_and_counted(ray_session, tmp_path):
     folder, bad = _folder_with_corrupt(tmp_path)
-    counter = rdata.skip_counter()
+    from rayganx.runner import run_monitor
+
+    counter = run_monitor()
     try:
         images, _ = rows(rdata.build(DataSpec(source="image_folder", path=str(folder), image_size=8,
-                                              on_corrupt="skip")))
+                                              on_corrupt="skip"), counter=counter))
         assert len(images) == 1797
-        assert [n.rsplit("/", 1)[-1] for n in ray_session.get(counter.get.remote())] == ["broken.png"]
+        skipped = ray_session.get(counter.skipped_files.remote())
+        assert [n.rsplit("/", 1)[-1] for n in skipped] == ["broken.png"]
     finally:
         ray_session.kill(counter)
 
