@@ -579,13 +579,20 @@ def sample(checkpoint: str = typer.Argument(..., help="checkpoint folder (local 
 @command
 def export(checkpoint: str = typer.Argument(..., help="checkpoint folder (local or URL)"),
            out_path: str = typer.Option(..., "--out", help="file to write, e.g. generator.pt"),
+           program: bool = typer.Option(True, "--pt2/--no-pt2",
+                                        help="also write OUT's stem + .pt2, a torch.export program that needs torch alone"),
            endpoint_url: Optional[str] = EndpointOpt):
-    """Write the generator's weights and architecture for plain PyTorch + rayganx.models."""
+    """Write the generator: weights + architecture (rayganx.models) and a torch.export program (torch alone)."""
+    import os
+
     from rayganx import models
     from rayganx.storage import load_state
 
-    models.export_generator(load_state(checkpoint, endpoint_url), out_path)
+    pt2 = os.path.splitext(out_path)[0] + ".pt2" if program else None
+    models.export_generator(load_state(checkpoint, endpoint_url), out_path, pt2)
     out.print(f"wrote {out_path}: load it with rayganx.models.load_generator({out_path!r})")
+    if pt2:
+        out.print(f"wrote {pt2}: torch.export.load({pt2!r}).module() maps latent vectors to images")
 
 
 @app.command("eval")

@@ -336,18 +336,39 @@ def generator_from_state(state: dict) -> tuple[nn.Module, JobSpec, int | None]:
     return g.eval(), spec, num_classes
 
 
-def export_generator(state: dict, path: str) -> None:
-    """A file that loads with torch and rayganx.models alone: weights plus architecture config."""
+def export_generator(state: dict, path: str, program: str | None = None) -> None:
+    """A file that loads with torch and rayganx.models alone (weights plus architecture config,
+    weights_only-safe) and, when `program` names one, a torch.export program that needs torch
+    alone: `torch.export.load(p).module()(z)` (`(z, labels)` for a conditional model) gives
+    images in [-1, 1], for any batch size."""
     g, spec, num_classes = generator_from_state(state)
     torch.save({"format": EXPORT_FORMAT, "spec": spec.to_dict(), "num_classes": num_classes,
                 "step": state.get("step"), "state_dict": g.state_dict()}, path)
+    if program:
+        z, y, _ = sample_inputs(spec, 2, 0, num_classes)
+        batch = torch.export.Dim("batch", min=1)
+        args, shapes = ((z, y), ({0: batch}, {0: batch})) if y is not None else ((z,), ({0: batch},))
+        torch.export.save(torch.export.export(_Sampler(g, y is not None), args, dynamic_shapes=shapes), program)
+
+
+class _Sampler(nn.Module):
+    def __init__(self, g: nn.Module, conditional: bool):
+        super().__init__()
+        self.g, self.conditional = g, conditional
+
+    def forward(self, z, y=None):
+        return generate(self.g, z, y if self.conditional else None)
 
 
 def load_generator(path: str) -> tuple[nn.Module, JobSpec, int | None]:
-    """Load an exported generator: `g, spec, num_classes = load_generator("generator.pt")`."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    if blob.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: not a rayganx generator export")
+    """Load an exported generator: `g, spec, num_classes = load_generator("generator.pt")`.
+    Only tensors and plain data are read (weights_only): nothing in the file is executed."""
+    from rayganx.storage import StorageError, load_bytes
+
+    with open(path, "rb") as f:
+        blob = load_bytes(f.read(), path)
+    if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
+        raise StorageError(f"{path}: not a rayganx generator export")
     spec = from_dict(blob["spec"], path)
     g = build(spec, blob["num_classes"])["g" if spec.model.kind != "vae" else "net"]
     g.load_state_dict(blob["state_dict"])

@@ -7,7 +7,7 @@ job's own checkpoint. Tune (and PBT's exploit) restores a trial from that pointe
 loads the named checkpoint and takes its learning rates and betas from the trial's config.
 
 Layout under <storage>/<sweep name>/: one run per trial (trial_00000/, ... with checkpoints,
-samples and metrics.jsonl as for any job), Tune's experiment state in tune/, and at the end
+samples and metrics/ as for any job), Tune's experiment state in tune/, and at the end
 leaderboard.json and best_job.yaml.
 """
 
@@ -656,7 +656,7 @@ def _fit(tuner):
 
 
 def leaderboard(sw: Sweep, grid) -> dict:
-    """Trials ranked by their best reported metric (read from each trial's metrics.jsonl)."""
+    """Trials ranked by their best reported metric (read from each trial's metrics log)."""
     from rayganx.runner import root_cause
     from rayganx.storage import list_checkpoints, read_metrics
 

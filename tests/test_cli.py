@@ -16,7 +16,7 @@ def test_submit_digits_end_to_end(tmp_path):
     run = tmp_path / "dcgan_digits"
     assert (run / "checkpoint_000003" / "state.pt").is_file() and (run / "checkpoint_000006" / "state.pt").is_file()
     assert Image.open(run / "samples" / "step_000006.png").size[0] > 64
-    assert (run / "spec.yaml").is_file() and (run / "metrics.jsonl").is_file()
+    assert (run / "spec.yaml").is_file() and list((run / "metrics").glob("part_*.jsonl"))
 
 
 def test_submit_failure_is_one_line_and_nonzero(tmp_path):

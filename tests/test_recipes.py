@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from rayganx import runner, spec as jobspec
-from rayganx.storage import Store, list_checkpoints, read_metrics
+from rayganx.storage import Store, list_checkpoints, load_state, read_metrics
 from rayganx.models import sample_inputs
 from tests.conftest import JOBS, tiny, write_job
 
@@ -22,7 +22,7 @@ def test_digits_recipe_runs_and_checkpoints(ray_session, tmp_path, job):
     spec, result, run = run_job(tmp_path, job, job.split(".")[0])
     assert spec.scaling.num_workers == 2
     assert [c["step"] for c in list_checkpoints(run)] == [2, 4]
-    state = torch.load(run.path("checkpoint_000004", "state.pt"), weights_only=False)
+    state = load_state(run.path("checkpoint_000004"))
     assert ("g_ema" in state["models"]) == bool(spec.train.ema_decay)
     assert all(np.isfinite(m["loss_d"]) for m in read_metrics(run))
 
@@ -35,7 +35,7 @@ def test_regularisers_combined(ray_session, tmp_path):
                "ema_decay": 0.99, "label_smoothing": 0.1, "instance_noise": 0.1, "grad_clip": 10.0,
                "d_steps": 2, "optim_d": {"lr": 4e-4, "betas": [0.0, 0.9]}, "optim_g": {"lr": 1e-4, "betas": [0.0, 0.9]}})
     assert result.steps == 4
-    state = torch.load(run.path("checkpoint_000004", "state.pt"), weights_only=False)
+    state = load_state(run.path("checkpoint_000004"))
     assert set(state["models"]) == {"g", "d", "g_ema"}
     assert state["optimizers"]["d"]["param_groups"][0]["lr"] == 4e-4
     assert state["optimizers"]["g"]["param_groups"][0]["betas"] == (0.0, 0.9)
@@ -50,7 +50,7 @@ def test_conditional_gan_grid_has_one_class_per_row(ray_session, tmp_path):
     assert per_row == 8 and y.view(10, 8).tolist() == [[k] * 8 for k in range(10)]
     grid = Image.open(run.path("samples", "step_000002.png"))
     assert grid.size == (2 + 8 * 34, 2 + 10 * 34)  # 8 columns, 10 class rows of 32 px + padding
-    state = torch.load(run.path("checkpoint_000002", "state.pt"), weights_only=False)
+    state = load_state(run.path("checkpoint_000002"))
     assert state["num_classes"] == 10 and any(k.startswith("head.embed.") for k in state["models"]["d"])
 
 
@@ -75,16 +75,22 @@ def test_sngan_celeba_recipe_on_stand_in_images(ray_session, tmp_path):
     assert Image.open(run.path("samples", "step_000002.png")).size[0] > 64 * 4
 
 
-def test_forced_nan_stops_with_message_and_keeps_last_good_checkpoint(ray_session, tmp_path):
+def test_forced_nan_rolls_back_then_fails_with_message_and_keeps_last_good_checkpoint(ray_session, tmp_path):
     spec, result, run = run_job(tmp_path, "dcgan_digits.yaml", "nan", steps=4)
     assert [c["step"] for c in list_checkpoints(run)] == [2, 4]
-    # infinite instance noise on D's inputs makes the losses NaN at the next step
-    diverging = jobspec.load(tmp_path / "nan.yaml", ["train.steps=8", "train.instance_noise=.inf"])
-    with pytest.raises(runner.RunError, match=r"training diverged at step 5: non-finite values \(loss_d=nan"):
+    # infinite instance noise on D's inputs makes the losses NaN at every step: each rollback
+    # (lower learning rates, next batches) diverges again until max_rollbacks is spent
+    diverging = jobspec.load(tmp_path / "nan.yaml", ["train.steps=8", "train.instance_noise=.inf",
+                                                     "train.max_rollbacks=2"])
+    with pytest.raises(runner.RunError, match=r"training diverged by step 6: non-finite values \(loss_d=nan.*"
+                                              r"gave up after train.max_rollbacks=2 rollback"):
         runner.run(diverging)
     assert [c["step"] for c in list_checkpoints(run)] == [2, 4]
-    state = torch.load(run.path("checkpoint_000004", "state.pt"), weights_only=False)
+    state = load_state(run.path("checkpoint_000004"))
     assert all(torch.isfinite(v).all() for v in state["models"]["g"].values() if v.is_floating_point())
-    assert max(m["step"] for m in read_metrics(run)) == 4
+    rows = read_metrics(run)
+    assert max(m["step"] for m in rows) == 4
+    rollbacks = [m for m in rows if m.get("event") == "rollback"]
+    assert [(m["step"], m["rollback"], m["lr_scale"]) for m in rollbacks] == [(4, 1, 0.5), (4, 2, 0.25)]
     # and the run continues from that checkpoint once the cause is fixed
     assert runner.run(jobspec.load(tmp_path / "nan.yaml", ["train.steps=6"])).steps == 6

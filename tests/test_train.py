@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from rayganx import data as rdata, models, runner, spec as jobspec
-from rayganx.storage import Store, list_checkpoints, read_metrics
+from rayganx.storage import Store, list_checkpoints, load_state, read_metrics
 from tests.conftest import JOBS, tiny, write_job
 
 
@@ -39,7 +39,7 @@ def test_gan_ddp_run_writes_checkpoints_grids_and_metrics_then_resumes(ray_sessi
     run = Store(spec.run_url)
     ckpts = list_checkpoints(run)
     assert [c["step"] for c in ckpts] == [4, 8]
-    state = torch.load(run.path("checkpoint_000008", "state.pt"), weights_only=False)
+    state = load_state(run.path("checkpoint_000008"))
     assert set(state["models"]) == {"g", "d"} and set(state["optimizers"]) == {"g", "d"}
     assert state["step"] == 8 and state["spec"]["name"] == "ddp_gan" and "rng" in state
     grid = Image.open(run.path("samples", "step_000008.png"))
@@ -54,7 +54,7 @@ def test_gan_ddp_run_writes_checkpoints_grids_and_metrics_then_resumes(ray_sessi
     result = runner.run(more)
     assert result.steps == 12
     assert [m["step"] for m in read_metrics(run)] == [2, 4, 6, 8, 10, 12]
-    resumed = torch.load(run.path("checkpoint_000012", "state.pt"), weights_only=False)
+    resumed = load_state(run.path("checkpoint_000012"))
     assert resumed["step"] == 12
     assert [c["step"] for c in list_checkpoints(run)] == [8, 12]  # keep: 2
 
