@@ -100,16 +100,21 @@ def seen_errors(err: BaseException) -> list[BaseException]:
     return out
 
 
-def root_cause(err: BaseException) -> str:
-    """The user-facing line inside Ray's layers of wrapping."""
+def root_cause(err: BaseException, storage_url: str | None = None) -> str:
+    """The user-facing line inside Ray's layers of wrapping. storage_url: the run store, named
+    when the cause is that the store went away (Ray's own uploads fail with botocore's text)."""
     from rayganx.data import DataError
     from rayganx.metrics import EvalError
-    from rayganx.storage import StorageError
+    from rayganx.storage import StorageError, explain
     from rayganx.train import DivergenceError
 
     for e in seen_errors(err):
         if isinstance(e, (DataError, StorageError, DivergenceError, EvalError)):
             return str(e).splitlines()[0]
+    if storage_url:
+        for e in seen_errors(err):
+            if "EndpointConnectionError" in f"{type(e).__name__}: {e}" or "Could not connect to the endpoint" in str(e):
+                return str(explain(storage_url, e))
     # Ray Data re-raises worker errors as text: find our error's line in the whole chain.
     import re
 
@@ -284,6 +289,27 @@ class Progress:
                 self.printer(m)
 
 
+def fit_interruptibly(trainer):
+    """trainer.fit() in a thread. In the main thread Ray Train installs its own Ctrl-C handler,
+    which ends the process through sys.exit; here Ctrl-C reaches the caller as KeyboardInterrupt
+    at once, and the run's controller and workers, owned by this process, end with it."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="rayganx-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a timed join lets KeyboardInterrupt through
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def last_step(spec: JobSpec) -> int:
     from rayganx.storage import list_checkpoints
 
@@ -332,11 +358,11 @@ def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None]
             if on_start:
                 on_start(start, p.total_steps)
             with Progress(monitor, start, printer or (lambda m: None)):
-                trainer.fit()
+                fit_interruptibly(trainer)
         except KeyboardInterrupt:
             raise
         except Exception as e:
-            raise RunError(root_cause(e)) from e
+            raise RunError(root_cause(e, spec.storage.path)) from e
         import ray
 
         skipped = ray.get(monitor.skipped_files.remote())

@@ -198,6 +198,7 @@ def test_worker_killed_mid_run_resumes_from_the_last_checkpoint(ray_session, tmp
         if m["step"] >= 6 and not killed:
             killed.update(step=m["step"], pid=_kill_a_train_worker())
 
+    t0 = time.monotonic()
     result = runner.run(spec, printer=printer)
     assert killed and result.steps == 16
     run = Store(spec.run_url)
@@ -206,10 +207,12 @@ def test_worker_killed_mid_run_resumes_from_the_last_checkpoint(ray_session, tmp
                for line in p.read_text().splitlines() if "restart_from" in line]
     assert len(restart) == 1, restart
     resumed_from = restart[0]["restart_from"]
-    first_attempt = seen[: next(i for i in range(1, len(seen)) if seen[i] <= seen[i - 1])]
-    lost = first_attempt[-1] - resumed_from  # steps the first attempt logged past its last checkpoint
-    assert resumed_from % 4 == 0 and 0 <= lost <= spec.storage.checkpoint_every, (seen, resumed_from)
-    print(f"FIGURE worker-kill: last step logged {first_attempt[-1]}, resumed from {resumed_from}, lost {lost}")
+    # The worker died at or after the step the printer saw (the kill lands a moment later): the
+    # run went back to a checkpoint no more than one interval before that step.
+    assert resumed_from % 4 == 0 and killed["step"] - spec.storage.checkpoint_every <= resumed_from < 16, \
+        (seen, resumed_from)
+    print(f"FIGURE worker-kill: killed after step {killed['step']} was logged, resumed from step {resumed_from}, "
+          f"run finished in {time.monotonic() - t0:.0f} s")
     # the ${VAR} placeholder, not its value, is what the run stores
     for f in Path(run.root).rglob("*"):
         if f.is_file() and f.suffix in (".yaml", ".pt", ".json", ".jsonl"):
@@ -305,7 +308,7 @@ def test_object_store_outage_ends_in_one_line_and_keeps_the_last_complete_checkp
             runner.run(spec, printer=printer)
         took = time.monotonic() - stopped["at"]
         message = str(err.value)
-        assert len(message.splitlines()) == 1 and ("unreachable" in message or "outage" in message), message
+        assert message == "s3://outage/runs: the storage endpoint is unreachable", message
         assert took < 180, took
         print(f"FIGURE store-outage: failed {took:.1f} s after the store stopped: {message}")
     finally:
