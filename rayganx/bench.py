@@ -105,7 +105,7 @@ def _rayganx_row(spec: JobSpec, workers: int, steps: int, warmup: int, storage: 
             "peak_rss_mb_per_worker": max(m["peak_rss_mb"] for m in reports)}
 
 
-def _input_only(spec: JobSpec, workers: int, batches: int) -> dict:
+def _input_only(spec: JobSpec, workers: int, batches: int, tmp: str) -> dict:
     """The job's Ray Data pipeline iterated by Ray Train workers with no model."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -133,12 +133,12 @@ def _input_only(spec: JobSpec, workers: int, batches: int) -> dict:
         with open(os.path.join(config["out"], f"rank{ray.train.get_context().get_world_rank()}"), "w") as f:
             f.write(str(rate))
 
-    out = tempfile.mkdtemp(prefix="rayganx_bench_")
+    out = tempfile.mkdtemp(prefix="input_", dir=tmp)
     trainer = TorchTrainer(loop, train_loop_config={"batches": batches, "out": out},
                            scaling_config=ScalingConfig(num_workers=workers,
                                                         resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
                            run_config=RunConfig(name=f"bench_input_{time.time_ns()}",
-                                                storage_path=tempfile.mkdtemp(prefix="rayganx_bench_")),
+                                                storage_path=out),
                            datasets={"train": ds})
     trainer.fit()
     # Result.metrics is None for runs that report no checkpoint: the workers write files instead.
@@ -146,12 +146,12 @@ def _input_only(spec: JobSpec, workers: int, batches: int) -> dict:
     return {"workers": workers, "images_per_s_per_worker": statistics.mean(rates), "images_per_s": sum(rates)}
 
 
-def _bare_startup() -> float:
+def _bare_startup(tmp: str) -> float:
     """Seconds from building a bare TorchTrainer to its train function running."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    out = tempfile.mkdtemp(prefix="rayganx_bench_")
+    out = tempfile.mkdtemp(prefix="bare_", dir=tmp)
 
     def loop(config):
         with open(os.path.join(config["out"], "started"), "w") as f:
@@ -163,10 +163,9 @@ def _bare_startup() -> float:
     return float(open(os.path.join(out, "started")).read()) - t0
 
 
-def stand_in_data(spec: JobSpec, n: int = 512) -> JobSpec:
-    """Generated images of the job's size when its dataset is not on this machine."""
+def stand_in_data(spec: JobSpec, folder: str, n: int = 512) -> JobSpec:
+    """Generated images of the job's size (in folder) when its dataset is not on this machine."""
     spec = spec.model_copy(deep=True)
-    folder = tempfile.mkdtemp(prefix="rayganx_standin_")
     rng = np.random.default_rng(0)
     from PIL import Image
 
@@ -185,24 +184,30 @@ def stand_in_data(spec: JobSpec, n: int = 512) -> JobSpec:
 
 def bench(spec: JobSpec, steps: int = 100, warmup: int = 20, workers: list[int] | None = None,
           stand_in: bool | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="rayganx_bench_") as tmp:  # stand-in images, runs: all removed
+        return _bench(spec, steps, warmup, workers, stand_in, tmp)
+
+
+def _bench(spec: JobSpec, steps: int, warmup: int, workers: list[int] | None, stand_in: bool | None,
+           tmp: str) -> dict:
     t_command = time.time()
     spec = runner.resolve_paths(spec)
     if stand_in is None:
         stand_in = bool(spec.data.path) and not Store(spec.data.path, spec.data.endpoint_url).exists()
     if stand_in:
-        spec = stand_in_data(spec)
+        spec = stand_in_data(spec, os.path.join(tmp, "data"))
     workers = workers or [1]
-    storage = tempfile.mkdtemp(prefix="rayganx_bench_runs_")
+    storage = os.path.join(tmp, "runs")
     spec.storage.path = storage
     spec.storage.endpoint_url = None
 
     ref = plain(spec, steps, warmup)
     runner.init_ray()
-    bare = _bare_startup()
+    bare = _bare_startup(tmp)
     rows = [_rayganx_row(spec, n, steps, warmup, storage) for n in sorted(set([1] + workers))]
     one = rows[0]
     consumption = one["images_per_s"]
-    inp = _input_only(spec, 1, max(50, steps))
+    inp = _input_only(spec, 1, max(50, steps), tmp)
     peak = matmul_flops(ref["threads"])
     for r in rows:
         r["ratio_to_plain"] = r["images_per_s"] / ref["images_per_s"]

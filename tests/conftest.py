@@ -19,6 +19,17 @@ for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
     os.environ.pop(var, None)
 
 
+# Fixtures that start real Ray (training, a head for the Jobs API): a test that uses one is slow.
+SLOW_FIXTURES = {"ray_session", "s3_run", "head", "classifier_ckpt"}
+
+
+def pytest_collection_modifyitems(items):
+    """`pytest -m "not slow"` is the quick loop; CI runs everything."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server on loopback (moto), with one bucket; yields its endpoint."""

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from tests.conftest import JOBS, rayganx
 
 
+@pytest.mark.slow
 def test_bench_json_has_every_field(tmp_path):
     out = tmp_path / "bench.json"
     r = rayganx("bench", JOBS / "dcgan_digits.yaml", "--steps", "10", "--warmup", "2", "--workers", "1,2",
@@ -29,7 +32,7 @@ def test_bench_makes_stand_in_images_when_the_dataset_is_absent(tmp_path):
     from rayganx.bench import stand_in_data
 
     spec = jobspec.load(JOBS / "dcgan_celeba.yaml", [f"data.path={tmp_path}/none"])
-    s = stand_in_data(spec, n=4)
+    s = stand_in_data(spec, str(tmp_path / "standin"), n=4)
     from rayganx.data import count_rows
 
     assert count_rows(s.data) == 4 and s.data.source == "celeba"

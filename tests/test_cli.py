@@ -1,10 +1,12 @@
 """`rayganx submit` end to end, in a fresh process with its own embedded Ray, as a user runs it."""
 
+import pytest
 from PIL import Image
 
 from tests.conftest import JOBS, rayganx
 
 
+@pytest.mark.slow
 def test_submit_digits_end_to_end(tmp_path):
     r = rayganx("submit", JOBS / "dcgan_digits.yaml", "--set", "train.steps=6", "--set", "train.log_every=2",
                 "--set", f"storage.path={tmp_path}", "--set", "storage.checkpoint_every=3",
@@ -26,6 +28,7 @@ def test_submit_failure_is_one_line_and_nonzero(tmp_path):
     assert r.stderr.strip() == f"error: data.path: {tmp_path}/no_celeba does not exist"
 
 
+@pytest.mark.slow
 def test_gpu_job_on_a_cpu_machine_fails_fast(tmp_path):
     r = rayganx("submit", JOBS / "dcgan_digits.yaml", "--set", "scaling.use_gpu=true",
                 "--set", f"storage.path={tmp_path}", timeout=120)

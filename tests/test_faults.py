@@ -257,6 +257,7 @@ def _wait_for(proc, pattern: str, timeout: float) -> list[str]:
     raise AssertionError(f"{pattern!r} not seen in {timeout} s: {''.join(lines)[-2000:]}")
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_promptly_and_the_same_submit_continues(tmp_path):
     job = write_job(tmp_path / "ctrlc.yaml", "dcgan_digits.yaml",
                     **tiny("ctrlc", tmp_path / "runs", steps=400, train={"log_every": 2}))

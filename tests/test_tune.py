@@ -144,6 +144,7 @@ def test_pbt_exploit_continues_the_donor_checkpoint_with_the_mutated_learning_ra
         assert row["lr_g"] / donor_lr == pytest.approx(0.8) or row["lr_g"] / donor_lr == pytest.approx(1.2)
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_from_the_trials_checkpoints(tmp_path):
     import signal
     import subprocess
