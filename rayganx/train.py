@@ -286,11 +286,10 @@ def _all_reduce(t: torch.Tensor, mean: bool = True) -> torch.Tensor:
     return t
 
 
-def divergence(stats: torch.Tensor, names: tuple[str, ...], max_grad_norm: float) -> torch.Tensor:
-    """1 where this step's stats show divergence, else 0, computed on the device: reading it
+def divergence(stats: torch.Tensor, grad_mask: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """1 when this step's stats show divergence, else 0, computed on the device: reading it
     back every step would make the host wait for the GPU at each step."""
-    grad = torch.tensor([n.startswith("grad_norm") for n in names], device=stats.device)
-    return ((~torch.isfinite(stats)).any() | (grad & (stats > max_grad_norm)).any()).float()
+    return ((~torch.isfinite(stats)).any() | (grad_mask & (stats > max_grad_norm)).any()).float()
 
 
 def describe_divergence(mean: dict, step: int, max_grad_norm: float) -> str:
@@ -425,6 +424,7 @@ def train_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if isinstance(task, ClassifierTask) else None
     sums, bad, count, images, it = None, torch.zeros((), device=device), 0, 0, 0
+    grad_mask = torch.tensor([n.startswith("grad_norm") for n in task.names], device=device)
     t_last, first_step_at, last_report = time.perf_counter(), None, step
     try:
         while step < total:
@@ -441,7 +441,7 @@ def train_loop(config: dict) -> None:
                 it += 1
                 images += x.shape[0] * world
                 sums = stats if sums is None else sums + stats
-                bad = torch.maximum(bad, divergence(stats, task.names, t.max_grad_norm))
+                bad = torch.maximum(bad, divergence(stats, grad_mask, t.max_grad_norm))
                 count += 1
                 if not stepped:
                     continue

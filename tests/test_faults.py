@@ -267,6 +267,8 @@ def test_ctrl_c_stops_promptly_and_the_same_submit_continues(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_for(proc, "step 10/400", 300)
+        second = rayganx("submit", job, *sets, timeout=120)  # the same run, while it is going
+        assert second.returncode == 1 and "in use by" in second.stderr and "--force" in second.stderr, second.stderr
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
