@@ -170,10 +170,16 @@ class Store:
         self.write_bytes(text.encode(), *parts)
 
     def listdir(self, *parts: str) -> list[dict]:
+        # refresh: fsspec's object-store clients cache listings per process, and other
+        # processes (the workers) write into the run while this one reads it.
         try:
-            return self._call(self.fs.ls, self.path(*parts), detail=True)
+            return self._call(self.fs.ls, self.path(*parts), detail=True, refresh=True)
         except FileNotFoundError:
             return []
+
+    def find(self, *parts: str) -> dict:
+        self.fs.invalidate_cache(self.path(*parts))
+        return self._call(self.fs.find, self.path(*parts), detail=True)
 
     def check_writable(self) -> None:
         """Probe the location once before a run, so a bad bucket fails in seconds."""
@@ -479,7 +485,7 @@ def load_state(url: str, endpoint_url: str | None = None, map_location="cpu") ->
 def download(url: str, to: str, endpoint_url: str | None = None, progress=None) -> list[str]:
     """Copy a checkpoint folder to a local directory; `progress(bytes_done, bytes_total)`."""
     store = Store(url, endpoint_url)
-    files = [f for f in store._call(store.fs.find, store.root, detail=True).values() if f["type"] == "file"]
+    files = [f for f in store.find().values() if f["type"] == "file"]
     if not files:
         raise StorageError(f"{url}: no such checkpoint")
     total, done, written = sum(f["size"] or 0 for f in files), 0, []

@@ -468,8 +468,9 @@ def train_loop(config: dict) -> None:
                     if rollbacks > t.max_rollbacks:
                         raise DivergenceError(f"{why}; gave up after train.max_rollbacks={t.max_rollbacks} "
                                               f"rollback(s); the last good checkpoint is kept")
+                    scale = task.lr_scale * t.rollback_lr_factor  # compounds over repeated rollbacks
                     task.load_state_dict(_to_cpu(good["state"]))
-                    task.set_lr_scale(task.lr_scale * t.rollback_lr_factor)
+                    task.set_lr_scale(scale)
                     _set_rng_state(good["rng"])
                     event = {"step": good["step"], "event": "rollback", "rollback": rollbacks, "diverged_at": step,
                              "lr_scale": task.lr_scale, "reason": why, "time": time.time()}

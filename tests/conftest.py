@@ -69,6 +69,21 @@ def write_job(path: Path, base: str | None = None, **sections) -> Path:
     return path
 
 
+def local_checkpoint(path: Path, task, step: int, num_classes=None) -> Path:
+    """A checkpoint folder as a run writes it (files, then the completion marker), without Ray."""
+    import json
+
+    import torch
+
+    from rayganx.storage import MARKER, checkpoint_manifest
+    from rayganx.train import save_checkpoint
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(str(path), task, step, {"step": step}, num_classes, [{"torch": torch.get_rng_state()}], None)
+    (path / MARKER).write_text(json.dumps(checkpoint_manifest(str(path), step)))
+    return path
+
+
 def tiny(name: str, storage: Path, steps: int = 6, **sections) -> dict:
     """Overrides that make any job run a few steps quickly into a test folder."""
     train = {"steps": steps, "log_every": 2, **sections.pop("train", {})}

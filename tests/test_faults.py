@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,20 +16,16 @@ import torch
 from rayganx import runner, spec as jobspec
 from rayganx.storage import (MARKER, MetricsLog, RunLock, RunLockedError, Store, StorageError, checkpoint_manifest,
                              list_checkpoints, load_state, read_metrics, scan_checkpoints)
-from tests.conftest import JOBS, ROOT, TEST_KEY_ID, TEST_SECRET, rayganx, tiny, write_job
+from tests.conftest import JOBS, ROOT, TEST_KEY_ID, TEST_SECRET, local_checkpoint, rayganx, tiny, write_job
 
 
 def _checkpoint(run: Path, step: int, spec) -> Path:
     """A real checkpoint folder as the train loop writes it (without Ray), marker last."""
-    from rayganx.train import GANTask, save_checkpoint
+    from rayganx.train import GANTask
 
-    d = run / f"checkpoint_{step:06d}"
-    d.mkdir(parents=True)
     torch.manual_seed(step)
     task = GANTask(spec, None, torch.device("cpu"), distributed=False)
-    save_checkpoint(str(d), task, step, {"step": step, "loss_d": 1.0}, None, [{"torch": torch.get_rng_state()}], None)
-    (d / MARKER).write_text(json.dumps(checkpoint_manifest(str(d), step)))
-    return d
+    return local_checkpoint(run / f"checkpoint_{step:06d}", task, step)
 
 
 @pytest.fixture
@@ -297,7 +292,7 @@ def test_object_store_outage_ends_in_one_line_and_keeps_the_last_complete_checkp
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
-    spec = _digits(tmp_path, "outage", 400, sets=[f"storage.path=s3://outage/runs", f"storage.endpoint_url={endpoint}",
+    spec = _digits(tmp_path, "outage", 400, sets=["storage.path=s3://outage/runs", f"storage.endpoint_url={endpoint}",
                                                   "storage.checkpoint_every=4"])
     stopped = {}
 

@@ -7,6 +7,7 @@ import torch
 from rayganx import data as rdata
 from rayganx import metrics as m
 from rayganx.spec import EvalSpec, from_dict
+from tests.conftest import local_checkpoint
 
 
 def digits(size=32):
@@ -19,7 +20,7 @@ def digits(size=32):
 @pytest.fixture(scope="module")
 def classifier_ckpt(tmp_path_factory):
     """A digits CNN trained in-process by rayganx's own classifier task, saved as a checkpoint."""
-    from rayganx.train import ClassifierTask, save_checkpoint
+    from rayganx.train import ClassifierTask
 
     spec = from_dict({"name": "cnn", "model": {"kind": "cnn", "ndf": 16}, "data": {"labels": True},
                       "train": {"steps": 300, "batch_size": 64}, "scaling": {"num_workers": 1}})
@@ -29,7 +30,7 @@ def classifier_ckpt(tmp_path_factory):
     for it in range(300):
         idx = torch.randint(0, len(x), (64,))
         task.step(x[idx], y[idx], it, it, 300)
-    return save_checkpoint(task, 300, {}, 10)
+    return str(local_checkpoint(tmp_path_factory.mktemp("cnn") / "checkpoint_000300", task, 300, 10))
 
 
 @pytest.fixture(scope="module")
