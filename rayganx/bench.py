@@ -41,24 +41,27 @@ def matmul_flops(threads: int, seconds: float = 1.0, n: int = 1024) -> float:
 
 
 def plain(spec: JobSpec, steps: int, warmup: int) -> dict:
-    """The job's networks, optimisers and loss in a bare single-process loop on in-memory tensors."""
+    """The job's networks, optimisers and loss in a bare single-process loop on in-memory tensors,
+    on the job's device and with its options (bf16 autocast on GPU, channels-last, torch.compile)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from rayganx.train import TASKS
 
+    device = torch.device("cuda" if spec.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     threads = max(1, int(spec.scaling.cpus_per_worker))  # what Ray gives one worker
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     num_classes = 10 if (spec.model.kind == "cnn" or spec.model.conditional) else None
-    task = TASKS[spec.model.kind](spec, num_classes, torch.device("cpu"), distributed=False)
+    task = TASKS[spec.model.kind](spec, num_classes, device, distributed=False)
     b = spec.per_worker_batch
     shape = (2,) if spec.data.source == "gaussian_mixture" else (spec.data.channels, spec.data.image_size,
                                                                    spec.data.image_size)
-    x = torch.rand(b, *shape) * 2 - 1
-    y = torch.randint(0, num_classes or 1, (b,))
+    x = torch.rand(b, *shape, device=device) * 2 - 1
+    y = torch.randint(0, num_classes or 1, (b,), device=device)
     if spec.train.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     it, times = 0, []
     for step in range(warmup + steps):
         t0 = time.perf_counter()
@@ -66,7 +69,7 @@ def plain(spec: JobSpec, steps: int, warmup: int) -> dict:
         while not stepped:  # a generator step takes d_steps batches
             stepped, stats = task.step(x, y, it, step, warmup + steps)
             it += 1
-        stats.tolist()  # the same host sync the real loop does
+        sync()  # per-step timing; the real loop reads values back only at log steps
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     with FlopCounterMode(display=False) as counter:
@@ -77,8 +80,11 @@ def plain(spec: JobSpec, steps: int, warmup: int) -> dict:
     torch.set_num_threads(prev)
     images_per_step = b * spec.train.d_steps if spec.is_gan else b
     st = _spread(times)
+    t = spec.train
     return {"step_time": st, "images_per_s": images_per_step / st["median"],
-            "flops_per_step": counter.get_total_flops(), "threads": threads}
+            "flops_per_step": counter.get_total_flops(), "threads": threads,
+            "device": device.type, "precision": t.precision if device.type == "cuda" else "fp32",
+            "channels_last": t.channels_last, "compile": t.compile}
 
 
 def _rayganx_row(spec: JobSpec, workers: int, steps: int, warmup: int, storage: str) -> dict:

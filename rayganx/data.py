@@ -142,11 +142,19 @@ def mixture_centres(kind: str) -> np.ndarray:
 
 
 def _list_images(store: Store) -> list[str]:
+    return list(_listing(store.url, store.endpoint_url))
+
+
+@functools.lru_cache(maxsize=8)
+def _listing(url: str, endpoint_url: str | None) -> tuple[str, ...]:
+    """The image files under a folder, listed once per process (planning, class discovery and
+    the dataset all need them; on object storage each listing of 200k objects takes minutes)."""
+    store = Store(url, endpoint_url)
     try:
         files = store.fs.find(store.root)
     except Exception as e:
         raise explain(store.url, e) from None
-    return [f for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+    return tuple(f for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
 
 
 def _open(data: DataSpec, path: str | None = None) -> Store:
@@ -199,7 +207,7 @@ def build(data: DataSpec, split: str = "all", seed: int = 0, counter=None):
     if data.source == "parquet":
         files = _parquet_files(store)
         columns = [data.image_column] + ([data.label_column] if data.labels else [])
-        ds = ray.data.read_parquet(files, filesystem=pyarrow_filesystem(store.fs)).select_columns(columns)
+        ds = ray.data.read_parquet(files, filesystem=pyarrow_filesystem(store.url, store.endpoint_url)).select_columns(columns)
         opts.update(image_col=data.image_column)
         if not data.labels:
             opts.update(label_col="__none__")
@@ -220,7 +228,8 @@ def build(data: DataSpec, split: str = "all", seed: int = 0, counter=None):
         if not classes:
             raise DataError(f"data.labels: no class sub-folders under {store.url}")
         opts.update(classes=classes)
-    ds = ray.data.read_binary_files(store.root, filesystem=pyarrow_filesystem(store.fs), include_paths=True,
+    ds = ray.data.read_binary_files(store.root, filesystem=pyarrow_filesystem(store.url, store.endpoint_url),
+                                    include_paths=True,
                                     file_extensions=list(IMAGE_EXTENSIONS), override_num_blocks=min(len(files), 64))
     return ds.randomize_block_order().map_batches(
         functools.partial(_decode_batch, **opts), batch_format="numpy")

@@ -14,7 +14,7 @@ from typing import Callable
 
 from rayganx import data as rdata
 from rayganx.spec import JobSpec
-from rayganx.storage import Store, is_remote, pyarrow_filesystem
+from rayganx.storage import Store, is_remote, ray_storage
 
 log = logging.getLogger("rayganx")
 
@@ -210,9 +210,10 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    import ray
+
     from rayganx.train import train_loop
 
-    root = Store(spec.storage.path, spec.storage.endpoint_url)
     datasets = {"train": rdata.build(spec.data, p.split, seed=spec.train.seed, counter=monitor)}
     if cache_decoded(spec, p.rows):
         # Decoding once instead of every epoch: the decode tasks otherwise share the CPUs with
@@ -227,16 +228,16 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
     s = spec.scaling
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
     best = spec.storage.keep_best_by
-    storage = dict(storage_path=spec.storage.path)
-    if is_remote(spec.storage.path):
-        storage = dict(storage_path=root.root, storage_filesystem=pyarrow_filesystem(root.fs))
+    storage = ray_storage(spec.storage.path, spec.storage.endpoint_url)
     from rayganx.spec import METRIC_MODES
 
     trainer = TorchTrainer(
         train_loop,
         # The spec object, not a dict: it keeps its ${VAR} placeholders for what workers store.
         train_loop_config={"spec": spec, "num_classes": p.num_classes,
-                           "total_steps": p.total_steps, "real_features": p.real_features,
+                           "total_steps": p.total_steps,
+                           # a reference, not the array: at Inception scale it is ~800 MB per worker
+                           "real_features": ray.put(p.real_features) if p.real_features is not None else None,
                            "init_from": init_from, "monitor": monitor,
                            "faults": {k: v for k, v in os.environ.items() if k.startswith("RAYGANX_FAULT_")}},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,

@@ -95,6 +95,7 @@ class TrainSpec(_Section):
     grad_clip: float | None = Field(None, gt=0)
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast on GPU only")
     channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile the networks (in place: checkpoints unchanged)")
     max_grad_norm: float = Field(1e4, gt=0, description="divergence guard threshold")
     max_rollbacks: int = Field(3, ge=0, description="divergence rollbacks to the last good state before failing")
     rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="learning rates x this at each rollback")
@@ -116,6 +117,7 @@ class StorageSpec(_Section):
     checkpoint_every: int = Field(200, ge=1)
     keep: int = Field(2, ge=1)
     keep_best_by: str | None = Field(None, description="metric to rank checkpoints by, e.g. fid")
+    async_upload: bool = Field(True, description="upload checkpoints in the background while training goes on")
 
 
 class SamplesSpec(_Section):

@@ -63,7 +63,7 @@ def filesystem(url: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstra
     kwargs: dict[str, Any] = {}
     if protocol in ("s3", "s3a"):
         protocol = "s3"
-        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = s3_endpoint(endpoint_url)
         if endpoint:
             kwargs["endpoint_url"] = endpoint
         # Fail fast on a dead endpoint instead of botocore's long retry ladder.
@@ -77,11 +77,44 @@ def filesystem(url: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstra
     return fs, path.rstrip("/")
 
 
-def pyarrow_filesystem(fs: fsspec.AbstractFileSystem):
-    """Ray Train and Ray Data take pyarrow filesystems; fsspec ones plug in through a handler."""
+def s3_endpoint(endpoint_url: str | None) -> str | None:
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def pyarrow_filesystem(url: str, endpoint_url: str | None = None):
+    """The pyarrow filesystem Ray Train and Ray Data use for a URL: pyarrow's own C++ S3 and GCS
+    clients for s3:// and gs:// (parallel, no Python in the data path), fsspec through a handler
+    for other schemes. Credentials are never passed: the clients read the environment, profile
+    or instance role themselves, so nothing secret is pickled to the workers."""
     import pyarrow.fs as pafs
 
+    protocol, _ = split_protocol(url)
+    if protocol in (None, "file", "local"):
+        return pafs.LocalFileSystem()
+    if protocol in ("s3", "s3a"):
+        kwargs: dict[str, Any] = {"connect_timeout": 5, "request_timeout": 60,
+                                  "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)}
+        endpoint = s3_endpoint(endpoint_url)
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs |= {"endpoint_override": host.rstrip("/"), "scheme": scheme}
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs)
+    if protocol in ("gs", "gcs"):
+        return pafs.GcsFileSystem()
+    fs, _ = filesystem(url, endpoint_url)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def ray_storage(url: str, endpoint_url: str | None = None) -> dict:
+    """RunConfig's storage arguments for a run store: a local path, or the store's path inside
+    its pyarrow filesystem (Ray Train then writes checkpoints straight to the store)."""
+    if not is_remote(url):
+        return {"storage_path": os.path.abspath(os.path.expanduser(url))}
+    return {"storage_path": split_protocol(url)[1].rstrip("/"),
+            "storage_filesystem": pyarrow_filesystem(url, endpoint_url)}
 
 
 def explain(url: str, err: BaseException) -> StorageError:

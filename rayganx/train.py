@@ -33,9 +33,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def _prepare(model: torch.nn.Module, distributed: bool, channels_last: bool) -> torch.nn.Module:
+def _prepare(model: torch.nn.Module, distributed: bool, channels_last: bool, compile: bool = False) -> torch.nn.Module:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()  # in place, unlike torch.compile(model): state_dict keys stay the same
     if not distributed:
         return model
     import ray.train.torch
@@ -114,8 +116,8 @@ class GANTask(Task):
         super().__init__(spec, num_classes, device, distributed)
         nets = models.build(spec, num_classes)
         cl = spec.train.channels_last and spec.data.source != "gaussian_mixture"
-        self.g = _prepare(nets["g"].to(device), distributed, cl)
-        self.d = _prepare(nets["d"].to(device), distributed, cl)
+        self.g = _prepare(nets["g"].to(device), distributed, cl, spec.train.compile)
+        self.d = _prepare(nets["d"].to(device), distributed, cl, spec.train.compile)
         t = spec.train
         self.opt_g, self.opt_d = _adam(self.g.parameters(), t.optim_g), _adam(self.d.parameters(), t.optim_d)
         self.ema = losses.EMA(_unwrap(self.g), t.ema_decay, t.ema_start) if t.ema_decay else None
@@ -204,7 +206,7 @@ class ClassifierTask(Task):
     def __init__(self, spec, num_classes, device, distributed):
         super().__init__(spec, num_classes, device, distributed)
         self.net = _prepare(models.build(spec, num_classes)["net"].to(device), distributed,
-                            spec.train.channels_last)
+                            spec.train.channels_last, spec.train.compile)
         self.opt = _adam(self.net.parameters(), spec.train.optim)
 
     def networks(self):
@@ -241,7 +243,8 @@ class VAETask(Task):
 
     def __init__(self, spec, num_classes, device, distributed):
         super().__init__(spec, num_classes, device, distributed)
-        self.net = _prepare(models.build(spec)["net"].to(device), distributed, spec.train.channels_last)
+        self.net = _prepare(models.build(spec)["net"].to(device), distributed, spec.train.channels_last,
+                            spec.train.compile)
         self.opt = _adam(self.net.parameters(), spec.train.optim)
 
     def networks(self):
@@ -527,17 +530,22 @@ def train_loop(config: dict) -> None:
 def _checkpoint(task: Task, step: int, metrics: dict, num_classes, rng: list, lineage, rank: int) -> None:
     """Every rank reports (a barrier); rank 0's folder is uploaded, its marker written last."""
     import ray.train
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, CheckpointUploadMode
 
     # ray.train.report is a barrier whose queue the controller drains on its own poll interval:
     # reporting every log step stalled training by half. Logs go to the metrics log and Ray's
     # metrics; Ray Train hears from us at checkpoints.
-    with tempfile.TemporaryDirectory(prefix="rayganx_ckpt_") as d:
-        if rank == 0:
-            save_checkpoint(d, task, step, metrics, num_classes, rng, lineage)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None,
-                         checkpoint_dir_name=f"checkpoint_{step:06d}",
-                         checkpoint_upload_fn=upload_with_marker if rank == 0 else None)
+    checkpoint = None
+    if rank == 0:
+        local = tempfile.mkdtemp(prefix="rayganx_ckpt_")  # removed by Ray once uploaded
+        save_checkpoint(local, task, step, metrics, num_classes, rng, lineage)
+        checkpoint = Checkpoint.from_directory(local)
+    # Asynchronous: the upload (and its marker, written last) runs in a background thread while
+    # training goes on; a failed upload fails the run at the next step.
+    mode = CheckpointUploadMode.ASYNC if task.spec.storage.async_upload else CheckpointUploadMode.SYNC
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}",
+                     checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=checkpoint is not None,
+                     checkpoint_upload_fn=upload_with_marker if checkpoint is not None else None)
 
 
 class Evaluator:
@@ -549,7 +557,11 @@ class Evaluator:
         self.m, self.spec, self.rank, self.world, self.device = m, spec, rank, world, device
         self.num_classes = config["num_classes"]
         self.extractor = m.load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url).to(device)
-        self.real = config["real_features"] if rank == 0 else None
+        import ray
+
+        # Put in Ray's object store once by the driver; only rank 0 fetches it.
+        ref = config["real_features"]
+        self.real = (ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref) if rank == 0 else None
 
     def __call__(self, task) -> dict:
         import torch.distributed as dist

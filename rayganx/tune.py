@@ -541,7 +541,7 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     from rayganx import runner
-    from rayganx.storage import pyarrow_filesystem
+    from rayganx.storage import ray_storage
 
     if not is_remote(sw.storage):
         sw.spec.storage = os.path.abspath(os.path.expanduser(sw.storage))
@@ -601,9 +601,7 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
         from ray.tune.search import BasicVariantGenerator
 
         search = BasicVariantGenerator(random_state=sw.base.train.seed, max_concurrent=concurrency)
-    storage = dict(storage_path=sw.root)
-    if is_remote(sw.root):
-        storage = dict(storage_path=root.root, storage_filesystem=pyarrow_filesystem(root.fs))
+    storage = ray_storage(sw.root, sw.base.storage.endpoint_url)
     run_config = tune.RunConfig(name="tune", verbose=0, callbacks=[_events_callback()],
                                 **storage)
     tune_config = tune.TuneConfig(

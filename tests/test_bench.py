@@ -36,3 +36,20 @@ def test_bench_makes_stand_in_images_when_the_dataset_is_absent(tmp_path):
     from rayganx.data import count_rows
 
     assert count_rows(s.data) == 4 and s.data.source == "celeba"
+
+
+@pytest.mark.parametrize("sets", [["train.channels_last=true"], ["train.compile=true"]])
+def test_plain_row_runs_on_the_job_device_with_its_options(sets):
+    import torch
+
+    from rayganx import spec as jobspec
+    from rayganx.bench import plain
+
+    kind = ["model.kind=mlp_gan", "data.source=gaussian_mixture"] if "train.compile=true" in sets else []
+    spec = jobspec.load(JOBS / "dcgan_digits.yaml", ["model.ngf=8", "model.ndf=8", "train.batch_size=16",
+                                                     "scaling.use_gpu=true", "scaling.num_workers=1", *kind, *sets])
+    res = plain(spec, steps=3, warmup=1)
+    assert res["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert res["channels_last"] == ("train.channels_last=true" in sets)
+    assert res["compile"] == ("train.compile=true" in sets)
+    assert res["images_per_s"] > 0 and res["flops_per_step"] > 0

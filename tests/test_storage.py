@@ -1,6 +1,6 @@
 """Data and runs on object storage: a real S3-compatible server (moto) on loopback."""
 
-import io
+import os
 
 import boto3
 import pytest
@@ -117,3 +117,24 @@ def test_wrong_credentials(s3_server, tmp_path, monkeypatch):
                     storage={"path": f"{BUCKET}/runs", "endpoint_url": s3_server})
     r = rayganx("submit", job, env=env)
     assert r.returncode == 1 and r.stderr.strip().startswith(f"error: {BUCKET}/runs: access denied"), r.stderr
+
+
+def test_native_pyarrow_filesystem_per_scheme(s3_server, tmp_path):
+    import pickle
+
+    import pyarrow.fs as pafs
+
+    from rayganx.storage import pyarrow_filesystem, ray_storage
+
+    s3 = pyarrow_filesystem(f"{BUCKET}/native", s3_server)
+    assert isinstance(s3, pafs.S3FileSystem)  # pyarrow's C++ client, not the fsspec shim
+    assert isinstance(pyarrow_filesystem("gs://bucket/x"), pafs.GcsFileSystem)
+    assert isinstance(pyarrow_filesystem(str(tmp_path)), pafs.LocalFileSystem)
+    assert isinstance(pyarrow_filesystem("memory://x"), pafs.PyFileSystem)  # other schemes: fsspec
+    assert TEST_SECRET.encode() not in pickle.dumps(s3)  # workers get it pickled: no credentials inside
+    with s3.open_output_stream("rayganx-test/native/a.txt") as f:
+        f.write(b"through pyarrow")
+    assert Store(f"{BUCKET}/native", s3_server).read_text("a.txt") == "through pyarrow"
+    args = ray_storage(f"{BUCKET}/runs", s3_server)
+    assert args["storage_path"] == "rayganx-test/runs" and isinstance(args["storage_filesystem"], pafs.S3FileSystem)
+    assert ray_storage("runs") == {"storage_path": os.path.abspath("runs")}
