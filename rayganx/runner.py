@@ -111,10 +111,11 @@ def root_cause(err: BaseException, storage_url: str | None = None) -> str:
     for e in seen_errors(err):
         if isinstance(e, (DataError, StorageError, DivergenceError, EvalError)):
             return str(e).splitlines()[0]
-    if storage_url:
+    if storage_url:  # the store went away under Ray's own uploads (botocore's or pyarrow's text)
         for e in seen_errors(err):
-            if "EndpointConnectionError" in f"{type(e).__name__}: {e}" or "Could not connect to the endpoint" in str(e):
-                return str(explain(storage_url, e))
+            line = str(explain(storage_url, e))
+            if line.endswith("unreachable"):
+                return line
     # Ray Data re-raises worker errors as text: find our error's line in the whole chain.
     import re
 

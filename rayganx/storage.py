@@ -128,7 +128,8 @@ def explain(url: str, err: BaseException) -> StorageError:
         why = "the bucket does not exist"
     elif "nocredentials" in low or "unable to locate credentials" in low:
         why = "no credentials found in the environment, profile or instance role"
-    elif "could not connect" in low or "connect timeout" in low or "connection refused" in low \
+    elif "could not connect" in low or "couldn't connect" in low or "connect timeout" in low \
+            or "connection refused" in low or "network_connection" in low \
             or "endpoint" in low and "connect" in low or "name or service not known" in low:
         why = "the storage endpoint is unreachable"
     elif isinstance(err, FileNotFoundError):
