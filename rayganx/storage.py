@@ -519,7 +519,9 @@ def load_state(url: str, endpoint_url: str | None = None, map_location="cpu") ->
 def download(url: str, to: str, endpoint_url: str | None = None, progress=None) -> list[str]:
     """Copy a checkpoint folder to a local directory; `progress(bytes_done, bytes_total)`."""
     store = Store(url, endpoint_url)
-    files = [f for f in store.find().values() if f["type"] == "file"]
+    # pyarrow's S3 client leaves empty "folder/" marker objects: not files of the checkpoint
+    files = [f for f in store.find().values() if f["type"] == "file" and not f["name"].endswith("/")
+             and posixpath.relpath(f["name"], store.root) != "."]
     if not files:
         raise StorageError(f"{url}: no such checkpoint")
     total, done, written = sum(f["size"] or 0 for f in files), 0, []
