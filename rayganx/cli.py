@@ -81,13 +81,18 @@ def command(fn):
     return wrapper
 
 
-@app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's logs and tracebacks"),
-          version: bool = typer.Option(False, "--version", help="print the version and exit")):
-    STATE["verbose"] = verbose
-    if version:
+def _version(value: bool) -> None:
+    if value:
         out.print(__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's logs and tracebacks"),
+          # Eager: `rayganx --version` alone answers instead of asking for a command.
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
+    STATE["verbose"] = verbose
 
 
 # --------------------------------------------------------------------------- job commands
