@@ -206,7 +206,7 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
                            "total_steps": p.total_steps, "real_features": p.real_features,
                            "init_from": init_from},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=s.placement_strategy),
         run_config=RunConfig(
             name=spec.name, **storage, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(

@@ -310,6 +310,17 @@ def _load_state(checkpoint, url: str | None, endpoint_url: str | None, device) -
     return load_state(url, endpoint_url, map_location=device)
 
 
+def _node_ids(world: int) -> list[str]:
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    ids = [None] * world
+    torch.distributed.all_gather_object(ids, node)
+    return ids
+
+
 def train_loop(config: dict) -> None:
     """Runs on every worker. config: spec (dict), num_classes, total_steps, real_features, and
     init_from: a checkpoint URL to start from when Ray Train has none of its own (Tune trials)."""
@@ -341,6 +352,8 @@ def train_loop(config: dict) -> None:
     telemetry = _Telemetry(spec.name, rank)
 
     evaluator = Evaluator(spec, config, rank, world, device) if spec.eval.every else None
+    # Where each rank runs, in the first row after every (re)start: placement is visible in the run.
+    placed = {"node_ids": _node_ids(world)}
 
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if isinstance(task, ClassifierTask) else None
@@ -378,8 +391,8 @@ def train_loop(config: dict) -> None:
             metrics |= {"step": step, "images_per_s": images / elapsed, "step_time": elapsed / (step - last_report),
                         "time": time.time(), "first_step_at": first_step_at,
                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-            metrics |= task.learning_rates() | restored
-            restored = {}
+            metrics |= task.learning_rates() | restored | placed
+            restored, placed = {}, {}
             if val_shard is not None and do_ckpt:
                 metrics |= task.validate(val_shard, spec.per_worker_batch)
             if evaluator and (step % spec.eval.every == 0 or last):
