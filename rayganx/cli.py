@@ -35,7 +35,7 @@ AddressOpt = typer.Option(None, "--address", envvar=["RAY_API_SERVER_ADDRESS"],
                           help="Ray dashboard/Jobs API address (default: RAY_ADDRESS when it is http://...)")
 OnClusterOpt = typer.Option(False, "--paths-on-cluster",
                             help="with --address: the job's local paths (data, storage) exist as written on every "
-                                 "node of the cluster (a shared volume); without it they are refused")
+                                 "node of the cluster (a volume they all mount); without it they are refused")
 EndpointOpt = typer.Option(None, "--endpoint-url", envvar="AWS_ENDPOINT_URL",
                            help="S3-compatible endpoint (MinIO, ...)")
 

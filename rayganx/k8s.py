@@ -201,7 +201,7 @@ def _under(path: str, mount: str) -> bool:
 def path_problems(spec: JobSpec, pods: int, pvc: tuple[str, str] | None, storage: str | None = None) -> list[str]:
     """Paths a pod cannot reach: local data, pod-local storage on a cluster of several pods."""
     mount = pvc[1] if pvc else None
-    vol = f"a shared volume (--pvc CLAIM:{mount or '/mnt/shared'} with the path under it)"
+    vol = f"a volume every pod mounts (--pvc CLAIM:{mount or '/mnt/data'} with the path under it)"
     out = []
     storage = storage or spec.storage.path
     if not is_remote(storage) and not (mount and _under(storage, mount)):
@@ -255,16 +255,16 @@ def _rayjob(name: str, namespace: str, entrypoint: str, files: dict[str, str], s
                   "metadata": {"name": f"{name}-job", "namespace": namespace, "labels": labels}, "data": files}
     per_pod, gpus = gpu_layout(s)
     replicas = math.ceil(workers / per_pod)
-    shared = [{"name": "shared", "mountPath": pvc[1]}] if pvc else []
-    shared_vol = [{"name": "shared", "persistentVolumeClaim": {"claimName": pvc[0]}}] if pvc else []
+    claim = [{"name": "pvc", "mountPath": pvc[1]}] if pvc else []
+    claim_vol = [{"name": "pvc", "persistentVolumeClaim": {"claimName": pvc[0]}}] if pvc else []
     # The entrypoint runs on the head: the job file is mounted there from the ConfigMap.
-    head = _container(image, 2, 0, "8Gi", secret, True, env, [{"name": "job", "mountPath": JOB_DIR}, *shared])
+    head = _container(image, 2, 0, "8Gi", secret, True, env, [{"name": "job", "mountPath": JOB_DIR}, *claim])
     # One CPU per pod beyond the Train workers': Ray Data's read and decode tasks need a whole
     # free CPU, and a pod the workers fill would starve the input pipeline.
     worker = _container(image, per_pod * s.cpus_per_worker + 1, gpus, _times(s.memory_per_worker, per_pod), secret,
-                        False, env, [{"name": "dshm", "mountPath": "/dev/shm"}, *shared])
+                        False, env, [{"name": "dshm", "mountPath": "/dev/shm"}, *claim])
     # Ray's object store and NCCL live in /dev/shm, which is 64M in a pod unless given memory.
-    pod: dict = {"containers": [worker], "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, *shared_vol]}
+    pod: dict = {"containers": [worker], "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, *claim_vol]}
     if gpus:
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     metrics = {"metrics-export-port": "8080"}
@@ -281,7 +281,7 @@ def _rayjob(name: str, namespace: str, entrypoint: str, files: dict[str, str], s
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", **metrics},
                     "template": {"spec": {"containers": [head],
                                           "volumes": [{"name": "job", "configMap": {"name": f"{name}-job"}},
-                                                      *shared_vol]}}},
+                                                      *claim_vol]}}},
                 "workerGroupSpecs": [{
                     "groupName": "gpu-workers" if gpus else "cpu-workers",
                     "replicas": replicas, "minReplicas": replicas, "maxReplicas": replicas,

@@ -86,7 +86,7 @@ def _call(address: str, fn, *args, **kwargs):
 
 
 LOCAL_HINT = ("put it in object storage (--set {key}=s3://BUCKET/...), or, if the path exists as written on "
-              "every node of the cluster (a shared volume), say so with --paths-on-cluster")
+              "every node of the cluster (a volume they all mount), say so with --paths-on-cluster")
 
 
 def path_problems(spec: JobSpec, paths_on_cluster: bool, storage: str | None = None) -> list[str]:

@@ -115,8 +115,8 @@ def test_pod_local_storage_and_local_data_are_refused(tmp_path):
     assert r.returncode == 0, r.stderr
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     for pod in (head, worker_group(job)["template"]["spec"]):
-        assert {"name": "shared", "persistentVolumeClaim": {"claimName": "gan-data"}} in pod["volumes"]
-        assert {"name": "shared", "mountPath": "/mnt/gan"} in pod["containers"][0]["volumeMounts"]
+        assert {"name": "pvc", "persistentVolumeClaim": {"claimName": "gan-data"}} in pod["volumes"]
+        assert {"name": "pvc", "mountPath": "/mnt/gan"} in pod["containers"][0]["volumeMounts"]
     r, _ = render(tmp_path, JOBS / "dcgan_digits.yaml", "--image", "x", "--pvc", "gan-data:/mnt/gan",
                   "--set", "storage.path=/elsewhere/runs")
     assert r.returncode == 1 and "storage.path: '/elsewhere/runs' is pod-local" in r.stderr
