@@ -41,8 +41,8 @@ EndpointOpt = typer.Option(None, "--endpoint-url", envvar="AWS_ENDPOINT_URL",
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from rayganx.data import DataError
     from rayganx.crds import CrdError
+    from rayganx.data import DataError
     from rayganx.k8s import ManifestError
     from rayganx.metrics import EvalError
     from rayganx.remote import RemoteError
