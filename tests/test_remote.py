@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,6 +60,7 @@ def head(tmp_path_factory):
     for p in psutil.process_iter(["cmdline"]):
         if any(temp in arg for arg in (p.info["cmdline"] or [])):
             p.kill()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_submit_follow_logs_list_and_status(head, s3_server, tmp_path):
