@@ -33,11 +33,15 @@ STATE = {"verbose": False}
 SetOpt = typer.Option(None, "--set", help="override a job key: key.path=value (repeatable)")
 AddressOpt = typer.Option(None, "--address", envvar=["RAY_API_SERVER_ADDRESS"],
                           help="Ray dashboard/Jobs API address (default: RAY_ADDRESS when it is http://...)")
+OnClusterOpt = typer.Option(False, "--paths-on-cluster",
+                            help="with --address: the job's local paths (data, storage) exist as written on every "
+                                 "node of the cluster (a volume they all mount); without it they are refused")
 EndpointOpt = typer.Option(None, "--endpoint-url", envvar="AWS_ENDPOINT_URL",
                            help="S3-compatible endpoint (MinIO, ...)")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from rayganx.crds import CrdError
     from rayganx.data import DataError
     from rayganx.k8s import ManifestError
     from rayganx.metrics import EvalError
@@ -45,7 +49,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from rayganx.runner import RunError
     from rayganx.storage import StorageError
 
-    return (jobspec.SpecError, RunError, StorageError, DataError, RemoteError, EvalError, ManifestError)
+    return (jobspec.SpecError, RunError, StorageError, DataError, RemoteError, EvalError, ManifestError, CrdError)
 
 
 def command(fn):
@@ -62,7 +66,7 @@ def command(fn):
                 err.print_exception()
             for line in str(e).splitlines() or [type(e).__name__]:
                 err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
+            raise typer.Exit(getattr(e, "exit_code", 1))
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130)
@@ -77,9 +81,17 @@ def command(fn):
     return wrapper
 
 
+def _version(value: bool) -> None:
+    if value:
+        out.print(__version__)
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's logs and tracebacks"),
-          version: bool = typer.Option(False, "--version", help="print the version and exit")):
+          # Eager: `rayganx --version` alone answers instead of asking for a command.
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
     STATE["verbose"] = verbose
     import logging
 
@@ -91,9 +103,6 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray'
     if not pkg.handlers:
         pkg.addHandler(_ToConsole(logging.WARNING))
         pkg.propagate = False
-    if version:
-        out.print(__version__)
-        raise typer.Exit()
 
 
 # --------------------------------------------------------------------------- job commands
@@ -202,14 +211,15 @@ ForceOpt = typer.Option(False, "--force", help="take over the run even if anothe
 def submit(job: str, set_: Optional[list[str]] = SetOpt,
            address: Optional[str] = AddressOpt,
            follow: bool = typer.Option(False, "--follow", "-f", help="stream logs until the job ends"),
-           force: bool = ForceOpt):
-    """Run a job: on an embedded local Ray, or on a cluster through the Jobs API with --address."""
+           paths_on_cluster: bool = OnClusterOpt, force: bool = ForceOpt):
+    """Run a job: on an embedded local Ray, or on a cluster through the Jobs API with --address
+    (the job travels with every --set applied; datasets never do)."""
     spec = jobspec.load(job, set_)
     address = address or _jobs_address_from_env()
     if address:
         from rayganx import remote
 
-        job_id = remote.submit(job, spec, set_ or [], address)
+        job_id = remote.submit(spec, address, paths_on_cluster)
         out.print(f"submitted {job_id} to {address}", highlight=False)
         if not follow:
             out.print(f"follow it with: rayganx logs {job_id} --follow --address {address}", highlight=False)
@@ -392,7 +402,8 @@ def tune_cmd(sweep: Optional[str] = typer.Argument(None, help="sweep YAML"),
              resume: bool = typer.Option(False, "--resume", help="continue an interrupted sweep"),
              defaults: bool = typer.Option(False, "--defaults", help="print the built-in search spaces"),
              address: Optional[str] = AddressOpt,
-             follow: bool = typer.Option(False, "--follow", "-f", help="with --address: stream logs until it ends")):
+             follow: bool = typer.Option(False, "--follow", "-f", help="with --address: stream logs until it ends"),
+             paths_on_cluster: bool = OnClusterOpt):
     """Run a Ray Tune sweep (ASHA or PBT) over a job's hyperparameters."""
     from rayganx import tune
 
@@ -406,7 +417,7 @@ def tune_cmd(sweep: Optional[str] = typer.Argument(None, help="sweep YAML"),
     if address:
         from rayganx import remote
 
-        job_id = remote.submit_sweep(sw, address, resume)
+        job_id = remote.submit_sweep(sw, address, resume, paths_on_cluster)
         out.print(f"submitted {job_id} to {address}", highlight=False)
         if follow:
             _follow(address, job_id)
@@ -647,25 +658,44 @@ def _core_schema_note() -> None:
                   "(pip install 'rayganx[k8s]')", highlight=False)
 
 
+CrdsOpt = typer.Option(None, "--crds", help="directory with the KubeRay RayJob/RayCluster CRDs (default: "
+                                             "RAYGANX_KUBERAY_CRDS, the current kube context's cluster, the cache)")
+
+
 @k8s_app.command("render")
 @command
 def k8s_render(job: str = typer.Argument(..., help="job or sweep YAML"),
                image: str = typer.Option(..., "--image", help="container image with rayganx"),
                namespace: str = typer.Option("default", "--namespace"),
-               gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker"),
+               gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker",
+                                                               help="GPU workers: same as --set scaling.use_gpu=true "
+                                                                    "--set scaling.gpus_per_worker=N"),
                secret: str = typer.Option("rayganx-storage", "--secret", help="Secret with storage credentials"),
+               pvc: Optional[str] = typer.Option(None, "--pvc", help="CLAIM:/mount: a PersistentVolumeClaim mounted "
+                                                                     "in every pod; local paths under it are allowed"),
+               crds: Optional[str] = CrdsOpt,
                out_file: Optional[str] = typer.Option(None, "--out", help="write here instead of stdout"),
                set_: Optional[list[str]] = SetOpt):
-    """A ConfigMap + RayJob manifest for a job or a sweep, sized from its scaling section (validated)."""
+    """A ConfigMap + RayJob manifest for a job or a sweep: the ConfigMap holds the job as it will run
+    (every --set applied), the cluster is sized from it. Checked against the CRDs when found."""
+    from rayganx import crds as kcrds
     from rayganx import k8s
 
+    volume = k8s.parse_pvc(pvc) if pvc else None
+    gpu_sets = [] if gpus_per_worker is None else (
+        ["scaling.use_gpu=true", f"scaling.gpus_per_worker={gpus_per_worker!r}"] if gpus_per_worker > 0
+        else ["scaling.use_gpu=false"])
     if _is_sweep(job):
         from rayganx import tune
 
-        docs = k8s.render_sweep(tune.load(job, set_), image, namespace, gpus_per_worker, secret)
+        docs = k8s.render_sweep(tune.load(job, set_), image, namespace, secret, volume, gpu_sets)
     else:
-        docs = k8s.render(jobspec.load(job, set_), job, image, namespace, gpus_per_worker, secret)
-    problems = [p for d in docs for p in k8s.validate_doc(d, "rendered manifest")]
+        docs = k8s.render(jobspec.load(job, [*(set_ or []), *gpu_sets]), image, namespace, secret, volume)
+    try:
+        schemas = kcrds.find(crds)
+    except kcrds.SchemasMissing:
+        schemas = None
+    problems = [p for d in docs for p in k8s.validate_doc(d, "rendered manifest", schemas)]
     if problems:
         raise k8s.ManifestError("\n".join(problems))
     text = k8s.dump(docs)
@@ -675,20 +705,52 @@ def k8s_render(job: str = typer.Argument(..., help="job or sweep YAML"),
         out.print(f"wrote {out_file}")
     else:
         sys.stdout.write(text)
+    if schemas is None:
+        err.print("[yellow]note:[/yellow] not checked against the KubeRay CRD schemas (none found; "
+                  "see rayganx k8s validate --help)", highlight=False)
     _core_schema_note()
 
 
 @k8s_app.command("validate")
 @command
-def k8s_validate(files: list[str] = typer.Argument(..., help="manifest files")):
-    """Validate manifests offline: KubeRay CRD schemas and rules, pod templates against Kubernetes."""
+def k8s_validate(files: list[str] = typer.Argument(..., help="manifest files"),
+                 crds: Optional[str] = CrdsOpt,
+                 server: bool = typer.Option(False, "--server", help="also let the API server of the current kube "
+                                                                     "context validate them (kubectl apply "
+                                                                     "--dry-run=server)")):
+    """Validate manifests: KubeRay CRD schemas and controller rules, pod templates against Kubernetes.
+    Exit 1: invalid; exit 3: no CRD schemas found (and how to get them)."""
+    from rayganx import crds as kcrds
     from rayganx import k8s
 
-    problems = [p for f in files for p in k8s.validate_file(f)]
+    try:
+        schemas = kcrds.find(crds)
+    except kcrds.SchemasMissing:
+        if not server:
+            raise
+        schemas = None
+    problems = [p for f in files for p in k8s.validate_file(f, schemas)]
+    if server:
+        problems += [p for f in files for p in kcrds.server_dry_run(f)]
     if problems:
         raise k8s.ManifestError("\n".join(problems))
-    out.print(f"{len(files)} manifest file(s) valid")
+    checks = ([f"KubeRay CRDs from {schemas.source}"] if schemas else []) + (["the API server"] if server else [])
+    out.print(f"{len(files)} manifest file(s) valid ({', '.join(checks)})", highlight=False, soft_wrap=True)
     _core_schema_note()
+
+
+@k8s_app.command("crds")
+@command
+def k8s_crds(sources: list[str] = typer.Option(..., "--from", help="file, directory or URL holding the KubeRay "
+                                                                   "CRDs (repeatable)")):
+    """Cache the KubeRay RayJob/RayCluster CRDs for `k8s validate` (per user)."""
+    from rayganx import crds as kcrds
+
+    dest, kinds = kcrds.fetch(sources)
+    out.print(f"cached the {' and '.join(kinds)} CRDs in {dest}", highlight=False, soft_wrap=True)
+    missing = sorted(set(kcrds.CRD_NAMES.values()) - set(kinds))
+    if missing and not all((dest / f"ray.io_{k.lower()}s.yaml").is_file() for k in missing):
+        err.print(f"[yellow]note:[/yellow] still missing: {', '.join(missing)} (add it with --from)", highlight=False)
 
 
 # --------------------------------------------------------------------------- bench

@@ -1,65 +1,31 @@
-"""KubeRay manifests: render a RayJob from a job spec, and validate manifests offline.
+"""KubeRay manifests: render a RayJob from a job spec, and validate manifests.
 
-Validation uses the KubeRay v1.7.0 CRD schemas (found through RAYGANX_KUBERAY_CRDS, or the
-project's ../shared/kuberay/), made strict the way kubeconform's openapi2jsonschema does
-(unknown fields rejected), plus the rules KubeRay's controller checks in Go.
+Validation uses the CRD schemas of the KubeRay release (see rayganx.crds for where they come
+from), made strict (unknown fields rejected), plus the rules KubeRay's controller checks in Go.
+Rendering needs no schemas: it checks the controller's rules and, when schemas are at hand,
+the schemas too.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 import os
-from pathlib import Path
+import re
+from pathlib import PurePosixPath
 
 import yaml
 
-from rayganx.spec import SECRET_ENV, JobSpec
+from rayganx.crds import Schemas
+from rayganx.spec import ENV_REF, SECRET_ENV, JobSpec
+from rayganx.storage import is_remote
 
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 DEFAULT_SECRET = "rayganx-storage"
+JOB_DIR = "/etc/rayganx"
 
 
 class ManifestError(ValueError):
     """A manifest problem naming the file, the field and what is wrong."""
-
-
-def crd_dirs() -> list[Path]:
-    env = os.environ.get("RAYGANX_KUBERAY_CRDS")
-    here = Path(__file__).resolve().parent.parent
-    return ([Path(env)] if env else []) + [here.parent / "shared" / "kuberay", Path.cwd().parent / "shared" / "kuberay"]
-
-
-def find_crds() -> Path | None:
-    for d in crd_dirs():
-        if (d / "ray.io_rayjobs.yaml").is_file() and (d / "ray.io_rayclusters.yaml").is_file():
-            return d
-    return None
-
-
-def _strict(schema):
-    if isinstance(schema, dict):
-        if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
-            schema["additionalProperties"] = False
-        for v in schema.values():
-            _strict(v)
-    elif isinstance(schema, list):
-        for v in schema:
-            _strict(v)
-    return schema
-
-
-@functools.lru_cache(maxsize=None)
-def validator(kind: str):
-    from jsonschema import Draft7Validator
-
-    where = find_crds()
-    if where is None:
-        raise ManifestError("KubeRay CRD schemas not found (looked in "
-                            + ", ".join(str(d) for d in crd_dirs()) + "); set RAYGANX_KUBERAY_CRDS")
-    crd = yaml.safe_load((where / f"ray.io_{kind.lower()}s.yaml").read_text())
-    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
-    return Draft7Validator(_strict(schema))
 
 
 def _path(err) -> str:
@@ -140,14 +106,15 @@ def core_schema_available() -> bool:
     return True
 
 
-def validate_doc(doc: dict, where: str = "<manifest>") -> list[str]:
-    """Problems of one manifest document (empty when valid)."""
+def validate_doc(doc: dict, where: str = "<manifest>", schemas: Schemas | None = None) -> list[str]:
+    """Problems of one manifest document (empty when valid); the CRD schema check needs `schemas`."""
     kind = doc.get("kind")
     problems: list[str] = []
     if kind in ("RayJob", "RayCluster"):
         if doc.get("apiVersion") != "ray.io/v1":
             problems.append(f"{where}: apiVersion: expected ray.io/v1, got {doc.get('apiVersion')!r}")
-        for err in sorted(validator(kind).iter_errors(doc), key=lambda e: list(e.absolute_path)):
+        errors = schemas.validator(kind).iter_errors(doc) if schemas else []
+        for err in sorted(errors, key=lambda e: list(e.absolute_path)):
             msg = err.message
             if err.validator == "additionalProperties":
                 msg = "unknown field " + msg.split("(")[-1].rstrip(")").replace(" was unexpected", "")
@@ -171,20 +138,27 @@ def validate_doc(doc: dict, where: str = "<manifest>") -> list[str]:
     return problems
 
 
-def validate_file(path: str | Path) -> list[str]:
-    text = Path(path).read_text()
+def validate_file(path, schemas: Schemas | None = None) -> list[str]:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ManifestError(f"{path}: {e.strerror}") from None
     try:
         docs = [d for d in yaml.safe_load_all(text) if d]
     except yaml.YAMLError as e:
         raise ManifestError(f"{path}: malformed YAML: {e}") from None
-    return [p for i, d in enumerate(docs) for p in validate_doc(d, f"{path}" + (f"[{i}]" if len(docs) > 1 else ""))]
+    return [p for i, d in enumerate(docs) for p in validate_doc(d, f"{path}" + (f"[{i}]" if len(docs) > 1 else ""), schemas)]
 
 
 # --------------------------------------------------------------------------- render
 
 
 class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (the job file in the ConfigMap) as readable literal blocks."""
+    """Multi-line strings (the job file in the ConfigMap) as readable literal blocks, no anchors."""
+
+    def ignore_aliases(self, data):
+        return True
 
 
 _Dumper.add_representer(str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
@@ -194,32 +168,106 @@ def dump(docs: list[dict]) -> str:
     return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False)
 
 
-def _container(image: str, cpus: float, gpus: float, memory: str | None, secret: str | None, head: bool) -> dict:
-    limits = {"cpu": f"{float(cpus):g}"} | ({"memory": memory} if memory else {}) | ({"nvidia.com/gpu": int(gpus)} if gpus else {})
+def _container(image: str, cpus: float, gpus: int, memory: str | None, secret: str | None, head: bool,
+               env: list[dict], mounts: list[dict]) -> dict:
+    limits = {"cpu": f"{float(cpus):g}"} | ({"memory": memory} if memory else {}) | ({"nvidia.com/gpu": gpus} if gpus else {})
     c = {"name": "ray-head" if head else "ray-worker", "image": image,
          "resources": {"limits": limits, "requests": {k: v for k, v in limits.items() if k != "nvidia.com/gpu"}}}
     if head:
         c["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
                       {"containerPort": 8080, "name": "metrics"}]
+    if env:
+        c["env"] = env
     if secret:
         c["envFrom"] = [{"secretRef": {"name": secret}}]
+    if mounts:
+        c["volumeMounts"] = mounts
     return c
 
 
-def _rayjob(name: str, namespace: str, entrypoint: str, files: dict[str, str], s, replicas: int, image: str,
-            gpus: float, secret: str | None) -> list[dict]:
+def parse_pvc(text: str) -> tuple[str, str]:
+    """--pvc CLAIM:/mount/path"""
+    claim, _, mount = text.partition(":")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", claim) or not mount.startswith("/"):
+        raise ManifestError(f"--pvc {text!r}: expected CLAIM:/mount/path (a PersistentVolumeClaim name and "
+                            f"an absolute mount path)")
+    return claim, mount.rstrip("/") or "/"
+
+
+def _under(path: str, mount: str) -> bool:
+    return PurePosixPath(path).is_absolute() and PurePosixPath(path).is_relative_to(mount)
+
+
+def path_problems(spec: JobSpec, pods: int, pvc: tuple[str, str] | None, storage: str | None = None) -> list[str]:
+    """Paths a pod cannot reach: local data, pod-local storage on a cluster of several pods."""
+    mount = pvc[1] if pvc else None
+    vol = f"a volume every pod mounts (--pvc CLAIM:{mount or '/mnt/data'} with the path under it)"
+    out = []
+    storage = storage or spec.storage.path
+    if not is_remote(storage) and not (mount and _under(storage, mount)):
+        out.append(f"storage.path: {storage!r} is pod-local: on a cluster of {pods} pods each pod would keep "
+                   f"the checkpoints it wrote and lose them with it; use object storage "
+                   f"(--set storage.path=s3://BUCKET/runs) or {vol}")
+    d = spec.data
+    for key, value in (("data.path", d.path if d.source in ("image_folder", "parquet", "celeba") else None),
+                       ("eval.extractor", spec.eval.extractor if spec.eval.every else None)):
+        if value and not is_remote(value) and not (mount and _under(value, mount)):
+            out.append(f"{key}: {value!r} is a path on this machine, not in the pods; put it in object "
+                       f"storage (--set {key}=s3://BUCKET/...) or on {vol}")
+    return out
+
+
+def gpu_layout(s) -> tuple[int, int]:
+    """(Train workers per pod, GPUs per pod). Kubernetes hands out whole GPUs: a fraction 1/k puts
+    k workers in one pod on one GPU, which Ray then shares among them."""
+    if not s.use_gpu:
+        return 1, 0
+    g = s.gpus_per_worker
+    if g >= 1 and g == int(g):
+        return 1, int(g)
+    k = round(1 / g) if g < 1 else 0
+    if k < 2 or not math.isclose(k * g, 1.0, rel_tol=1e-6):
+        raise ManifestError(f"scaling.gpus_per_worker: {g:g} cannot be rendered: Kubernetes gives a pod whole "
+                            f"GPUs; use a whole number, or 1/k (0.5, 0.25, ...) to run k workers on one GPU")
+    return k, 1
+
+
+def _times(memory: str | None, k: int) -> str | None:
+    if not memory or k == 1:
+        return memory
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", memory)
+    if not m:
+        raise ManifestError(f"scaling.memory_per_worker: {memory!r}: expected a Kubernetes quantity such as 8Gi")
+    return f"{float(m.group(1)) * k:g}{m.group(2)}"
+
+
+def pod_env(*specs: JobSpec) -> list[dict]:
+    """This machine's values of the variables the job's placeholders name, so the pods resolve the
+    ConfigMap's ${VAR} to what was checked here (credential variables never reach a job file)."""
+    names = sorted({var for s in specs for t in s._templates.values() for var, _ in ENV_REF.findall(t)})
+    return [{"name": n, "value": os.environ[n]} for n in names if n in os.environ and not SECRET_ENV.search(n)]
+
+
+def _rayjob(name: str, namespace: str, entrypoint: str, files: dict[str, str], s, workers: int, image: str,
+            secret: str | None, pvc: tuple[str, str] | None, env: list[dict]) -> list[dict]:
     labels = {"app.kubernetes.io/name": "rayganx", "rayganx/job": name}
     config_map = {"apiVersion": "v1", "kind": "ConfigMap",
                   "metadata": {"name": f"{name}-job", "namespace": namespace, "labels": labels}, "data": files}
-    head = _container(image, 2, 0, "8Gi", secret, head=True)
+    per_pod, gpus = gpu_layout(s)
+    replicas = math.ceil(workers / per_pod)
+    claim = [{"name": "pvc", "mountPath": pvc[1]}] if pvc else []
+    claim_vol = [{"name": "pvc", "persistentVolumeClaim": {"claimName": pvc[0]}}] if pvc else []
     # The entrypoint runs on the head: the job file is mounted there from the ConfigMap.
-    head["volumeMounts"] = [{"name": "job", "mountPath": "/etc/rayganx"}]
-    # One CPU per pod beyond the Train worker's: Ray Data's read and decode tasks need a whole
-    # free CPU, and a pod the worker fills would starve the input pipeline.
-    worker = _container(image, f"{s.cpus_per_worker + 1:g}", gpus, s.memory_per_worker, secret, head=False)
-    pod: dict = {"containers": [worker]}
+    head = _container(image, 2, 0, "8Gi", secret, True, env, [{"name": "job", "mountPath": JOB_DIR}, *claim])
+    # One CPU per pod beyond the Train workers': Ray Data's read and decode tasks need a whole
+    # free CPU, and a pod the workers fill would starve the input pipeline.
+    worker = _container(image, per_pod * s.cpus_per_worker + 1, gpus, _times(s.memory_per_worker, per_pod), secret,
+                        False, env, [{"name": "dshm", "mountPath": "/dev/shm"}, *claim])
+    # Ray's object store and NCCL live in /dev/shm, which is 64M in a pod unless given memory.
+    pod: dict = {"containers": [worker], "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, *claim_vol]}
     if gpus:
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    metrics = {"metrics-export-port": "8080"}
     job = {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
@@ -230,13 +278,14 @@ def _rayjob(name: str, namespace: str, entrypoint: str, files: dict[str, str], s
             "rayClusterSpec": {
                 "rayVersion": "2.60.0",
                 "headGroupSpec": {
-                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", **metrics},
                     "template": {"spec": {"containers": [head],
-                                          "volumes": [{"name": "job", "configMap": {"name": f"{name}-job"}}]}}},
+                                          "volumes": [{"name": "job", "configMap": {"name": f"{name}-job"}},
+                                                      *claim_vol]}}},
                 "workerGroupSpecs": [{
                     "groupName": "gpu-workers" if gpus else "cpu-workers",
                     "replicas": replicas, "minReplicas": replicas, "maxReplicas": replicas,
-                    "rayStartParams": {},
+                    "rayStartParams": dict(metrics),
                     "template": {"spec": pod},
                 }],
             },
@@ -245,34 +294,43 @@ def _rayjob(name: str, namespace: str, entrypoint: str, files: dict[str, str], s
     return [config_map, job]
 
 
-def _gpu_sets(s, gpus_per_worker: float | None) -> tuple[float, list[str]]:
-    gpus = gpus_per_worker if gpus_per_worker is not None else (s.gpus_per_worker if s.use_gpu else 0)
-    return gpus, ([f"--set scaling.use_gpu=true --set scaling.gpus_per_worker={gpus:g}"] if gpus else [])
+def _k8s_name(name: str) -> str:
+    return re.sub(r"[^a-z0-9.-]", "-", name.lower()).strip("-.")
 
 
-def render(spec: JobSpec, job_file: str, image: str, namespace: str = "default", gpus_per_worker: float | None = None,
-           secret: str | None = DEFAULT_SECRET) -> list[dict]:
-    """A ConfigMap holding the job file and a RayJob running it on its own KubeRay cluster."""
-    gpus, sets = _gpu_sets(spec.scaling, gpus_per_worker)
-    return _rayjob(spec.name.replace("_", "-").lower(), namespace,
-                   " ".join(["rayganx", "run", "/etc/rayganx/job.yaml", *sets]),
-                   {"job.yaml": Path(job_file).read_text()}, spec.scaling, spec.scaling.num_workers, image, gpus, secret)
+def render(spec: JobSpec, image: str, namespace: str = "default", secret: str | None = DEFAULT_SECRET,
+           pvc: tuple[str, str] | None = None) -> list[dict]:
+    """A ConfigMap holding the job exactly as it will run (every --set applied, ${VAR} kept) and a
+    RayJob running it on its own KubeRay cluster sized from that same spec."""
+    per_pod, _ = gpu_layout(spec.scaling)
+    pods = 1 + math.ceil(spec.scaling.num_workers / per_pod)
+    problems = path_problems(spec, pods, pvc)
+    if problems:
+        raise ManifestError("\n".join(problems))
+    return _rayjob(_k8s_name(spec.name), namespace, f"rayganx run {JOB_DIR}/job.yaml", {"job.yaml": spec.to_yaml()},
+                   spec.scaling, spec.scaling.num_workers, image, secret, pvc, pod_env(spec))
 
 
-def render_sweep(sweep, image: str, namespace: str = "default", gpus_per_worker: float | None = None,
-                 secret: str | None = DEFAULT_SECRET) -> list[dict]:
+def render_sweep(sweep, image: str, namespace: str = "default", secret: str | None = DEFAULT_SECRET,
+                 pvc: tuple[str, str] | None = None, gpu_sets: list[str] | None = None) -> list[dict]:
     """A ConfigMap holding the sweep (its base job inline) and a RayJob running `rayganx tune` on a
     cluster sized for max_concurrent_trials trials at once (2 when unset)."""
     import copy
 
-    s = sweep.base.scaling
-    trials = sweep.spec.max_concurrent_trials or 2
+    from rayganx import spec as jobspec
+
     job = copy.deepcopy(sweep.base_raw)
-    gpus, sets = _gpu_sets(s, gpus_per_worker)
-    if sets:
-        job.setdefault("scaling", {}).update(use_gpu=True, gpus_per_worker=gpus)
+    for key, value in jobspec.parse_overrides(gpu_sets):
+        jobspec.set_dotted(job, key, value)
+    base = jobspec.from_dict(job, sweep.source)
+    trials = sweep.spec.max_concurrent_trials or 2
+    workers = trials * sweep.workers_per_trial
+    per_pod, _ = gpu_layout(base.scaling)
+    problems = path_problems(base, 1 + math.ceil(workers / per_pod), pvc, sweep.storage)
+    if problems:
+        raise ManifestError("\n".join(problems))
     raw = sweep.spec.model_dump(mode="json", exclude_defaults=True) | {
         "job": job, "space": sweep.spec.space, "max_concurrent_trials": trials}
-    return _rayjob(sweep.spec.name.replace("_", "-").lower(), namespace, "rayganx tune /etc/rayganx/sweep.yaml",
-                   {"sweep.yaml": yaml.safe_dump(raw, sort_keys=False)}, s, trials * sweep.workers_per_trial,
-                   image, gpus, secret)
+    return _rayjob(_k8s_name(sweep.spec.name), namespace, f"rayganx tune {JOB_DIR}/sweep.yaml",
+                   {"sweep.yaml": yaml.safe_dump(raw, sort_keys=False)}, base.scaling, workers, image, secret, pvc,
+                   pod_env(base))

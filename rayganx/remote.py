@@ -1,14 +1,15 @@
 """Jobs on a remote Ray cluster through the Ray Jobs API (the dashboard's HTTP server).
 
-The job file (and the local files it references) travel in the runtime environment's
-working_dir, rayganx itself in py_modules, and the entrypoint runs `rayganx run` on the cluster.
+The job, resolved here with every --set applied (its ${VAR} placeholders kept, their values from
+this machine in the job's environment), travels in the runtime environment's working_dir, rayganx
+itself in py_modules, and the entrypoint runs `rayganx run` on the cluster. Datasets never travel:
+they are read from object storage or from a path that exists on the cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shlex
 import shutil
 import tempfile
 import time
@@ -84,34 +85,53 @@ def _call(address: str, fn, *args, **kwargs):
         raise _explain(address, e, _token_source()) from None
 
 
-def _ship_files(raw: dict, spec: JobSpec, workdir: str) -> dict:
-    """Copy the local files a job references into workdir/files and point the job at them."""
-    raw = yaml.safe_load(yaml.safe_dump(raw))
-    for section, key in (("data", "path"), ("eval", "extractor")):
-        value = getattr(getattr(spec, section), key)
-        if value and not is_remote(value) and os.path.exists(value):
-            name = f"{section}_{os.path.basename(value.rstrip('/')) or key}"
-            target = os.path.join(workdir, "files", name)
-            (shutil.copytree if os.path.isdir(value) else shutil.copy)(value, target)
-            raw.setdefault(section, {})[key] = os.path.join("files", name)
-    return raw
+LOCAL_HINT = ("put it in object storage (--set {key}=s3://BUCKET/...), or, if the path exists as written on "
+              "every node of the cluster (a volume they all mount), say so with --paths-on-cluster")
 
 
-def package_job(job_file: str, spec: JobSpec) -> tuple[str, dict]:
-    """A working_dir holding the job file and the local files it references, rewritten relative."""
+def path_problems(spec: JobSpec, paths_on_cluster: bool, storage: str | None = None) -> list[str]:
+    """Local paths a remote cluster cannot use. Datasets never travel with a job (the Jobs API caps
+    the working directory at a few hundred MiB), and a local run store would land in the head's
+    temporary job directory."""
+    out = []
+    d = spec.data
+    for key, value in (("data.path", d.path if d.source in ("image_folder", "parquet", "celeba") else None),
+                       ("eval.extractor", spec.eval.extractor),
+                       ("storage.path", storage or spec.storage.path)):
+        if not value or is_remote(value):
+            continue
+        if not paths_on_cluster:
+            out.append(f"{key}: {value!r} is a path on this machine, which the cluster cannot read; "
+                       + LOCAL_HINT.format(key=key))
+        elif not os.path.isabs(value):
+            out.append(f"{key}: {value!r} is relative, so on the cluster it would resolve inside the job's "
+                       f"temporary working directory; give an absolute path on the cluster")
+    return out
+
+
+def job_env(*specs: JobSpec) -> dict[str, str]:
+    """This machine's values of the variables the job's ${VAR} placeholders name: the cluster
+    resolves the placeholders to what was checked here (credential variables never get this far)."""
+    from rayganx.spec import ENV_REF, SECRET_ENV
+
+    names = {var for s in specs for t in s._templates.values() for var, _ in ENV_REF.findall(t)}
+    return {n: os.environ[n] for n in sorted(names) if n in os.environ and not SECRET_ENV.search(n)}
+
+
+def package_job(spec: JobSpec) -> str:
+    """A working_dir holding only the job, exactly as it will run (every --set applied here)."""
     workdir = tempfile.mkdtemp(prefix="rayganx_job_")
-    raw = _ship_files(yaml.safe_load(Path(job_file).read_text()), spec, workdir)
-    Path(workdir, "job.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    return workdir, raw
+    Path(workdir, "job.yaml").write_text(spec.to_yaml())
+    return workdir
 
 
-def _submit(address: str, name: str, workdir: str, entrypoint: str) -> str:
+def _submit(address: str, name: str, workdir: str, entrypoint: str, env: dict[str, str]) -> str:
     import rayganx
 
     c = client(address)
     submission_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     runtime_env = {"working_dir": workdir, "py_modules": [os.path.dirname(rayganx.__file__)],
-                   "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+                   "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", **env}}
     kwargs = dict(entrypoint=entrypoint, submission_id=submission_id,
                   runtime_env=runtime_env, entrypoint_num_cpus=0,
                   metadata={"rayganx_job": name, "rayganx_version": __version__})
@@ -132,27 +152,31 @@ def _submit(address: str, name: str, workdir: str, entrypoint: str) -> str:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def submit(job_file: str, spec: JobSpec, overrides: list[str], address: str) -> str:
+def submit(spec: JobSpec, address: str, paths_on_cluster: bool = False) -> str:
     """Submit a job; returns its submission id (job name plus time)."""
-    workdir, _ = package_job(job_file, spec)
-    sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
-    return _submit(address, spec.name, workdir, f"python -m rayganx.cli run job.yaml {sets}".strip())
+    problems = path_problems(spec, paths_on_cluster)
+    if problems:
+        raise RemoteError("\n".join(problems))
+    return _submit(address, spec.name, package_job(spec), "python -m rayganx.cli run job.yaml", job_env(spec))
 
 
 def package_sweep(sweep) -> str:
-    """A working_dir holding the sweep with its base job inline (and the job's local files)."""
+    """A working_dir holding the sweep with its base job inline."""
     workdir = tempfile.mkdtemp(prefix="rayganx_sweep_")
     raw = sweep.spec.model_dump(mode="json", exclude_none=True)
-    raw["job"] = _ship_files(sweep.base_raw, sweep.base, workdir)
+    raw["job"] = sweep.base_raw
     raw["space"] = sweep.spec.space  # as written: the included spaces are named in `include`
     Path(workdir, "sweep.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return workdir
 
 
-def submit_sweep(sweep, address: str, resume: bool = False) -> str:
+def submit_sweep(sweep, address: str, resume: bool = False, paths_on_cluster: bool = False) -> str:
     """Submit `rayganx tune` to a cluster; returns its submission id."""
+    problems = path_problems(sweep.base, paths_on_cluster, sweep.storage)
+    if problems:
+        raise RemoteError("\n".join(problems))
     entry = "python -m rayganx.cli tune sweep.yaml" + (" --resume" if resume else "")
-    return _submit(address, sweep.spec.name, package_sweep(sweep), entry)
+    return _submit(address, sweep.spec.name, package_sweep(sweep), entry, job_env(sweep.base))
 
 
 def status(address: str, job_id: str) -> str:

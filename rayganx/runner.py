@@ -242,7 +242,7 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
                            "init_from": init_from, "monitor": monitor,
                            "faults": {k: v for k, v in os.environ.items() if k.startswith("RAYGANX_FAULT_")}},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=s.placement_strategy),
         run_config=RunConfig(
             name=spec.name, **storage, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(

@@ -109,6 +109,8 @@ class ScalingSpec(_Section):
     gpus_per_worker: float = Field(1, gt=0)
     memory_per_worker: str | None = Field(None, description="e.g. 8Gi, for Kubernetes")
     max_failures: int = Field(0, ge=-1)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers on nodes; STRICT_SPREAD: each on its own node")
 
 
 class StorageSpec(_Section):

@@ -385,6 +385,17 @@ def _faults(config: dict) -> dict:
     return {"lr_at": int(at), "lr": float(lr)}
 
 
+def _node_ids(world: int) -> list[str]:
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    ids = [None] * world
+    torch.distributed.all_gather_object(ids, node)
+    return ids
+
+
 def train_loop(config: dict) -> None:
     """Runs on every worker. config: spec (a JobSpec), num_classes, total_steps, real_features,
     init_from (a checkpoint URL to start from: a PBT donor), monitor (an actor that hears every
@@ -423,6 +434,8 @@ def train_loop(config: dict) -> None:
     # The state rollbacks return to: where this attempt starts, then each checkpoint.
     good = {"state": _to_cpu(task.state_dict()), "step": step, "rng": _rng_state()}
     rollbacks = 0
+    # Where each rank runs, in the first row after every (re)start: placement is visible in the run.
+    placed = {"node_ids": _node_ids(world)}
 
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if isinstance(task, ClassifierTask) else None
@@ -489,8 +502,8 @@ def train_loop(config: dict) -> None:
                                   "step_time": elapsed / (step - last_report), "time": time.time(),
                                   "first_step_at": first_step_at,
                                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-                metrics |= task.learning_rates() | restored | ({"rollbacks": rollbacks} if rollbacks else {})
-                restored = {}
+                metrics |= task.learning_rates() | restored | placed | ({"rollbacks": rollbacks} if rollbacks else {})
+                restored, placed = {}, {}
                 if val_shard is not None and do_ckpt:
                     metrics |= task.validate(val_shard, spec.per_worker_batch)
                 if evaluator and (step % spec.eval.every == 0 or last):

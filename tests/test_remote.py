@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,16 +60,30 @@ def head(tmp_path_factory):
     for p in psutil.process_iter(["cmdline"]):
         if any(temp in arg for arg in (p.info["cmdline"] or [])):
             p.kill()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_submit_follow_logs_list_and_status(head, tmp_path):
+def test_submit_follow_logs_list_and_status(head, s3_server, tmp_path):
+    """The job is resolved once, here: --set values (an s3:// data path among them) reach the
+    cluster as given, and nothing of the dataset travels with the job."""
+    from rayganx.data import prepare_digits
+    from rayganx.storage import Store
+
+    prepare_digits("s3://rayganx-test/remote/digits", "parquet", 32, s3_server)
     addr = head["address"]
     r = rayganx("submit", JOBS / "dcgan_digits.yaml", "--address", addr, "--follow", "--set", "train.steps=4",
-                "--set", "train.log_every=2", "--set", f"storage.path={tmp_path}", timeout=300)
+                "--set", "train.log_every=2", "--set", "data.source=parquet",
+                "--set", "data.path=s3://rayganx-test/remote/digits", "--set", f"data.endpoint_url={s3_server}",
+                "--set", "storage.path=s3://rayganx-test/remote/runs", "--set", f"storage.endpoint_url={s3_server}",
+                timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     job_id = r.stdout.split("submitted ", 1)[1].split()[0]
     assert job_id.startswith("dcgan_digits-") and f"{job_id}: SUCCEEDED" in r.stdout
-    assert "step 4/4" in r.stdout and (tmp_path / "dcgan_digits" / "checkpoint_000004").is_dir()
+    assert "step 4/4" in r.stdout
+    run = Store("s3://rayganx-test/remote/runs/dcgan_digits", s3_server)
+    ran = yaml.safe_load(run.read_text("spec.yaml"))  # what the cluster ran, as it wrote it
+    assert ran["data"]["path"] == "s3://rayganx-test/remote/digits" and ran["data"]["source"] == "parquet"
+    assert ran["train"]["steps"] == 4 and run.exists("checkpoint_000004")
 
     r = rayganx("logs", job_id, "--address", addr)
     assert r.returncode == 0 and "step 2/4 | loss_d" in r.stdout
@@ -76,6 +91,27 @@ def test_submit_follow_logs_list_and_status(head, tmp_path):
     assert r.returncode == 0 and r.stdout.strip().startswith(f"{job_id}: SUCCEEDED")
     r = rayganx("list", "--address", addr)
     assert r.returncode == 0 and job_id in r.stdout and "SUCCEEDED" in r.stdout and "dcgan_digits" in r.stdout
+
+
+def test_local_data_and_storage_are_refused_before_anything_is_sent(tmp_path):
+    unreachable = f"http://127.0.0.1:{free_port()}"  # refused before any connection is tried
+    r = rayganx("submit", JOBS / "dcgan_celeba.yaml", "--address", unreachable, env={"CELEBA_DIR": str(tmp_path)})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2, r.stderr
+    assert lines[0].startswith(f"error: data.path: '{tmp_path}' is a path on this machine, which the cluster "
+                               "cannot read; put it in object storage") and "--paths-on-cluster" in lines[0]
+    assert lines[1].startswith("error: storage.path: 'runs' is a path on this machine")
+    # Saying the paths exist on the cluster still refuses a relative one: it would land in the
+    # job's temporary working directory on the head.
+    r = rayganx("submit", JOBS / "dcgan_digits.yaml", "--address", unreachable, "--paths-on-cluster")
+    assert r.returncode == 1 and "storage.path: 'runs' is relative" in r.stderr
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "job": str(JOBS / "dcgan_digits.yaml"),
+                                     "metric": "loss_d", "space": {"train.optim_g.lr": {"grid": [1e-4, 2e-4]}},
+                                     "search": "grid"}))
+    r = rayganx("tune", sweep, "--address", unreachable)
+    assert r.returncode == 1 and "storage.path: 'runs' is a path on this machine" in r.stderr, r.stderr
 
 
 def _rayganx_metrics(url: str) -> dict[str, float]:
@@ -91,7 +127,8 @@ def _rayganx_metrics(url: str) -> dict[str, float]:
 def test_metrics_on_prometheus_endpoint_then_stop(head, tmp_path):
     addr = head["address"]
     r = rayganx("submit", JOBS / "dcgan_digits.yaml", "--address", addr, "--set", "name=long_digits",
-                "--set", "train.steps=100000", "--set", "train.log_every=5", "--set", f"storage.path={tmp_path}")
+                "--set", "train.steps=100000", "--set", "train.log_every=5", "--set", f"storage.path={tmp_path}",
+                "--paths-on-cluster")
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.split("submitted ", 1)[1].split()[0]
     seen: dict[str, float] = {}
@@ -154,7 +191,7 @@ def test_tune_sweep_through_the_jobs_api(head, tmp_path):
         "space": {"scaling.num_workers": 1, "train.batch_size": 32, "train.log_every": 2,
                   "train.optim_g.lr": {"grid": [1e-4, 2e-4]}},
         "scheduler": {"kind": "fifo", "max_steps": 4}}))
-    r = rayganx("tune", sweep, "--address", head["address"], "--follow", timeout=400)
+    r = rayganx("tune", sweep, "--address", head["address"], "--follow", "--paths-on-cluster", timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr
     job_id = r.stdout.split("submitted ", 1)[1].split()[0]
     assert job_id.startswith("remote_sweep-") and f"{job_id}: SUCCEEDED" in r.stdout
