@@ -105,7 +105,17 @@ def package_job(job_file: str, spec: JobSpec) -> tuple[str, dict]:
     return workdir, raw
 
 
-def _submit(address: str, name: str, workdir: str, entrypoint: str) -> str:
+def job_metadata(spec: JobSpec, run_url: str | None = None) -> dict[str, str]:
+    """What the Ray dashboard's job page shows to recognise the job (`job_name` is the name its
+    job list shows and filters by). Values are strings: the Jobs API takes nothing else."""
+    raw = spec.to_dict()  # ${VAR} placeholders kept: the cluster resolves them, and they ship as written
+    data = raw["data"]["source"] + (f" {raw['data']['path']}" if raw["data"].get("path") else "")
+    run = run_url or str(raw["storage"]["path"]).rstrip("/") + "/" + spec.name
+    return {"job_name": spec.name, "rayganx_job": spec.name, "rayganx_version": __version__,
+            "model": spec.model.kind, "data": data, "run": run}
+
+
+def _submit(address: str, name: str, workdir: str, entrypoint: str, metadata: dict | None = None) -> str:
     import rayganx
 
     c = client(address)
@@ -114,7 +124,7 @@ def _submit(address: str, name: str, workdir: str, entrypoint: str) -> str:
                    "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
     kwargs = dict(entrypoint=entrypoint, submission_id=submission_id,
                   runtime_env=runtime_env, entrypoint_num_cpus=0,
-                  metadata={"rayganx_job": name, "rayganx_version": __version__})
+                  metadata={"rayganx_job": name, "rayganx_version": __version__} | (metadata or {}))
     try:
         for attempt in range(30):
             try:
@@ -136,7 +146,8 @@ def submit(job_file: str, spec: JobSpec, overrides: list[str], address: str) -> 
     """Submit a job; returns its submission id (job name plus time)."""
     workdir, _ = package_job(job_file, spec)
     sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
-    return _submit(address, spec.name, workdir, f"python -m rayganx.cli run job.yaml {sets}".strip())
+    return _submit(address, spec.name, workdir, f"python -m rayganx.cli run job.yaml {sets}".strip(),
+                   job_metadata(spec))
 
 
 def package_sweep(sweep) -> str:
@@ -152,7 +163,8 @@ def package_sweep(sweep) -> str:
 def submit_sweep(sweep, address: str, resume: bool = False) -> str:
     """Submit `rayganx tune` to a cluster; returns its submission id."""
     entry = "python -m rayganx.cli tune sweep.yaml" + (" --resume" if resume else "")
-    return _submit(address, sweep.spec.name, package_sweep(sweep), entry)
+    meta = job_metadata(sweep.base, sweep.root) | {"job_name": sweep.spec.name, "rayganx_job": sweep.spec.name}
+    return _submit(address, sweep.spec.name, package_sweep(sweep), entry, meta)
 
 
 def status(address: str, job_id: str) -> str:
