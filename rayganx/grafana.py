@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 
+from rayganx.spec import GAN_KINDS
+
 UID = "rayganx"
 FILTER = 'job=~"$job", rank=~"$rank", SessionName=~"$SessionName"'
 
@@ -34,6 +36,12 @@ PANELS = [
     ("Rollbacks", "none", "Divergence rollbacks in the current attempt (train.max_rollbacks ends the run).",
      [(f"ray_rayganx_rollbacks{{{FILTER}}}", "{{job}} (rank {{rank}})")]),
 ]
+
+
+# Series only some model kinds export; a panel shows the ones the job has.
+_GANS = set(GAN_KINDS)
+ONLY_FOR = {"ray_rayganx_loss": {"cnn", "vae"}, "ray_rayganx_loss_d": _GANS, "ray_rayganx_loss_g": _GANS,
+            "ray_rayganx_fid": _GANS | {"vae"}, "ray_rayganx_kid": _GANS | {"vae"}}
 
 
 def _variable(name: str, query: str, label: str) -> dict:
@@ -76,9 +84,10 @@ def to_json() -> str:
     return json.dumps(dashboard(), indent=1) + "\n"
 
 
-def queried_metrics(board: dict | None = None) -> dict[str, set[str]]:
+def queried_metrics(board: dict | None = None, model_kind: str | None = None) -> dict[str, set[str]]:
     """Each metric the dashboard queries (panels and variables), with the labels it filters or
-    groups by: what a node's metrics endpoint must export for the dashboard to show anything."""
+    groups by: what a node's metrics endpoint must export for the dashboard to show anything.
+    model_kind: only the metrics a job of that kind exports."""
     board = board or dashboard()
     exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
     exprs += [v["definition"] for v in board["templating"]["list"] if v.get("type") == "query"]
@@ -88,4 +97,6 @@ def queried_metrics(board: dict | None = None) -> dict[str, set[str]]:
             labels = set(re.findall(r"(\w+)\s*=~?", selector or ""))
             labels |= set(re.findall(r"label_values\([^,]+,\s*(\w+)\)", expr))
             out.setdefault(name, set()).update(labels)
+    if model_kind:
+        out = {k: v for k, v in out.items() if model_kind in ONLY_FOR.get(k, {model_kind})}
     return out
