@@ -11,6 +11,7 @@ import contextlib
 import os
 import posixpath
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -114,7 +115,13 @@ def tensorboard(logdir_spec: str, port: int = 6006, timeout: float = 90):
 
 
 def serve(logdirs: Logdirs, sync_every: float) -> None:
-    """Keep the remote runs' copies current until Ctrl-C (TensorBoard re-reads them itself)."""
+    """Keep the remote runs' copies current until Ctrl-C or SIGTERM (TensorBoard re-reads them
+    itself). SIGTERM (kill, Kubernetes) ends it like Ctrl-C, so TensorBoard is stopped too."""
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(sync_every if logdirs.remote and sync_every > 0 else 3600)
