@@ -503,6 +503,80 @@ def runs_list(storage: str = typer.Argument(..., help="storage location (path or
     out.print(table if runs else f"no runs in {storage}")
 
 
+def _compare_table(views, title: str, diff: list) -> Table:
+    from rayganx import compare
+
+    table = Table(title=title)
+    table.add_column("")
+    for v in views:
+        table.add_column(v.label, overflow="fold")
+    table.add_row("run", *(v.url for v in views))
+    table.add_row("model", *(str(v.spec.get("model", {}).get("kind", "?")) for v in views))
+    table.add_row("last step", *(str(v.rows[-1]["step"]) if v.rows else "-" for v in views))
+    for key, values in diff:
+        table.add_row(key, *map(compare.fmt, values), style="cyan")
+    for key in compare.summary_keys(views):
+        table.add_row(key, *(compare.metric_cell(v, key) for v in views))
+    return table
+
+
+@runs_app.command("compare")
+@command
+def runs_compare(runs: list[str] = typer.Argument(..., help="runs (paths or URLs); a sweep's folder stands for its trials"),
+                 out_png: str = typer.Option("compare.png", "--out", help="PNG with the curves and last sample grids"),
+                 endpoint_url: Optional[str] = EndpointOpt):
+    """Runs side by side: the spec keys that differ, latest and best metrics, and a PNG of their
+    curves on shared axes with their last sample grids."""
+    from rayganx import compare
+
+    views = compare.load_runs(compare.expand([_run_location(r, endpoint_url)[0] for r in runs], endpoint_url))
+    if len(views) < 2:
+        raise jobspec.SpecError("runs compare: name at least two runs (or a sweep); `rayganx runs show RUN` shows one")
+    diff = compare.spec_diff(views)
+    out.print(_compare_table(views, f"{len(views)} runs: spec keys that differ (cyan), latest metrics "
+                                    f"(best @ step)", diff))
+    compare.figure(views, out_png)
+    out.print(f"wrote {out_png}", highlight=False)
+
+
+@runs_app.command("show")
+@command
+def runs_show(run: str = typer.Argument(..., help="run URL or path, or the job YAML"),
+              out_png: Optional[str] = typer.Option(None, "--out", help="also write a PNG of its curves and last grid"),
+              endpoint_url: Optional[str] = EndpointOpt):
+    """One run: its spec (keys set away from the defaults), latest and best metrics, checkpoints,
+    evaluation history and divergence rollbacks."""
+    from rayganx import compare
+    from rayganx.storage import Store
+
+    url, endpoint = _run_location(run, endpoint_url)
+    (view,) = compare.load_runs([Store(url, endpoint)])
+    out.print(_compare_table([view], f"{view.name}: spec keys set away from the defaults (cyan), latest metrics "
+                                     f"(best @ step)", [(k, [v]) for k, v in compare.non_default(view)]))
+    if view.checkpoints:
+        table = Table(title="checkpoints")
+        for col in ("step", "time", "size", "metrics"):
+            table.add_column(col)
+        for c in view.checkpoints:
+            table.add_row(str(c["step"]), _when(c["time"]), _size(c["size"]), _fmt_metrics(c["metrics"]))
+        out.print(table)
+    evals = [r for r in view.rows if any(k in r for k in compare.EVAL)]
+    if evals:
+        keys = [k for k in compare.EVAL if any(k in r for r in evals)]
+        table = Table(title="evaluation history")
+        for col in ("step", *keys):
+            table.add_column(col, justify="right")
+        for r in evals:
+            table.add_row(str(r["step"]), *(compare.fmt(r.get(k)) for k in keys))
+        out.print(table)
+    for e in view.events:
+        out.print(f"{e['event']} at step {e['step']}: {e.get('reason') or e.get('note', '')}", highlight=False,
+                  soft_wrap=True)
+    if out_png:
+        compare.figure([view], out_png)
+        out.print(f"wrote {out_png}", highlight=False)
+
+
 @ckpt_app.command("list")
 @command
 def checkpoints_list(run: str = typer.Argument(..., help="run URL, or the job YAML"),
@@ -751,6 +825,46 @@ def k8s_crds(sources: list[str] = typer.Option(..., "--from", help="file, direct
     missing = sorted(set(kcrds.CRD_NAMES.values()) - set(kinds))
     if missing and not all((dest / f"ray.io_{k.lower()}s.yaml").is_file() for k in missing):
         err.print(f"[yellow]note:[/yellow] still missing: {', '.join(missing)} (add it with --from)", highlight=False)
+
+
+# --------------------------------------------------------------------------- monitoring
+
+
+@app.command()
+@command
+def tb(runs: list[str] = typer.Argument(..., help="runs or sweeps: paths or URLs"),
+       port: int = typer.Option(6006, "--port", help="TensorBoard's port on 127.0.0.1 (0: a free one)"),
+       cache: Optional[str] = typer.Option(None, "--cache", help="local copy of remote runs' event files "
+                                                                 "(default ~/.cache/rayganx/tb)"),
+       sync_every: float = typer.Option(30, "--sync-every", help="seconds between syncs of remote runs (0: once)"),
+       endpoint_url: Optional[str] = EndpointOpt):
+    """TensorBoard on one or more runs or sweeps. Remote runs' event files are synced to a local
+    cache first (only new files), and again every --sync-every seconds while it serves."""
+    from rayganx import monitor
+
+    logdirs = monitor.tb_logdirs(runs, endpoint_url, cache)
+    if logdirs.remote:
+        n = monitor.sync_all(logdirs)
+        out.print(f"synced {n} new event file(s) to {logdirs.cache}", highlight=False)
+    with monitor.tensorboard(logdirs.spec(), port) as url:
+        out.print(f"TensorBoard at {url} (Ctrl-C to stop)", highlight=False)
+        sys.stdout.flush()
+        monitor.serve(logdirs, sync_every)
+
+
+@app.command("grafana-dashboard")
+@command
+def grafana_dashboard(out_file: Optional[str] = typer.Option(None, "--out", help="write here instead of stdout")):
+    """The Grafana dashboard JSON for rayganx's metrics (provision it in the Ray dashboard's Grafana)."""
+    from rayganx import grafana
+
+    text = grafana.to_json()
+    if out_file:
+        with open(out_file, "w") as f:
+            f.write(text)
+        out.print(f"wrote {out_file}")
+    else:
+        sys.stdout.write(text)
 
 
 # --------------------------------------------------------------------------- bench

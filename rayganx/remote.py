@@ -125,7 +125,18 @@ def package_job(spec: JobSpec) -> str:
     return workdir
 
 
-def _submit(address: str, name: str, workdir: str, entrypoint: str, env: dict[str, str]) -> str:
+def job_metadata(spec: JobSpec, run_url: str | None = None) -> dict[str, str]:
+    """What the Ray dashboard's job page shows to recognise the job (`job_name` is the name its
+    job list shows and filters by). Values are strings: the Jobs API takes nothing else."""
+    raw = spec.to_dict()  # ${VAR} placeholders kept: the cluster resolves them, and they ship as written
+    data = raw["data"]["source"] + (f" {raw['data']['path']}" if raw["data"].get("path") else "")
+    run = run_url or str(raw["storage"]["path"]).rstrip("/") + "/" + spec.name
+    return {"job_name": spec.name, "rayganx_job": spec.name, "rayganx_version": __version__,
+            "model": spec.model.kind, "data": data, "run": run}
+
+
+def _submit(address: str, name: str, workdir: str, entrypoint: str, env: dict[str, str],
+            metadata: dict | None = None) -> str:
     import rayganx
 
     c = client(address)
@@ -134,7 +145,7 @@ def _submit(address: str, name: str, workdir: str, entrypoint: str, env: dict[st
                    "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", **env}}
     kwargs = dict(entrypoint=entrypoint, submission_id=submission_id,
                   runtime_env=runtime_env, entrypoint_num_cpus=0,
-                  metadata={"rayganx_job": name, "rayganx_version": __version__})
+                  metadata={"rayganx_job": name, "rayganx_version": __version__} | (metadata or {}))
     try:
         for attempt in range(30):
             try:
@@ -157,7 +168,8 @@ def submit(spec: JobSpec, address: str, paths_on_cluster: bool = False) -> str:
     problems = path_problems(spec, paths_on_cluster)
     if problems:
         raise RemoteError("\n".join(problems))
-    return _submit(address, spec.name, package_job(spec), "python -m rayganx.cli run job.yaml", job_env(spec))
+    return _submit(address, spec.name, package_job(spec), "python -m rayganx.cli run job.yaml", job_env(spec),
+                   job_metadata(spec))
 
 
 def package_sweep(sweep) -> str:
@@ -176,7 +188,8 @@ def submit_sweep(sweep, address: str, resume: bool = False, paths_on_cluster: bo
     if problems:
         raise RemoteError("\n".join(problems))
     entry = "python -m rayganx.cli tune sweep.yaml" + (" --resume" if resume else "")
-    return _submit(address, sweep.spec.name, package_sweep(sweep), entry, job_env(sweep.base))
+    meta = job_metadata(sweep.base, sweep.root) | {"job_name": sweep.spec.name, "rayganx_job": sweep.spec.name}
+    return _submit(address, sweep.spec.name, package_sweep(sweep), entry, job_env(sweep.base), meta)
 
 
 def status(address: str, job_id: str) -> str:

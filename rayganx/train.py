@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from rayganx import data as rdata
-from rayganx import losses, models
+from rayganx import losses, models, tracking
 from rayganx.spec import JobSpec
 from rayganx.storage import (MARKER, MetricsLog, Store, StorageError, checkpoint_manifest, list_checkpoints,
                               load_state)
@@ -429,6 +429,7 @@ def train_loop(config: dict) -> None:
     log = MetricsLog(Store(spec.run_url, spec.storage.endpoint_url), step) if rank == 0 else None
     if log and note:
         log.append({"step": step, "event": "resume", "note": note}, force=True)
+    tb = tracking.open_log(spec.run_url, spec.storage.endpoint_url, step, spec.to_yaml()) if rank == 0 else None
     telemetry = _Telemetry(spec.name, rank)
     evaluator = Evaluator(spec, config, rank, world, device) if spec.eval.every else None
     # The state rollbacks return to: where this attempt starts, then each checkpoint.
@@ -514,10 +515,12 @@ def train_loop(config: dict) -> None:
                 if rank == 0:
                     if monitor:
                         monitor.put.remote(metrics)  # live progress for the driver, fire and forget
-                    if do_sample:
-                        Store(spec.run_url, spec.storage.endpoint_url).write_bytes(
-                            task.sample_png(spec.samples.n, spec.samples.seed), "samples", f"step_{step:06d}.png")
+                    png = task.sample_png(spec.samples.n, spec.samples.seed) if do_sample else None
+                    if png:
+                        Store(spec.run_url, spec.storage.endpoint_url).write_bytes(png, "samples", f"step_{step:06d}.png")
                     log.append(metrics, force=do_ckpt)
+                    if tb:
+                        tb.log(metrics, png, force=do_ckpt)
                 if do_ckpt:
                     rng = [None] * world
                     if world > 1:
@@ -527,6 +530,7 @@ def train_loop(config: dict) -> None:
                     else:
                         rng = [_rng_state()]
                     _checkpoint(task, step, metrics, config["num_classes"], rng, lineage, rank)
+                    telemetry.checkpointed()
                     good = {"state": _to_cpu(task.state_dict()), "step": step, "rng": _rng_state()}
                 if last:
                     break
@@ -535,9 +539,10 @@ def train_loop(config: dict) -> None:
                                       f"{spec.per_worker_batch}; the dataset is smaller than "
                                       f"train.batch_size={t.batch_size}")
     finally:
-        if log:
-            with contextlib.suppress(Exception):  # a store outage already has its own error
-                log.flush()
+        for pending in (log, tb):
+            if pending:
+                with contextlib.suppress(Exception):  # a store outage already has its own error
+                    pending.flush()
 
 
 def _checkpoint(task: Task, step: int, metrics: dict, num_classes, rng: list, lineage, rank: int) -> None:
@@ -599,7 +604,8 @@ class Evaluator:
 class _Telemetry:
     """Training metrics as Ray custom metrics, scraped from each node's Prometheus endpoint."""
 
-    EXPORTED = ("loss_d", "loss_g", "loss", "images_per_s", "step", "val_accuracy", "elbo", "fid", "kid")
+    EXPORTED = ("loss_d", "loss_g", "loss", "images_per_s", "step", "step_time", "val_accuracy", "elbo", "fid",
+                "kid", "rollbacks", "last_checkpoint_time")
 
     def __init__(self, job: str, rank: int):
         from ray.util import metrics as rm
@@ -609,6 +615,12 @@ class _Telemetry:
                                    tag_keys=("job", "rank")) for k in self.EXPORTED}
 
     def record(self, metrics: dict) -> None:
+        # Rows name rollbacks only after the first one; 0 before keeps the series (and its panel) alive.
+        metrics = {"rollbacks": 0} | metrics
         for k, gauge in self.gauges.items():
             if k in metrics and metrics[k] is not None:
                 gauge.set(float(metrics[k]), tags=self.tags)
+
+    def checkpointed(self) -> None:
+        """The time of the last checkpoint: Grafana shows its age as time() - this."""
+        self.gauges["last_checkpoint_time"].set(time.time(), tags=self.tags)

@@ -438,7 +438,7 @@ def _trial(config: dict, sweep_raw: dict, source: str) -> None:
     from ray import tune
     from ray.util.queue import Queue
 
-    from rayganx import runner
+    from rayganx import runner, tracking
 
     sw = from_dict(sweep_raw, source)  # the base job travels inline
     spec = runner.resolve_paths(sw.trial_spec(config, _trial_name(tune.get_context().get_trial_id())))
@@ -446,6 +446,8 @@ def _trial(config: dict, sweep_raw: dict, source: str) -> None:
     if spec.eval.every:
         runner.prepare_eval(spec, p)
     init_from = _restore_point(spec, tune.get_checkpoint())
+    hp_metrics = list(dict.fromkeys([sw.metric, *(("loss_d", "loss_g") if spec.is_gan else ("loss",))]))
+    tracking.write_hparams(spec.run_url, spec.storage.endpoint_url, config, hp_metrics)
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = runner.trainer_for(spec, p, callbacks=[_to_tune_callback(queue)], init_from=init_from)
     failure: list[BaseException] = []
@@ -471,6 +473,8 @@ def _trial(config: dict, sweep_raw: dict, source: str) -> None:
             Path(d, "pointer.json").write_text(json.dumps({"checkpoint": url, "step": metrics["step"]}))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
     thread.join()
+    tracking.write_hparams(spec.run_url, spec.storage.endpoint_url, config, hp_metrics,
+                           status="failure" if failure else "success")
     if failure:
         raise runner.RunError(runner.root_cause(failure[0])) from failure[0]
 

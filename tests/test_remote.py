@@ -84,6 +84,13 @@ def test_submit_follow_logs_list_and_status(head, s3_server, tmp_path):
     ran = yaml.safe_load(run.read_text("spec.yaml"))  # what the cluster ran, as it wrote it
     assert ran["data"]["path"] == "s3://rayganx-test/remote/digits" and ran["data"]["source"] == "parquet"
     assert ran["train"]["steps"] == 4 and run.exists("checkpoint_000004")
+    # What the dashboard's job page shows, read back through the Jobs API.
+    from rayganx import remote
+
+    meta = remote.info(addr, job_id).metadata
+    assert {k: meta[k] for k in ("job_name", "model", "data", "run")} == {
+        "job_name": "dcgan_digits", "model": "dcgan", "data": "parquet s3://rayganx-test/remote/digits",
+        "run": "s3://rayganx-test/remote/runs/dcgan_digits"}
 
     r = rayganx("logs", job_id, "--address", addr)
     assert r.returncode == 0 and "step 2/4 | loss_d" in r.stdout
@@ -114,34 +121,50 @@ def test_local_data_and_storage_are_refused_before_anything_is_sent(tmp_path):
     assert r.returncode == 1 and "storage.path: 'runs' is a path on this machine" in r.stderr, r.stderr
 
 
-def _rayganx_metrics(url: str) -> dict[str, float]:
+def _rayganx_metrics(url: str) -> tuple[dict[str, float], dict[str, set[str]]]:
+    """The long_digits series on a node's endpoint: {metric: value} and {metric: its label names}."""
+    import re
+
     text = urllib.request.urlopen(url, timeout=5).read().decode()
-    out = {}
+    out, labels = {}, {}
     for line in text.splitlines():
         if line.startswith("ray_rayganx_") and 'job="long_digits"' in line:
             name = line.split("{", 1)[0]
             out[name] = float(line.rsplit(" ", 1)[1])
-    return out
+            labels.setdefault(name, set()).update(re.findall(r'(\w+)="', line.split("{", 1)[1].rsplit("}", 1)[0]))
+    return out, labels
 
 
 def test_metrics_on_prometheus_endpoint_then_stop(head, tmp_path):
+    """Every metric the Grafana dashboard's panels query is exported with the labels they use."""
+    from rayganx import grafana
+
     addr = head["address"]
     r = rayganx("submit", JOBS / "dcgan_digits.yaml", "--address", addr, "--set", "name=long_digits",
                 "--set", "train.steps=100000", "--set", "train.log_every=5", "--set", f"storage.path={tmp_path}",
+                "--set", "storage.checkpoint_every=5", "--set", "eval.every=5", "--set", "eval.num_samples=64",
+                "--set", "model.ngf=16", "--set", "model.ndf=16", "--set", "train.batch_size=32",
                 "--paths-on-cluster")
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.split("submitted ", 1)[1].split()[0]
+    panels = grafana.queried_metrics(model_kind="dcgan")
+    assert len(panels) == 9  # all but the CNN/VAE loss
     seen: dict[str, float] = {}
-    deadline = time.time() + 180
-    while time.time() < deadline and not {"ray_rayganx_loss_d", "ray_rayganx_images_per_s",
-                                          "ray_rayganx_step"} <= set(seen):
+    labels: dict[str, set[str]] = {}
+    deadline = time.time() + 240
+    while time.time() < deadline and not set(panels) <= set(seen):
         time.sleep(3)
         try:
-            seen = _rayganx_metrics(head["metrics"])
+            seen, labels = _rayganx_metrics(head["metrics"])
         except OSError:
             pass
+    assert set(panels) <= set(seen), f"not exported: {set(panels) - set(seen)}"
+    for name, used in panels.items():
+        assert used <= labels[name], f"{name}: the dashboard filters by {used - labels[name]}, not exported"
     assert seen.get("ray_rayganx_step", 0) >= 5, seen
     assert 0 < seen["ray_rayganx_loss_d"] < 20 and seen["ray_rayganx_images_per_s"] > 1
+    assert seen["ray_rayganx_fid"] > 0 and seen["ray_rayganx_rollbacks"] == 0 and seen["ray_rayganx_step_time"] > 0
+    assert 0 <= time.time() - seen["ray_rayganx_last_checkpoint_time"] < 120
 
     r = rayganx("stop", job_id, "--address", addr)
     assert r.returncode == 0, r.stderr

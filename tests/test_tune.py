@@ -200,3 +200,23 @@ def test_sweep_to_object_storage(ray_session, s3_server, tmp_path):
         assert any(k.startswith(f"sweeps/s3sweep/{trial}/samples/") for k in keys)
     assert {"sweeps/s3sweep/leaderboard.json", "sweeps/s3sweep/best_job.yaml"} <= keys
     assert any(k.startswith("sweeps/s3sweep/tune/") for k in keys)  # Tune's state, for --resume
+
+    # TensorBoard's HParams view: each trial's tb/ holds its session (config, end status) beside
+    # the scalar the sweep ranks by, read back with TensorBoard's own reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+    from rayganx.tracking import sync_events
+
+    for t in board["trials"]:
+        local = tmp_path / "tb" / t["trial"]
+        sync_events(Store(t["run"], s3_server), str(local))
+        ea = EventAccumulator(str(local), size_guidance={"scalars": 0, "tensors": 0})
+        ea.Reload()
+        content = {k: plugin_data_pb2.HParamsPluginData.FromString(v)
+                   for k, v in ea.PluginTagToContent("hparams").items()}
+        start = content["_hparams_/session_start_info"].session_start_info
+        assert start.hparams["train.optim_g.lr"].number_value == t["config"]["train.optim_g.lr"]
+        assert content["_hparams_/session_end_info"].session_end_info.status == api_pb2.STATUS_SUCCESS
+        metrics = [m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos]
+        assert metrics[0] == "loss_d" and ea.Scalars("loss_d")[-1].step == 20
