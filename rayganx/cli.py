@@ -219,7 +219,7 @@ def submit(job: str, set_: Optional[list[str]] = SetOpt,
     if address:
         from rayganx import remote
 
-        job_id = remote.submit(spec, address, paths_on_cluster)
+        job_id = remote.submit(spec, address, paths_on_cluster, force)
         out.print(f"submitted {job_id} to {address}", highlight=False)
         if not follow:
             out.print(f"follow it with: rayganx logs {job_id} --follow --address {address}", highlight=False)

@@ -163,13 +163,13 @@ def _submit(address: str, name: str, workdir: str, entrypoint: str, env: dict[st
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def submit(spec: JobSpec, address: str, paths_on_cluster: bool = False) -> str:
+def submit(spec: JobSpec, address: str, paths_on_cluster: bool = False, force: bool = False) -> str:
     """Submit a job; returns its submission id (job name plus time)."""
     problems = path_problems(spec, paths_on_cluster)
     if problems:
         raise RemoteError("\n".join(problems))
-    return _submit(address, spec.name, package_job(spec), "python -m rayganx.cli run job.yaml", job_env(spec),
-                   job_metadata(spec))
+    entry = "python -m rayganx.cli run job.yaml" + (" --force" if force else "")
+    return _submit(address, spec.name, package_job(spec), entry, job_env(spec), job_metadata(spec))
 
 
 def package_sweep(sweep) -> str:

@@ -6,6 +6,7 @@ there is none); `submit` in `rayganx.remote` sends it to a cluster through the J
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -271,7 +272,8 @@ class Progress:
         self._stop.set()
         self._thread.join(timeout=5)
         if exc[0] is None:
-            self.poll_once()
+            with contextlib.suppress(Exception):  # the last rows are a display nicety
+                self.poll_once()
 
     def _poll(self):
         while not self._stop.wait(0.5):
@@ -362,6 +364,11 @@ def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None]
             with Progress(monitor, start, printer or (lambda m: None)):
                 fit_interruptibly(trainer)
         except KeyboardInterrupt:
+            if embedded:  # stop the workers before the lock goes: nothing may write after it
+                import ray
+
+                ray.shutdown()
+                monitor = None
             raise
         except Exception as e:
             raise RunError(root_cause(e, spec.storage.path)) from e

@@ -342,14 +342,14 @@ def _incomplete_reason(run: Store, name: str, listing: list[dict]) -> tuple[str 
         return "no completion marker (cut off while being written?)", {}
     try:
         manifest = json.loads(run.read_text(name, MARKER))
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError):
+        files = {str(f): int(info["size"]) for f, info in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
         return "unreadable completion marker", {}
-    for fname, info in files.items():
+    for fname, size in files.items():
         if fname not in sizes:
             return f"{fname} is missing", {}
-        if sizes[fname] is not None and sizes[fname] != info["size"]:
-            return f"{fname} has {sizes[fname]} bytes, the marker says {info['size']}", {}
+        if sizes[fname] is not None and sizes[fname] != size:
+            return f"{fname} has {sizes[fname]} bytes, the marker says {size}", {}
     return None, manifest
 
 
@@ -370,7 +370,8 @@ def scan_checkpoints(run: Store) -> tuple[list[dict], list[dict]]:
             continue
         meta: dict = {}
         if "meta.json" in manifest["files"]:
-            meta = json.loads(run.read_text(name, "meta.json"))
+            with contextlib.suppress(ValueError):  # the listing columns are optional; the state is not
+                meta = json.loads(run.read_text(name, "meta.json"))
         complete.append({
             "step": int(m.group(1)), "name": name, "url": url,
             "size": sum(f.get("size") or 0 for f in files), "time": meta.get("time", manifest.get("time")),
@@ -458,15 +459,24 @@ class RunLock:
         return note
 
     def _beat(self) -> None:
+        lost = False
         while not self._stop.wait(self.heartbeat_s):
-            with contextlib.suppress(Exception):  # a store outage is the run's to report, not ours
-                if (self.holder() or {}).get("token") == self.token:
+            try:
+                held = self.holder() or {}
+                if held.get("token") == self.token:
                     self._write()
+                elif not lost:  # taken over (--force, or our heartbeats failed for too long)
+                    lost = True
+                    log.warning("%s: the run lock was taken over by %s@%s (pid %s); this run no longer holds it",
+                                self.run.url, held.get("owner", "?"), held.get("host", "?"), held.get("pid", "?"))
+            except Exception:  # a store outage is the run's to report, not the heartbeat's
+                pass
 
     def release(self) -> None:
         self._stop.set()
         if self._thread:
-            self._thread.join(timeout=2)
+            # Wait out a heartbeat write in flight: removed first, it would put the lock back.
+            self._thread.join()
         with contextlib.suppress(Exception):
             if (self.holder() or {}).get("token") == self.token:
                 self.run.remove(LOCK)

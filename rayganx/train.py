@@ -12,6 +12,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import tempfile
 import time
 
@@ -62,7 +63,7 @@ class Task:
 
     def __init__(self, spec: JobSpec, num_classes: int | None, device: torch.device, distributed: bool):
         self.spec, self.device, self.num_classes = spec, device, num_classes
-        self.lr_scale = 1.0
+        self.lr_scale, self.rollbacks = 1.0, 0  # divergence rollbacks so far, kept in checkpoints
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if spec.train.precision == "bf16" and device.type == "cuda"
                          else contextlib.nullcontext())
@@ -80,7 +81,7 @@ class Task:
     def state_dict(self) -> dict:
         return {"models": {k: _unwrap(m).state_dict() for k, m in self.networks().items()},
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
-                "lr_scale": self.lr_scale}
+                "lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
 
     def load_state_dict(self, state: dict) -> None:
         for k, m in self.networks().items():
@@ -88,6 +89,7 @@ class Task:
         for k, o in self.optimizers().items():
             o.load_state_dict(state["optimizers"][k])
         self.set_lr_scale(state.get("lr_scale", 1.0))
+        self.rollbacks = state.get("rollbacks", 0)
 
     def set_lr_scale(self, scale: float) -> None:
         """Learning rates = the spec's x scale (lowered by divergence rollbacks). The spec wins over
@@ -434,7 +436,6 @@ def train_loop(config: dict) -> None:
     evaluator = Evaluator(spec, config, rank, world, device) if spec.eval.every else None
     # The state rollbacks return to: where this attempt starts, then each checkpoint.
     good = {"state": _to_cpu(task.state_dict()), "step": step, "rng": _rng_state()}
-    rollbacks = 0
     # Where each rank runs, in the first row after every (re)start: placement is visible in the run.
     placed = {"node_ids": _node_ids(world)}
 
@@ -480,7 +481,9 @@ def train_loop(config: dict) -> None:
                 values = reduced.tolist()
                 mean = dict(zip(task.names, values[:-1]))
                 if values[-1] > 0:
-                    rollbacks += 1
+                    # Counted across restarts too (it is in the checkpoint): a retry after giving
+                    # up starts with the rollbacks already spent.
+                    rollbacks = task.rollbacks + 1
                     why = describe_divergence(mean, step, t.max_grad_norm)
                     if rollbacks > t.max_rollbacks:
                         raise DivergenceError(f"{why}; gave up after train.max_rollbacks={t.max_rollbacks} "
@@ -488,6 +491,7 @@ def train_loop(config: dict) -> None:
                     scale = task.lr_scale * t.rollback_lr_factor  # compounds over repeated rollbacks
                     task.load_state_dict(_to_cpu(good["state"]))
                     task.set_lr_scale(scale)
+                    task.rollbacks = rollbacks
                     _set_rng_state(good["rng"])
                     event = {"step": good["step"], "event": "rollback", "rollback": rollbacks, "diverged_at": step,
                              "lr_scale": task.lr_scale, "reason": why, "time": time.time()}
@@ -503,7 +507,8 @@ def train_loop(config: dict) -> None:
                                   "step_time": elapsed / (step - last_report), "time": time.time(),
                                   "first_step_at": first_step_at,
                                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-                metrics |= task.learning_rates() | restored | placed | ({"rollbacks": rollbacks} if rollbacks else {})
+                metrics |= task.learning_rates() | restored | placed | (
+                    {"rollbacks": task.rollbacks} if task.rollbacks else {})
                 restored, placed = {}, {}
                 if val_shard is not None and do_ckpt:
                     metrics |= task.validate(val_shard, spec.per_worker_batch)
@@ -556,7 +561,11 @@ def _checkpoint(task: Task, step: int, metrics: dict, num_classes, rng: list, li
     checkpoint = None
     if rank == 0:
         local = tempfile.mkdtemp(prefix="rayganx_ckpt_")  # removed by Ray once uploaded
-        save_checkpoint(local, task, step, metrics, num_classes, rng, lineage)
+        try:
+            save_checkpoint(local, task, step, metrics, num_classes, rng, lineage)
+        except BaseException:
+            shutil.rmtree(local, ignore_errors=True)
+            raise
         checkpoint = Checkpoint.from_directory(local)
     # Asynchronous: the upload (and its marker, written last) runs in a background thread while
     # training goes on; a failed upload fails the run at the next step.

@@ -17,6 +17,7 @@ import copy
 import difflib
 import itertools
 import json
+import logging
 import math
 import os
 import tempfile
@@ -433,12 +434,23 @@ def _restore_point(spec: JobSpec, restored) -> str | None:
     return url
 
 
+def _write_hparams(spec: JobSpec, config: dict, metrics: list[str], **kwargs) -> None:
+    """TensorBoard's HParams view is a convenience: a store hiccup here must neither fail a trial
+    nor mask the error it failed with."""
+    from rayganx import tracking
+
+    try:
+        tracking.write_hparams(spec.run_url, spec.storage.endpoint_url, config, metrics, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger("rayganx").warning("%s: no HParams session written (%s)", spec.run_url, e)
+
+
 def _trial(config: dict, sweep_raw: dict, source: str) -> None:
     """The Tune function trainable: drives one trial's TorchTrainer."""
     from ray import tune
     from ray.util.queue import Queue
 
-    from rayganx import runner, tracking
+    from rayganx import runner
 
     sw = from_dict(sweep_raw, source)  # the base job travels inline
     spec = runner.resolve_paths(sw.trial_spec(config, _trial_name(tune.get_context().get_trial_id())))
@@ -447,7 +459,7 @@ def _trial(config: dict, sweep_raw: dict, source: str) -> None:
         runner.prepare_eval(spec, p)
     init_from = _restore_point(spec, tune.get_checkpoint())
     hp_metrics = list(dict.fromkeys([sw.metric, *(("loss_d", "loss_g") if spec.is_gan else ("loss",))]))
-    tracking.write_hparams(spec.run_url, spec.storage.endpoint_url, config, hp_metrics)
+    _write_hparams(spec, config, hp_metrics)
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = runner.trainer_for(spec, p, callbacks=[_to_tune_callback(queue)], init_from=init_from)
     failure: list[BaseException] = []
@@ -473,8 +485,7 @@ def _trial(config: dict, sweep_raw: dict, source: str) -> None:
             Path(d, "pointer.json").write_text(json.dumps({"checkpoint": url, "step": metrics["step"]}))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
     thread.join()
-    tracking.write_hparams(spec.run_url, spec.storage.endpoint_url, config, hp_metrics,
-                           status="failure" if failure else "success")
+    _write_hparams(spec, config, hp_metrics, status="failure" if failure else "success")
     if failure:
         raise runner.RunError(runner.root_cause(failure[0])) from failure[0]
 
