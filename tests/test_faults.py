@@ -184,7 +184,10 @@ def _kill_a_train_worker() -> int:
 
 def test_worker_killed_mid_run_resumes_from_the_last_checkpoint(ray_session, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYGANX_TEST_RUNS", str(tmp_path / "private-runs-dir"))
-    sets = ["storage.checkpoint_every=4", "storage.path=${RAYGANX_TEST_RUNS}"]
+    # Synchronous upload: a checkpoint counts once its step is reported, so the bound below is
+    # exact. With the asynchronous default, a kill while an upload is in flight also loses that
+    # upload (the run resumes from the checkpoint before it: docs/storage.md).
+    sets = ["storage.checkpoint_every=4", "storage.path=${RAYGANX_TEST_RUNS}", "storage.async_upload=false"]
     spec = _digits(tmp_path, "killed", 16, sets=["scaling.max_failures=2", *sets])
     seen, killed = [], {}
 
@@ -314,7 +317,8 @@ def test_object_store_outage_ends_in_one_line_and_keeps_the_last_complete_checkp
         server.start()
     try:
         ckpts = list_checkpoints(Store("s3://outage/runs/outage", endpoint))
-        assert ckpts and ckpts[-1]["step"] >= 8
+        # the newest whose upload (asynchronous) finished before the store went away
+        assert ckpts and ckpts[-1]["step"] >= 4
         assert load_state(ckpts[-1]["url"], endpoint)["step"] == ckpts[-1]["step"]
     finally:
         server.stop()
