@@ -3,6 +3,7 @@ real faults injected into real runs (a killed worker, Ctrl-C, a store outage, di
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -309,7 +310,8 @@ def test_object_store_outage_ends_in_one_line_and_keeps_the_last_complete_checkp
             runner.run(spec, printer=printer)
         took = time.monotonic() - stopped["at"]
         message = str(err.value)
-        assert message == "s3://outage/runs: the storage endpoint is unreachable", message
+        # named by whichever client saw it first: Ray's upload (the store) or rayganx's (the run)
+        assert re.fullmatch(r"s3://outage/runs(/outage)?: the storage endpoint is unreachable", message), message
         assert took < 180, took
         print(f"FIGURE store-outage: failed {took:.1f} s after the store stopped: {message}")
     finally:
