@@ -163,6 +163,16 @@ class _Display:
             self.progress.stop()
 
 
+def _emit(text: str, out_file: str | None) -> None:
+    """A command's document: to --out when given, else to stdout (for pipes)."""
+    if out_file:
+        with open(out_file, "w") as f:
+            f.write(text)
+        out.print(f"wrote {out_file}")
+    else:
+        sys.stdout.write(text)
+
+
 def _warn(text: str) -> None:
     err.print(f"[yellow]warning:[/yellow] {text}", highlight=False, soft_wrap=True)
 
@@ -772,13 +782,7 @@ def k8s_render(job: str = typer.Argument(..., help="job or sweep YAML"),
     problems = [p for d in docs for p in k8s.validate_doc(d, "rendered manifest", schemas)]
     if problems:
         raise k8s.ManifestError("\n".join(problems))
-    text = k8s.dump(docs)
-    if out_file:
-        with open(out_file, "w") as f:
-            f.write(text)
-        out.print(f"wrote {out_file}")
-    else:
-        sys.stdout.write(text)
+    _emit(k8s.dump(docs), out_file)
     if schemas is None:
         err.print("[yellow]note:[/yellow] not checked against the KubeRay CRD schemas (none found; "
                   "see rayganx k8s validate --help)", highlight=False)
@@ -858,13 +862,7 @@ def grafana_dashboard(out_file: Optional[str] = typer.Option(None, "--out", help
     """The Grafana dashboard JSON for rayganx's metrics (provision it in the Ray dashboard's Grafana)."""
     from rayganx import grafana
 
-    text = grafana.to_json()
-    if out_file:
-        with open(out_file, "w") as f:
-            f.write(text)
-        out.print(f"wrote {out_file}")
-    else:
-        sys.stdout.write(text)
+    _emit(grafana.to_json(), out_file)
 
 
 # --------------------------------------------------------------------------- bench
