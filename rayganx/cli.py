@@ -206,7 +206,9 @@ def _run_here(spec: jobspec.JobSpec, force: bool = False) -> None:
     if result.rollbacks:
         rows.append(("divergence rollbacks", f"{len(result.rollbacks)} (learning rates now "
                                              f"x{result.rollbacks[-1]['lr_scale']:g})"))
-    if result.skipped_images:
+    if result.skipped_images is None:
+        rows.append(("skipped corrupt images", "unknown (the run's monitor was lost with its node)"))
+    elif result.skipped_images:
         rows.append(("skipped corrupt images", f"{len(result.skipped_images)} (first: {result.skipped_images[0]})"))
     out.print(f"[bold green]done[/bold green] {spec.name}: {result.steps} steps in {time.monotonic() - t0:.0f} s")
     for key, value in rows:

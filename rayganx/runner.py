@@ -31,7 +31,7 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
     checkpoints: list = field(default_factory=list)
     samples: list = field(default_factory=list)
-    skipped_images: list = field(default_factory=list)
+    skipped_images: list | None = field(default_factory=list)  # None: unknown (the monitor was lost)
     rollbacks: list = field(default_factory=list)
 
 
@@ -181,10 +181,16 @@ def cache_decoded(spec: JobSpec, rows: int) -> bool:
 def run_monitor():
     """An actor that lives as long as the process that starts the run (it is not detached): the
     workers send it every logged row (live progress) and the decode tasks each corrupt file they
-    skip. It goes with the run however the run ends."""
-    import ray
+    skip. It goes with the run however the run ends.
 
-    @ray.remote(num_cpus=0)
+    It is pinned to the driver's node: anywhere else, losing that node (which Ray Train survives)
+    would take the run's live progress and its count of skipped files with it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+    @ray.remote(num_cpus=0, scheduling_strategy=here)
     class RunMonitor:
         def __init__(self):
             self.rows, self.skipped = [], []
@@ -314,6 +320,16 @@ def fit_interruptibly(trainer):
     return box["result"]
 
 
+def monitor_skipped(monitor) -> list[str] | None:
+    """The files the decode tasks skipped; None when the monitor cannot say (its node was lost)."""
+    import ray
+
+    try:
+        return ray.get(monitor.skipped_files.remote(), timeout=30)
+    except (ray.exceptions.RayError, TimeoutError):
+        return None
+
+
 def last_step(spec: JobSpec) -> int:
     from rayganx.storage import list_checkpoints
 
@@ -372,20 +388,19 @@ def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None]
             raise
         except Exception as e:
             raise RunError(root_cause(e, spec.storage.path)) from e
-        import ray
-
-        skipped = ray.get(monitor.skipped_files.remote())
-        rollbacks = [r for r in ray.get(monitor.since.remote(0)) if r.get("event") == "rollback"]
+        skipped = monitor_skipped(monitor)
     finally:
         lock.release()
         if monitor is not None:
             import ray
 
-            ray.kill(monitor)
+            with contextlib.suppress(Exception):  # already gone with its node
+                ray.kill(monitor)
     ckpts = list_checkpoints(run_store)
     samples = sorted(f["name"] for f in run_store.listdir("samples"))
     history = read_metrics(run_store)
     steps = [m for m in history if "event" not in m]
+    rollbacks = [m for m in history if m.get("event") == "rollback"]
     return RunResult(run_url=spec.run_url, steps=steps[-1]["step"] if steps else start,
                      metrics=steps[-1] if steps else {}, checkpoints=ckpts, samples=samples,
                      skipped_images=skipped, rollbacks=rollbacks)

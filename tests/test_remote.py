@@ -6,6 +6,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +17,9 @@ import yaml
 
 from tests.conftest import JOBS, rayganx
 
+
+# The venv's own `ray`, whether or not the venv is activated.
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -31,7 +35,7 @@ def head(tmp_path_factory):
     temp = tempfile.mkdtemp(prefix="rgx", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     dash, metrics = free_port(), free_port()
     proc = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--num-cpus=3", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
+        [RAY, "start", "--head", "--block", "--num-cpus=3", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
          f"--temp-dir={temp}", "--disable-usage-stats", "--include-dashboard=true",
          # Free ports for the agents too: the defaults (52365, ...) may be held by another Ray here.
