@@ -259,13 +259,13 @@ def _wait_for(proc, pattern: str, timeout: float) -> list[str]:
 @pytest.mark.slow
 def test_ctrl_c_stops_promptly_and_the_same_submit_continues(tmp_path):
     job = write_job(tmp_path / "ctrlc.yaml", "dcgan_digits.yaml",
-                    **tiny("ctrlc", tmp_path / "runs", steps=400, train={"log_every": 2}))
+                    **tiny("ctrlc", tmp_path / "runs", steps=100_000, train={"log_every": 2}))
     sets = ["--set", "storage.checkpoint_every=4", "--set", "model.ngf=16", "--set", "model.ndf=16",
             "--set", "train.batch_size=32"]
     proc = subprocess.Popen([sys.executable, "-m", "rayganx.cli", "submit", str(job), *sets], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        _wait_for(proc, "step 10/400", 300)
+        _wait_for(proc, "step 10/100000", 300)  # long enough that only Ctrl-C ends it
         second = rayganx("submit", job, *sets, timeout=120)  # the same run, while it is going
         assert second.returncode == 1 and "in use by" in second.stderr and "--force" in second.stderr, second.stderr
         t0 = time.monotonic()
@@ -311,7 +311,7 @@ def test_object_store_outage_ends_in_one_line_and_keeps_the_last_complete_checkp
         took = time.monotonic() - stopped["at"]
         message = str(err.value)
         # named by whichever client saw it first: Ray's upload (the store) or rayganx's (the run)
-        assert re.fullmatch(r"s3://outage/runs(/outage)?: the storage endpoint is unreachable", message), message
+        assert re.fullmatch(r"s3://outage/runs(/outage(/\w+)*)?: the storage endpoint is unreachable", message), message
         assert took < 180, took
         print(f"FIGURE store-outage: failed {took:.1f} s after the store stopped: {message}")
     finally:

@@ -57,8 +57,9 @@ def test_event_files_hold_scalars_images_and_the_spec(two_runs):
         rows = read_metrics(Store(spec.run_url, spec.storage.endpoint_url))
         assert [r["step"] for r in rows] == [2, 3, 4, 6]  # log steps, and the checkpoint/sample step 3
         for key in ("loss_d", "loss_g", "images_per_s", "step_time", "d_real"):
-            assert [(s.step, round(s.value, 4)) for s in ea.Scalars(key)] == \
-                [(r["step"], round(r[key], 4)) for r in rows], key
+            # event files hold float32: equal to the logged float64 to float32's precision
+            assert [(s.step, pytest.approx(s.value, rel=1e-6)) for s in ea.Scalars(key)] == \
+                [(r["step"], r[key]) for r in rows], key
         lr = ea.Scalars("lr_g")
         assert lr[-1].value == pytest.approx(spec.train.optim_g.lr)
         images = ea.Images("samples")
@@ -113,7 +114,7 @@ def test_tb_serves_local_and_synced_s3_runs(two_runs):
         assert sorted(runs) == ["cmp_a/tb", "cmp_b/tb"], runs
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=20)
+        proc.wait(timeout=90)  # TensorBoard's own shutdown takes a while on a busy machine
     assert proc.returncode == 0
     assert any(n.startswith("events.out.tfevents.") for n in os.listdir(tmp / "cache" / "rayganx-test" / "mon" /
                                                                        "cmp_b" / "tb"))

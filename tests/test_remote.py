@@ -20,6 +20,9 @@ from tests.conftest import JOBS, rayganx
 
 # The venv's own `ray`, whether or not the venv is activated.
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+# Job entrypoints run `python -m rayganx.cli` from the head's PATH: this venv's, activated or not.
+VENV_PATH = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -41,7 +44,7 @@ def head(tmp_path_factory):
          # Free ports for the agents too: the defaults (52365, ...) may be held by another Ray here.
          f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
          f"--runtime-env-agent-port={free_port()}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=VENV_PATH)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 90
     while time.time() < deadline:
