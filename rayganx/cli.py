@@ -672,6 +672,46 @@ def sample(checkpoint: str = typer.Argument(..., help="checkpoint folder (local 
         out.print(f"wrote {len(images)} images to {out_dir}")
 
 
+@app.command("generate")
+@command
+def generate_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (local or URL) or exported .pt"),
+                 n: int = typer.Option(..., "--n", help="number of images"),
+                 out_url: str = typer.Option(..., "--out", help="folder or URL for the Parquet parts"),
+                 labels: Optional[str] = typer.Option(None, "--labels",
+                                                      help="classes to generate in turn, e.g. 3,5 (conditional "
+                                                           "generators; default: every class)"),
+                 seed: int = typer.Option(0, "--seed", help="image i is drawn from seed * 2**32 + i"),
+                 workers: int = typer.Option(2, "--workers", help="generator copies working at once"),
+                 part_size: int = typer.Option(1000, "--part-size", help="images per Parquet part"),
+                 gpu: bool = typer.Option(False, "--gpu", help="one GPU per worker"),
+                 address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS",
+                                                       help="Ray cluster (what ray.init takes); default: embedded"),
+                 endpoint_url: Optional[str] = EndpointOpt):
+    """Write N generated images (PNG bytes, label, seed) as Parquet with Ray Data; a re-run makes only the missing parts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from rayganx import generate
+    from rayganx.runner import init_ray
+
+    if address and address.startswith("http"):
+        raise jobspec.SpecError(f"--address {address}: generate joins a Ray cluster (host:6379 or ray://host:10001), "
+                                f"not the Jobs API")
+    try:
+        classes = tuple(int(v) for v in labels.split(",") if v.strip()) if labels is not None else None
+    except ValueError:
+        raise jobspec.SpecError(f"--labels {labels!r}: expected a comma list of class numbers") from None
+    plan = generate.Plan(checkpoint, n, seed, classes, part_size)
+    todo = generate.prepare(plan, out_url, endpoint_url)  # a bad plan fails here, before Ray starts
+    init_ray(address=address)
+    with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=out,
+                  disable=not out.is_terminal) as bar:
+        task = bar.add_task("generating", total=n)
+        result = generate.run(plan, todo, out_url, endpoint_url, workers=workers, use_gpu=gpu,
+                              on_part=lambda done, total: bar.update(task, completed=done))
+    out.print(f"{result['images']} images in {result['parts']} parts at {result['out']} "
+              f"({result['written']} written now, {result['skipped']} already there)", soft_wrap=True)
+
+
 @app.command()
 @command
 def export(checkpoint: str = typer.Argument(..., help="checkpoint folder (local or URL)"),

@@ -116,17 +116,17 @@ def tensorboard(logdir_spec: str, port: int = 6006, timeout: float = 90):
 
 def serve(logdirs: Logdirs, sync_every: float) -> None:
     """Keep the remote runs' copies current until Ctrl-C or SIGTERM (TensorBoard re-reads them
-    itself). SIGTERM (kill, Kubernetes) ends it like Ctrl-C, so TensorBoard is stopped too."""
+    itself). SIGTERM (kill, Kubernetes) ends it like Ctrl-C, so TensorBoard is stopped too.
 
-    def stop(*_):
-        raise KeyboardInterrupt
+    The signals set an event instead of raising: an exception raised in the middle of a sync
+    (inside the object-store client's own threads and retries) could be swallowed there."""
+    import threading
 
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        while True:
-            time.sleep(sync_every if logdirs.remote and sync_every > 0 else 3600)
-            if logdirs.remote and sync_every > 0:
-                with contextlib.suppress(StorageError):  # a store hiccup: the next sync catches up
-                    sync_all(logdirs)
-    except KeyboardInterrupt:
-        pass
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    sync = logdirs.remote and sync_every > 0
+    while not stopped.wait(sync_every if sync else 1.0):
+        if sync:
+            with contextlib.suppress(StorageError):  # a store hiccup: the next sync catches up
+                sync_all(logdirs)

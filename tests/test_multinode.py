@@ -162,7 +162,7 @@ def checkpoint_steps(name: str, s3_server: str) -> list[int]:
 
 
 def test_two_nodes_and_a_node_loss_resumes_from_the_last_checkpoint(cluster, s3_server, tmp_path):
-    every, log_every, total = 20, 5, 300
+    every, log_every, total = 20, 5, 200
     t0, started = time.monotonic(), time.time()
     proc = driver(cluster, job_file(tmp_path, "node_loss", s3_server, steps=total, checkpoint_every=every,
                                     log_every=log_every))
