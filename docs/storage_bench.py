@@ -34,17 +34,27 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
 
-def moto():
+def moto(endpoint: str | None = None):
+    """A moto S3 server in this process, or the one at `endpoint` (e.g. `python -m moto.server
+    -p 5123` in its own process: it keeps the uploaded set between a before and an after run, and
+    its request handling does not share this process's interpreter lock)."""
     import boto3
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    server = None
+    if endpoint is None:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+        server.start()
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
     s3 = boto3.client("s3", endpoint_url=endpoint)
-    s3.create_bucket(Bucket="bench")
+    if "bench" not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        s3.create_bucket(Bucket="bench")
     return server, endpoint, s3
+
+
+def uploaded(s3, prefix: str) -> bool:
+    return s3.list_objects_v2(Bucket="bench", Prefix=prefix + "/", MaxKeys=1).get("KeyCount", 0) > 0
 
 
 def jpegs(n: int, size: int = 64) -> list[bytes]:
@@ -92,22 +102,24 @@ def bench_input(endpoint: str, source: str, path: str) -> dict:
             "input_multiple": res["input_only"]["multiple_of_consumption"]}
 
 
-def cmd_input(files: list[int]) -> None:
-    server, endpoint, s3 = moto()
+def cmd_input(files: list[int], endpoint: str | None) -> None:
+    server, endpoint, s3 = moto(endpoint)
     rows = []
     try:
         for n in files:
-            images = jpegs(n)
-            t0 = time.time()
-            upload_folder(s3, f"folder{n}", images)
-            upload_parquet(s3, f"parquet{n}", images)
-            print(f"uploaded {n} images twice in {time.time() - t0:.0f} s", file=sys.stderr)
+            if not uploaded(s3, f"parquet{n}"):
+                images = jpegs(n)
+                t0 = time.time()
+                upload_folder(s3, f"folder{n}", images)
+                upload_parquet(s3, f"parquet{n}", images)
+                print(f"uploaded {n} images twice in {time.time() - t0:.0f} s", file=sys.stderr)
             for source, path in (("image_folder", f"s3://bench/folder{n}"), ("parquet", f"s3://bench/parquet{n}")):
                 r = bench_input(endpoint, source, path)
                 rows.append((n, source, r))
                 print(n, source, r, file=sys.stderr)
     finally:
-        server.stop()
+        if server:
+            server.stop()
     print("| files | source | first step (s) | input only (img/s) | one 64 px DCGAN worker (img/s) | input / need |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
     for n, source, r in rows:
@@ -115,16 +127,16 @@ def cmd_input(files: list[int]) -> None:
               f"{r['worker_images_per_s']:.0f} | {r['input_multiple']:.1f}x |")
 
 
-def cmd_checkpoint() -> None:
+def cmd_checkpoint(endpoint: str | None) -> None:
     from rayganx import runner, spec as jobspec
     from rayganx.storage import Store, read_metrics
 
-    server, endpoint, s3 = moto()
+    server, endpoint, s3 = moto(endpoint)
     out = []
     try:
         for mode in ("true", "false"):
             spec = jobspec.load(JOBS / "dcgan_celeba.yaml", [
-                f"name=ckpt_async_{mode}", "data.source=digits", "data.channels=1", "data.image_size=64",
+                f"name=ckpt_async_{mode}_{int(time.time())}", "data.source=digits", "data.channels=1", "data.image_size=64",
                 "scaling.num_workers=1", "train.batch_size=32", "train.steps=60", "train.epochs=null",
                 "train.log_every=1", "samples.every=1000", "storage.checkpoint_every=10",
                 "storage.path=s3://bench/runs", f"storage.endpoint_url={endpoint}",
@@ -135,7 +147,8 @@ def cmd_checkpoint() -> None:
             normal = [m["step_time"] for m in rows if m["step"] % 10 not in (0, 1)]
             out.append((mode, statistics.median(normal), statistics.median(after)))
     finally:
-        server.stop()
+        if server:
+            server.stop()
     print("| checkpoint upload | median step (ms) | step after a checkpoint (ms, median) | ratio |")
     print("| --- | ---: | ---: | ---: |")
     for mode, normal, after in out:
@@ -148,9 +161,11 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("input")
     p.add_argument("--files", type=int, nargs="+", default=[2000, 20000])
-    sub.add_parser("checkpoint")
+    p.add_argument("--endpoint", help="an S3 server already running (uploads only what is missing)")
+    p = sub.add_parser("checkpoint")
+    p.add_argument("--endpoint", help="an S3 server already running")
     args = ap.parse_args()
-    cmd_input(args.files) if args.cmd == "input" else cmd_checkpoint()
+    cmd_input(args.files, args.endpoint) if args.cmd == "input" else cmd_checkpoint(args.endpoint)
 
 
 if __name__ == "__main__":
