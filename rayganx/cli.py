@@ -697,8 +697,12 @@ def export(checkpoint: str = typer.Argument(..., help="checkpoint folder (local 
 def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (local or URL)"),
              metrics: str = typer.Option("fid,kid", "--metrics", help="comma list of fid, kid, is, pr"),
              num_samples: int = typer.Option(1000, "--num-samples"),
-             features: Optional[str] = typer.Option(None, "--features", help="random | classifier | torchscript"),
+             features: Optional[str] = typer.Option(None, "--features",
+                                                    help="random | classifier | torchscript | inception"),
              extractor: Optional[str] = typer.Option(None, "--extractor", help="classifier checkpoint or .pt file"),
+             inception_path: Optional[str] = typer.Option(
+                 None, "--inception-path", help="--features inception: the FID Inception weights file (else fetched "
+                                                "once into the cache)"),
              seed: int = typer.Option(0, "--seed"),
              json_out: Optional[str] = typer.Option(None, "--json", help="also write the results here"),
              endpoint_url: Optional[str] = EndpointOpt):
@@ -715,6 +719,7 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
     ev = {"metrics": names, "num_samples": num_samples}
     ev |= {"features": features} if features else {}
     ev |= {"extractor": extractor} if extractor else {}
+    ev |= {"inception_path": inception_path} if inception_path else {}
     spec = jobspec.from_dict(spec.to_dict() | {"eval": spec.eval.model_dump() | ev}, source=checkpoint)
     if endpoint_url and not spec.storage.endpoint_url:
         spec.storage.endpoint_url = endpoint_url

@@ -1,9 +1,10 @@
-"""Evaluation: feature extractors (offline) and a registry of sample-quality metrics.
+"""Evaluation: feature extractors and a registry of sample-quality metrics.
 
 Images go through an extractor once; metrics take features. FID, KID and IS come from
 torchmetrics (fed precomputed features through an identity "network"); improved
 precision/recall (Kynkäänniemi et al. 2019), which torchmetrics lacks, is written here.
 Real-data features are computed once per dataset, extractor and image size and cached in storage.
+The standard FID Inception network and its weights live in rayganx.inception.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rayganx.spec import EvalSpec, JobSpec, from_dict
+from rayganx.spec import IS_NEEDS_LOGITS, EvalSpec, JobSpec, from_dict
 
 
 class EvalError(ValueError):
@@ -30,9 +31,13 @@ class Extractor(nn.Module):
     """images in [-1, 1] (N, C, H, W) -> features (N, D); `logits` when it has class outputs."""
 
     has_logits = False
+    batch = 256  # images per forward pass in features_of
 
-    def logits(self, x):  # pragma: no cover - only classifier extractors have logits
-        raise EvalError("this extractor has no class logits (Inception Score needs eval.features: classifier)")
+    def logits(self, x):  # pragma: no cover - only classifier and inception extractors have logits
+        raise EvalError(IS_NEEDS_LOGITS.format(features=type(self).__name__))
+
+    def features_and_logits(self, x):
+        return self(x), (self.logits(x) if self.has_logits else None)
 
 
 class RandomCNN(Extractor):
@@ -92,10 +97,43 @@ class TorchScriptFeatures(Extractor):
         return self.module(u8, return_features=True).float()
 
 
+class InceptionFeatures(Extractor):
+    """The standard FID Inception (rayganx.inception): 2048-d pool features, ImageNet logits for IS."""
+
+    has_logits = True
+    batch = 64  # 299 x 299 activations: 256 images at once would take gigabytes
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def _u8(self, x):
+        # Quantised as a saved PNG would be, which is what published scores were computed on.
+        u8 = ((x.clamp(-1, 1) + 1) * 127.5).round()
+        return u8.repeat(1, 3, 1, 1) if u8.shape[1] == 1 else u8
+
+    def forward(self, x):
+        return self.net(self._u8(x))
+
+    def logits(self, x):
+        return self.net.logits(self(x))
+
+    def features_and_logits(self, x):
+        pool = self(x)  # one pass for both: the network is the expensive part
+        return pool, self.net.logits(pool)
+
+
 def load_extractor(ev: EvalSpec, channels: int, endpoint_url: str | None = None) -> Extractor:
     """Build the job's extractor; a missing or unreadable file is a clear error."""
     if ev.features == "random":
         return RandomCNN(channels)
+    if ev.features == "inception":
+        from rayganx import inception
+
+        try:
+            return InceptionFeatures(inception.load(ev.inception_path, endpoint_url))
+        except inception.InceptionError as e:
+            raise EvalError(str(e)) from None
     from rayganx.storage import Store, StorageError
 
     url = ev.extractor
@@ -190,7 +228,7 @@ def compute(names: list[str], real: torch.Tensor, fake: torch.Tensor, fake_logit
             out["kid"] = kid(real, fake)
         elif name == "is":
             if fake_logits is None:
-                raise EvalError("eval.metrics: 'is' needs class logits (eval.features: classifier)")
+                raise EvalError(IS_NEEDS_LOGITS.format(features="these"))
             out["is"] = inception_score(fake_logits)
         elif name == "pr":
             out["precision"], out["recall"] = precision_recall(real, fake)
@@ -203,13 +241,15 @@ def compute(names: list[str], real: torch.Tensor, fake: torch.Tensor, fake_logit
 
 
 @torch.no_grad()
-def features_of(extractor: Extractor, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+def features_of(extractor: Extractor, images: torch.Tensor, batch: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     feats, logits = [], []
+    batch = batch or extractor.batch
     for i in range(0, len(images), batch):
-        x = images[i:i + batch]
-        feats.append(extractor(x).float().cpu())
-        if extractor.has_logits:
-            logits.append(extractor.logits(x).float().cpu())
+        f, lg = extractor.features_and_logits(images[i:i + batch])
+        feats.append(f.float().cpu())
+        if lg is not None:
+            logits.append(lg.float().cpu())
     return torch.cat(feats), (torch.cat(logits) if logits else None)
 
 
@@ -252,7 +292,12 @@ def assemble(parts: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
 def stats_key(spec: JobSpec) -> str:
     """Identifies real-data features: dataset, image size, channels and extractor."""
     d, e = spec.data, spec.eval
-    ident = json.dumps([d.source, d.path, d.mixture, d.image_size, d.channels, d.crop, e.features, e.extractor])
+    ident = [d.source, d.path, d.mixture, d.image_size, d.channels, d.crop, e.features, e.extractor]
+    if e.features == "inception":  # the weights, not where they were read from
+        from rayganx.inception import expected_sha256
+
+        ident.append(expected_sha256())
+    ident = json.dumps(ident)
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 

@@ -151,3 +151,13 @@ def test_missing_extractor_fails_before_training(tmp_path):
                 "--set", f"eval.extractor={tmp_path}/cnn/checkpoint_000400", "--set", f"storage.path={tmp_path}")
     assert r.returncode == 1
     assert r.stderr.strip() == f"error: eval.extractor: {tmp_path}/cnn/checkpoint_000400 does not exist"
+
+
+def test_training_with_is_needs_an_extractor_with_logits():
+    from rayganx.spec import SpecError
+
+    job = {"name": "x", "train": {"steps": 4}, "eval": {"every": 2, "metrics": ["fid", "is"]}}
+    with pytest.raises(SpecError, match="'is' .* which 'random' features lack"):
+        from_dict(job)
+    spec = from_dict({**job, "eval": {**job["eval"], "features": "inception"}})  # Inception's own logits serve
+    assert spec.eval.features == "inception" and spec.eval.inception_path is None
