@@ -9,9 +9,11 @@ The standard FID Inception network and its weights live in rayganx.inception.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +178,17 @@ class _Precomputed(nn.Identity):
 LOCAL = {"sync_on_compute": False}
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Warnings about choices made here on purpose. torchmetrics says KID and IS keep every feature
+    in memory: that is the point (they are extracted already, bounded by eval.num_samples). And IS
+    over one split has no standard deviation, which torch warns about; only the mean is reported."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*will save all extracted features in buffer")
+        warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom is <= 0")
+        yield
+
+
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -189,7 +202,8 @@ def kid(real: torch.Tensor, fake: torch.Tensor) -> float:
     from torchmetrics.image.kid import KernelInceptionDistance
 
     subset = min(len(real), len(fake), 1000)
-    m = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=subset, subsets=50, **LOCAL)
+    with _quiet():
+        m = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=subset, subsets=50, **LOCAL)
     m.update(real.double(), real=True)
     m.update(fake.double(), real=False)
     torch.manual_seed(0)  # KID averages random subsets: fixed, so equal inputs give equal scores
@@ -199,9 +213,11 @@ def kid(real: torch.Tensor, fake: torch.Tensor) -> float:
 def inception_score(fake_logits: torch.Tensor) -> float:
     from torchmetrics.image.inception import InceptionScore
 
-    m = InceptionScore(feature=_Precomputed(fake_logits.shape[1]), splits=1, **LOCAL)
+    with _quiet():
+        m = InceptionScore(feature=_Precomputed(fake_logits.shape[1]), splits=1, **LOCAL)
     m.update(fake_logits.double())
-    return float(m.compute()[0])
+    with _quiet():
+        return float(m.compute()[0])
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
@@ -301,7 +317,7 @@ def stats_key(spec: JobSpec) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def real_features(spec: JobSpec, extractor: Extractor, limit: int) -> torch.Tensor:
+def real_features(spec: JobSpec, extractor: Extractor, limit: int, verbose: bool = False) -> torch.Tensor:
     """Real-data features, from the storage cache (<storage>/_stats/) or computed once and cached."""
     import ray
 
@@ -316,7 +332,7 @@ def real_features(spec: JobSpec, extractor: Extractor, limit: int) -> torch.Tens
     if not ray.is_initialized():
         from rayganx.runner import init_ray
 
-        init_ray()
+        init_ray(verbose=verbose)
     feats, seen = [], 0
     for batch in rdata.build(spec.data, "all").iter_torch_batches(batch_size=256):
         feats.append(features_of(extractor, rdata.model_input(batch["image"]))[0])
@@ -330,9 +346,10 @@ def real_features(spec: JobSpec, extractor: Extractor, limit: int) -> torch.Tens
     return real
 
 
-def evaluate_generator(g, spec: JobSpec, num_classes, metrics: list[str], num_samples: int, seed: int = 0) -> dict:
+def evaluate_generator(g, spec: JobSpec, num_classes, metrics: list[str], num_samples: int, seed: int = 0,
+                       verbose: bool = False) -> dict:
     """Single-process evaluation of a generator against the job's data (the CLI path)."""
     extractor = load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url)
-    real = real_features(spec, extractor, max(num_samples, 2))
+    real = real_features(spec, extractor, max(num_samples, 2), verbose)
     fake, logits = assemble([generated_features(g, spec, num_classes, extractor, num_samples, seed)])
     return compute(metrics, real, fake, logits)

@@ -161,3 +161,33 @@ def test_training_with_is_needs_an_extractor_with_logits():
         from_dict(job)
     spec = from_dict({**job, "eval": {**job["eval"], "features": "inception"}})  # Inception's own logits serve
     assert spec.eval.features == "inception" and spec.eval.inception_path is None
+
+
+def test_metrics_raise_no_library_warnings(random_feats):
+    import warnings
+
+    a, b = random_feats[:300], random_feats[300:600]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.compute(["fid", "kid", "is", "pr"], a, b, torch.randn(300, 10))
+    assert [str(w.message) for w in caught] == []
+
+
+def test_cli_shows_library_warnings_only_with_verbose(monkeypatch, capsys):
+    import warnings
+
+    from rayganx import cli
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    cli._route_library_warnings()
+    warnings.simplefilter("always")
+    seen = {}
+    for verbose in (False, True):
+        monkeypatch.setitem(cli.STATE, "verbose", verbose)
+        KernelInceptionDistance(feature=m._Precomputed(4))  # torchmetrics warns about its feature buffer
+        warnings.warn_explicit("the job asks for something odd", UserWarning, m.__file__, 1)
+        seen[verbose] = capsys.readouterr().err
+    assert "will save all extracted features" not in seen[False]
+    assert "warning: the job asks for something odd" in seen[False]  # rayganx's own: always shown
+    assert "UserWarning" in seen[True] and "will save all extracted features" in seen[True]
