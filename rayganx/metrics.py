@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rayganx.spec import IS_NEEDS_LOGITS, EvalSpec, JobSpec, from_dict
+from rayganx.spec import FEATURES_WITH_LOGITS, IS_NEEDS_LOGITS, EvalSpec, JobSpec, from_dict
 
 
 class EvalError(ValueError):
@@ -176,6 +176,15 @@ class _Precomputed(nn.Identity):
 # Features are gathered before the metrics run on one rank: torchmetrics must not sync across
 # the training process group itself (it would wait forever for the other ranks).
 LOCAL = {"sync_on_compute": False}
+
+
+def check_request(names: list[str], ev: EvalSpec) -> None:
+    """Refuse, before any work, metrics the extractor cannot give."""
+    unknown = [n for n in names if n not in ("fid", "kid", "is", "pr")]
+    if unknown:
+        raise EvalError(f"eval.metrics: unknown metric {unknown[0]!r} (expected fid, kid, is, pr)")
+    if "is" in names and ev.features not in FEATURES_WITH_LOGITS:
+        raise EvalError(IS_NEEDS_LOGITS.format(features=ev.features))
 
 
 @contextlib.contextmanager
@@ -349,6 +358,7 @@ def real_features(spec: JobSpec, extractor: Extractor, limit: int, verbose: bool
 def evaluate_generator(g, spec: JobSpec, num_classes, metrics: list[str], num_samples: int, seed: int = 0,
                        verbose: bool = False) -> dict:
     """Single-process evaluation of a generator against the job's data (the CLI path)."""
+    check_request(metrics, spec.eval)
     extractor = load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url)
     real = real_features(spec, extractor, max(num_samples, 2), verbose)
     fake, logits = assemble([generated_features(g, spec, num_classes, extractor, num_samples, seed)])

@@ -191,3 +191,68 @@ def test_cli_shows_library_warnings_only_with_verbose(monkeypatch, capsys):
     assert "will save all extracted features" not in seen[False]
     assert "warning: the job asks for something odd" in seen[False]  # rayganx's own: always shown
     assert "UserWarning" in seen[True] and "will save all extracted features" in seen[True]
+
+
+# --------------------------------------------------------------------------- `rayganx eval` as documented
+
+from tests.test_inception import stand_in_weights  # noqa: E402,F401  (a fixture: the FID Inception's stand-in)
+
+
+def dcgan_checkpoint(storage) -> str:
+    """A digits DCGAN checkpoint whose job stores into `storage`; untrained (scores need not be good)."""
+    import yaml
+
+    from rayganx.train import GANTask
+    from tests.conftest import JOBS
+
+    raw = yaml.safe_load((JOBS / "dcgan_digits.yaml").read_text())
+    raw["storage"]["path"] = str(storage)
+    torch.manual_seed(0)
+    task = GANTask(from_dict(raw), None, torch.device("cpu"), distributed=False)
+    return str(local_checkpoint(storage / "dcgan_digits" / "checkpoint_001200", task, 1200))
+
+
+def readme_eval_example() -> list[str]:
+    """The README's `rayganx eval` line, as a user copies it: the arguments after `rayganx`."""
+    import shlex
+
+    from tests.conftest import ROOT
+
+    lines = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("rayganx eval ")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0].split("#")[0])[1:]
+
+
+def test_the_readme_eval_example_scores_all_four_metrics(stand_in_weights, tmp_path):  # noqa: F811
+    import json
+
+    from tests.conftest import rayganx
+
+    weights, sha = stand_in_weights
+    args = [dcgan_checkpoint(tmp_path / "runs") if a == "CHECKPOINT" else a for a in readme_eval_example()]
+    assert "--metrics" in args and args[args.index("--metrics") + 1] == "fid,kid,is,pr"
+    assert args[0] == "eval"
+    r = rayganx(*args, "--num-samples", "40", "--json", tmp_path / "scores.json", timeout=600,
+                env={"RAYGANX_INCEPTION_PATH": str(weights), "RAYGANX_INCEPTION_SHA256": sha,
+                     "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    for key in ("fid", "kid", "is", "precision", "recall"):
+        assert np.isfinite(scores[key]), (key, scores)
+    assert scores["is"] >= 1.0
+    # Only rayganx speaks: here, its note that the test's stand-in weights are not the standard ones.
+    note = "warning: RAYGANX_INCEPTION_SHA256 is set"
+    other = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(note)]
+    assert other == [], r.stderr
+
+
+def test_is_without_class_logits_is_refused_before_any_work(tmp_path):
+    from tests.conftest import rayganx
+
+    ckpt = dcgan_checkpoint(tmp_path / "runs")  # its job evaluates with random features (the default)
+    r = rayganx("eval", ckpt, "--metrics", "fid,kid,is,pr", timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("error: eval.metrics: 'is' (Inception Score) needs class logits, which 'random' "
+                                "features lack; use features inception, or classifier with a rayganx CNN checkpoint "
+                                "as the extractor")
+    assert not (tmp_path / "runs" / "_stats").exists()  # no real-data features were computed first
