@@ -344,11 +344,12 @@ def real_features(spec: JobSpec, extractor: Extractor, limit: int, verbose: bool
         init_ray(verbose=verbose)
     feats, seen = [], 0
     for batch in rdata.build(spec.data, "all").iter_torch_batches(batch_size=256):
-        feats.append(features_of(extractor, rdata.model_input(batch["image"]))[0])
-        seen += len(batch["image"])
+        images = batch["image"][:limit - seen]  # past the limit they would be extracted for nothing
+        feats.append(features_of(extractor, rdata.model_input(images))[0])
+        seen += len(images)
         if seen >= limit:
             break
-    real = torch.cat(feats)[:limit]
+    real = torch.cat(feats)
     buf = io.BytesIO()
     torch.save(real, buf)
     store.write_bytes(buf.getvalue(), "_stats", name)
