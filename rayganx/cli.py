@@ -720,6 +720,8 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
              features: Optional[str] = typer.Option(None, "--features",
                                                     help="random | classifier | torchscript | inception"),
              extractor: Optional[str] = typer.Option(None, "--extractor", help="classifier checkpoint or .pt file"),
+             extractor_sha256: Optional[str] = typer.Option(None, "--extractor-sha256",
+                                                            help="--features torchscript: the file's SHA-256"),
              inception_path: Optional[str] = typer.Option(
                  None, "--inception-path", help="--features inception: the FID Inception weights file (else fetched "
                                                 "once into the cache)"),
@@ -739,6 +741,7 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
     ev = {"metrics": names, "num_samples": num_samples}
     ev |= {"features": features} if features else {}
     ev |= {"extractor": extractor} if extractor else {}
+    ev |= {"extractor_sha256": extractor_sha256} if extractor_sha256 else {}
     ev |= {"inception_path": inception_path} if inception_path else {}
     spec = jobspec.from_dict(spec.to_dict() | {"eval": spec.eval.model_dump() | ev}, source=checkpoint)
     if endpoint_url and not spec.storage.endpoint_url:

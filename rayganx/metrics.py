@@ -125,6 +125,16 @@ class InceptionFeatures(Extractor):
         return pool, self.net.logits(pool)
 
 
+def _check_pinned(url: str, data: bytes, sha256: str | None) -> None:
+    """A TorchScript file is a program: it is loaded only when its bytes are the ones the job pinned."""
+    got = hashlib.sha256(data).hexdigest()
+    if not sha256:
+        raise EvalError(f"eval.extractor_sha256: required with features torchscript, whose file is a program; "
+                        f"{url} has SHA-256 {got}: pin it if you trust that file")
+    if got != sha256.lower():
+        raise EvalError(f"eval.extractor: {url} has SHA-256 {got}, expected {sha256.lower()} (eval.extractor_sha256)")
+
+
 def load_extractor(ev: EvalSpec, channels: int, endpoint_url: str | None = None) -> Extractor:
     """Build the job's extractor; a missing or unreadable file is a clear error."""
     if ev.features == "random":
@@ -145,7 +155,9 @@ def load_extractor(ev: EvalSpec, channels: int, endpoint_url: str | None = None)
             raise EvalError(f"eval.extractor: {url} does not exist")
         if ev.features == "torchscript":
             with store.fs.open(store.root, "rb") as f:
-                return TorchScriptFeatures(torch.jit.load(io.BytesIO(f.read()), map_location="cpu"))
+                data = f.read()
+            _check_pinned(url, data, ev.extractor_sha256)
+            return TorchScriptFeatures(torch.jit.load(io.BytesIO(data), map_location="cpu"))
         from rayganx.models import build
         from rayganx.storage import load_state
 

@@ -140,6 +140,9 @@ class EvalSpec(_Section):
     metrics: list[Literal["fid", "kid", "is", "pr"]] = Field(default_factory=lambda: ["fid", "kid"])
     features: Literal["classifier", "torchscript", "random", "inception"] = "random"
     extractor: str | None = Field(None, description="classifier checkpoint or TorchScript file")
+    extractor_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+                                         description="features torchscript: the file's SHA-256, required (the "
+                                                     "file is a program)")
     inception_path: str | None = Field(None, description="features inception: the FID Inception weights file "
                                                          "(local or URL); downloaded once into the cache without it")
 

@@ -88,7 +88,13 @@ def test_missing_or_unreadable_extractor(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not torchscript")
     with pytest.raises(m.EvalError, match="eval.extractor: cannot load"):
-        m.load_extractor(EvalSpec(features="torchscript", extractor=str(bad)), 1)
+        m.load_extractor(EvalSpec(features="torchscript", extractor=str(bad), extractor_sha256=sha256(bad)), 1)
+
+
+def sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_torchscript_extractor_follows_the_stylegan_calling_convention(tmp_path):
@@ -100,9 +106,22 @@ def test_torchscript_extractor_follows_the_stylegan_calling_convention(tmp_path)
 
     path = tmp_path / "detector.pt"
     torch.jit.script(Detector()).save(str(path))
-    ext = m.load_extractor(EvalSpec(features="torchscript", extractor=str(path)), 1)
+    ext = m.load_extractor(EvalSpec(features="torchscript", extractor=str(path), extractor_sha256=sha256(path)), 1)
     feats = ext(torch.zeros(2, 1, 8, 8))
     assert feats.shape == (2, 3) and torch.allclose(feats, torch.full((2, 3), 128.0))
+
+
+def test_a_torchscript_extractor_loads_only_when_its_checksum_is_pinned(tmp_path):
+    class Detector(torch.nn.Module):
+        def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return img.float().mean(dim=(2, 3))
+
+    path = tmp_path / "detector.pt"
+    torch.jit.script(Detector()).save(str(path))
+    with pytest.raises(m.EvalError, match=f"eval.extractor_sha256: required .* has SHA-256 {sha256(path)}"):
+        m.load_extractor(EvalSpec(features="torchscript", extractor=str(path)), 1)
+    with pytest.raises(m.EvalError, match=f"has SHA-256 {sha256(path)}, expected 0{{64}}"):
+        m.load_extractor(EvalSpec(features="torchscript", extractor=str(path), extractor_sha256="0" * 64), 1)
 
 
 def test_chunks_split_across_workers_reassemble_to_the_single_process_set():
