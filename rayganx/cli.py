@@ -103,6 +103,26 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray'
     if not pkg.handlers:
         pkg.addHandler(_ToConsole(logging.WARNING))
         pkg.propagate = False
+    _route_library_warnings()
+
+
+def _route_library_warnings() -> None:
+    """Python warnings from the libraries underneath (torchmetrics, torch, Ray, ...) speak of their
+    internals, not of the user's job: shown dimmed with --verbose, dropped otherwise. rayganx's
+    own warnings stay one yellow line."""
+    import os
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(package):
+            _warn(str(message))
+        elif STATE["verbose"]:
+            err.print(f"{category.__name__} ({filename}:{lineno}): {message}", style="dim", markup=False,
+                      highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show
 
 
 # --------------------------------------------------------------------------- job commands
@@ -737,8 +757,14 @@ def export(checkpoint: str = typer.Argument(..., help="checkpoint folder (local 
 def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (local or URL)"),
              metrics: str = typer.Option("fid,kid", "--metrics", help="comma list of fid, kid, is, pr"),
              num_samples: int = typer.Option(1000, "--num-samples"),
-             features: Optional[str] = typer.Option(None, "--features", help="random | classifier | torchscript"),
+             features: Optional[str] = typer.Option(None, "--features",
+                                                    help="random | classifier | torchscript | inception"),
              extractor: Optional[str] = typer.Option(None, "--extractor", help="classifier checkpoint or .pt file"),
+             extractor_sha256: Optional[str] = typer.Option(None, "--extractor-sha256",
+                                                            help="--features torchscript: the file's SHA-256"),
+             inception_path: Optional[str] = typer.Option(
+                 None, "--inception-path", help="--features inception: the FID Inception weights file (else fetched "
+                                                "once into the cache)"),
              seed: int = typer.Option(0, "--seed"),
              json_out: Optional[str] = typer.Option(None, "--json", help="also write the results here"),
              endpoint_url: Optional[str] = EndpointOpt):
@@ -755,10 +781,12 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
     ev = {"metrics": names, "num_samples": num_samples}
     ev |= {"features": features} if features else {}
     ev |= {"extractor": extractor} if extractor else {}
+    ev |= {"extractor_sha256": extractor_sha256} if extractor_sha256 else {}
+    ev |= {"inception_path": inception_path} if inception_path else {}
     spec = jobspec.from_dict(spec.to_dict() | {"eval": spec.eval.model_dump() | ev}, source=checkpoint)
     if endpoint_url and not spec.storage.endpoint_url:
         spec.storage.endpoint_url = endpoint_url
-    results = evaluate_generator(g, spec, num_classes, names, num_samples, seed)
+    results = evaluate_generator(g, spec, num_classes, names, num_samples, seed, verbose=STATE["verbose"])
     table = Table(title=f"{checkpoint} (step {state.get('step')}, {num_samples} samples, {spec.eval.features} features)")
     table.add_column("metric")
     table.add_column("value", justify="right")

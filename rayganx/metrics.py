@@ -1,22 +1,25 @@
-"""Evaluation: feature extractors (offline) and a registry of sample-quality metrics.
+"""Evaluation: feature extractors and a registry of sample-quality metrics.
 
 Images go through an extractor once; metrics take features. FID, KID and IS come from
 torchmetrics (fed precomputed features through an identity "network"); improved
 precision/recall (Kynkäänniemi et al. 2019), which torchmetrics lacks, is written here.
 Real-data features are computed once per dataset, extractor and image size and cached in storage.
+The standard FID Inception network and its weights live in rayganx.inception.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rayganx.spec import EvalSpec, JobSpec, from_dict
+from rayganx.spec import FEATURES_WITH_LOGITS, IS_NEEDS_LOGITS, EvalSpec, JobSpec, from_dict
 
 
 class EvalError(ValueError):
@@ -30,9 +33,13 @@ class Extractor(nn.Module):
     """images in [-1, 1] (N, C, H, W) -> features (N, D); `logits` when it has class outputs."""
 
     has_logits = False
+    batch = 256  # images per forward pass in features_of
 
-    def logits(self, x):  # pragma: no cover - only classifier extractors have logits
-        raise EvalError("this extractor has no class logits (Inception Score needs eval.features: classifier)")
+    def logits(self, x):  # pragma: no cover - only classifier and inception extractors have logits
+        raise EvalError(IS_NEEDS_LOGITS.format(features=type(self).__name__))
+
+    def features_and_logits(self, x):
+        return self(x), (self.logits(x) if self.has_logits else None)
 
 
 class RandomCNN(Extractor):
@@ -92,10 +99,53 @@ class TorchScriptFeatures(Extractor):
         return self.module(u8, return_features=True).float()
 
 
+class InceptionFeatures(Extractor):
+    """The standard FID Inception (rayganx.inception): 2048-d pool features, ImageNet logits for IS."""
+
+    has_logits = True
+    batch = 64  # 299 x 299 activations: 256 images at once would take gigabytes
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def _u8(self, x):
+        # Quantised as a saved PNG would be, which is what published scores were computed on.
+        u8 = ((x.clamp(-1, 1) + 1) * 127.5).round()
+        return u8.repeat(1, 3, 1, 1) if u8.shape[1] == 1 else u8
+
+    def forward(self, x):
+        return self.net(self._u8(x))
+
+    def logits(self, x):
+        return self.net.logits(self(x))
+
+    def features_and_logits(self, x):
+        pool = self(x)  # one pass for both: the network is the expensive part
+        return pool, self.net.logits(pool)
+
+
+def _check_pinned(url: str, data: bytes, sha256: str | None) -> None:
+    """A TorchScript file is a program: it is loaded only when its bytes are the ones the job pinned."""
+    got = hashlib.sha256(data).hexdigest()
+    if not sha256:
+        raise EvalError(f"eval.extractor_sha256: required with features torchscript, whose file is a program; "
+                        f"{url} has SHA-256 {got}: pin it if you trust that file")
+    if got != sha256.lower():
+        raise EvalError(f"eval.extractor: {url} has SHA-256 {got}, expected {sha256.lower()} (eval.extractor_sha256)")
+
+
 def load_extractor(ev: EvalSpec, channels: int, endpoint_url: str | None = None) -> Extractor:
     """Build the job's extractor; a missing or unreadable file is a clear error."""
     if ev.features == "random":
         return RandomCNN(channels)
+    if ev.features == "inception":
+        from rayganx import inception
+
+        try:
+            return InceptionFeatures(inception.load(ev.inception_path, endpoint_url))
+        except inception.InceptionError as e:
+            raise EvalError(str(e)) from None
     from rayganx.storage import Store, StorageError
 
     url = ev.extractor
@@ -105,7 +155,9 @@ def load_extractor(ev: EvalSpec, channels: int, endpoint_url: str | None = None)
             raise EvalError(f"eval.extractor: {url} does not exist")
         if ev.features == "torchscript":
             with store.fs.open(store.root, "rb") as f:
-                return TorchScriptFeatures(torch.jit.load(io.BytesIO(f.read()), map_location="cpu"))
+                data = f.read()
+            _check_pinned(url, data, ev.extractor_sha256)
+            return TorchScriptFeatures(torch.jit.load(io.BytesIO(data), map_location="cpu"))
         from rayganx.models import build
         from rayganx.storage import load_state
 
@@ -138,6 +190,26 @@ class _Precomputed(nn.Identity):
 LOCAL = {"sync_on_compute": False}
 
 
+def check_request(names: list[str], ev: EvalSpec) -> None:
+    """Refuse, before any work, metrics the extractor cannot give."""
+    unknown = [n for n in names if n not in ("fid", "kid", "is", "pr")]
+    if unknown:
+        raise EvalError(f"eval.metrics: unknown metric {unknown[0]!r} (expected fid, kid, is, pr)")
+    if "is" in names and ev.features not in FEATURES_WITH_LOGITS:
+        raise EvalError(IS_NEEDS_LOGITS.format(features=ev.features))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Warnings about choices made here on purpose. torchmetrics says KID and IS keep every feature
+    in memory: that is the point (they are extracted already, bounded by eval.num_samples). And IS
+    over one split has no standard deviation, which torch warns about; only the mean is reported."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*will save all extracted features in buffer")
+        warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom is <= 0")
+        yield
+
+
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -151,7 +223,8 @@ def kid(real: torch.Tensor, fake: torch.Tensor) -> float:
     from torchmetrics.image.kid import KernelInceptionDistance
 
     subset = min(len(real), len(fake), 1000)
-    m = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=subset, subsets=50, **LOCAL)
+    with _quiet():
+        m = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=subset, subsets=50, **LOCAL)
     m.update(real.double(), real=True)
     m.update(fake.double(), real=False)
     torch.manual_seed(0)  # KID averages random subsets: fixed, so equal inputs give equal scores
@@ -161,9 +234,11 @@ def kid(real: torch.Tensor, fake: torch.Tensor) -> float:
 def inception_score(fake_logits: torch.Tensor) -> float:
     from torchmetrics.image.inception import InceptionScore
 
-    m = InceptionScore(feature=_Precomputed(fake_logits.shape[1]), splits=1, **LOCAL)
+    with _quiet():
+        m = InceptionScore(feature=_Precomputed(fake_logits.shape[1]), splits=1, **LOCAL)
     m.update(fake_logits.double())
-    return float(m.compute()[0])
+    with _quiet():
+        return float(m.compute()[0])
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
@@ -190,7 +265,7 @@ def compute(names: list[str], real: torch.Tensor, fake: torch.Tensor, fake_logit
             out["kid"] = kid(real, fake)
         elif name == "is":
             if fake_logits is None:
-                raise EvalError("eval.metrics: 'is' needs class logits (eval.features: classifier)")
+                raise EvalError(IS_NEEDS_LOGITS.format(features="these"))
             out["is"] = inception_score(fake_logits)
         elif name == "pr":
             out["precision"], out["recall"] = precision_recall(real, fake)
@@ -203,13 +278,15 @@ def compute(names: list[str], real: torch.Tensor, fake: torch.Tensor, fake_logit
 
 
 @torch.no_grad()
-def features_of(extractor: Extractor, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+def features_of(extractor: Extractor, images: torch.Tensor, batch: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     feats, logits = [], []
+    batch = batch or extractor.batch
     for i in range(0, len(images), batch):
-        x = images[i:i + batch]
-        feats.append(extractor(x).float().cpu())
-        if extractor.has_logits:
-            logits.append(extractor.logits(x).float().cpu())
+        f, lg = extractor.features_and_logits(images[i:i + batch])
+        feats.append(f.float().cpu())
+        if lg is not None:
+            logits.append(lg.float().cpu())
     return torch.cat(feats), (torch.cat(logits) if logits else None)
 
 
@@ -252,11 +329,16 @@ def assemble(parts: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
 def stats_key(spec: JobSpec) -> str:
     """Identifies real-data features: dataset, image size, channels and extractor."""
     d, e = spec.data, spec.eval
-    ident = json.dumps([d.source, d.path, d.mixture, d.image_size, d.channels, d.crop, e.features, e.extractor])
+    ident = [d.source, d.path, d.mixture, d.image_size, d.channels, d.crop, e.features, e.extractor]
+    if e.features == "inception":  # the weights, not where they were read from
+        from rayganx.inception import expected_sha256
+
+        ident.append(expected_sha256())
+    ident = json.dumps(ident)
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def real_features(spec: JobSpec, extractor: Extractor, limit: int) -> torch.Tensor:
+def real_features(spec: JobSpec, extractor: Extractor, limit: int, verbose: bool = False) -> torch.Tensor:
     """Real-data features, from the storage cache (<storage>/_stats/) or computed once and cached."""
     import ray
 
@@ -271,23 +353,26 @@ def real_features(spec: JobSpec, extractor: Extractor, limit: int) -> torch.Tens
     if not ray.is_initialized():
         from rayganx.runner import init_ray
 
-        init_ray()
+        init_ray(verbose=verbose)
     feats, seen = [], 0
     for batch in rdata.build(spec.data, "all").iter_torch_batches(batch_size=256):
-        feats.append(features_of(extractor, rdata.model_input(batch["image"]))[0])
-        seen += len(batch["image"])
+        images = batch["image"][:limit - seen]  # past the limit they would be extracted for nothing
+        feats.append(features_of(extractor, rdata.model_input(images))[0])
+        seen += len(images)
         if seen >= limit:
             break
-    real = torch.cat(feats)[:limit]
+    real = torch.cat(feats)
     buf = io.BytesIO()
     torch.save(real, buf)
     store.write_bytes(buf.getvalue(), "_stats", name)
     return real
 
 
-def evaluate_generator(g, spec: JobSpec, num_classes, metrics: list[str], num_samples: int, seed: int = 0) -> dict:
+def evaluate_generator(g, spec: JobSpec, num_classes, metrics: list[str], num_samples: int, seed: int = 0,
+                       verbose: bool = False) -> dict:
     """Single-process evaluation of a generator against the job's data (the CLI path)."""
+    check_request(metrics, spec.eval)
     extractor = load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url)
-    real = real_features(spec, extractor, max(num_samples, 2))
+    real = real_features(spec, extractor, max(num_samples, 2), verbose)
     fake, logits = assemble([generated_features(g, spec, num_classes, extractor, num_samples, seed)])
     return compute(metrics, real, fake, logits)

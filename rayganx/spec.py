@@ -128,12 +128,23 @@ class SamplesSpec(_Section):
     seed: int = 1234
 
 
+# The Inception Score needs an extractor with class outputs; spec checks and `rayganx eval` say so alike.
+FEATURES_WITH_LOGITS = ("classifier", "inception")
+IS_NEEDS_LOGITS = ("eval.metrics: 'is' (Inception Score) needs class logits, which '{features}' features lack; "
+                   "use features inception, or classifier with a rayganx CNN checkpoint as the extractor")
+
+
 class EvalSpec(_Section):
     every: int | None = Field(None, ge=1, description="evaluate every N steps (off by default)")
     num_samples: int = Field(1000, ge=2)
     metrics: list[Literal["fid", "kid", "is", "pr"]] = Field(default_factory=lambda: ["fid", "kid"])
-    features: Literal["classifier", "torchscript", "random"] = "random"
+    features: Literal["classifier", "torchscript", "random", "inception"] = "random"
     extractor: str | None = Field(None, description="classifier checkpoint or TorchScript file")
+    extractor_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+                                         description="features torchscript: the file's SHA-256, required (the "
+                                                     "file is a program)")
+    inception_path: str | None = Field(None, description="features inception: the FID Inception weights file "
+                                                         "(local or URL); downloaded once into the cache without it")
 
 
 class JobSpec(_Section):
@@ -368,7 +379,7 @@ def check(spec: JobSpec) -> list[str]:
             p.append(f"storage.keep_best_by: {spec.storage.keep_best_by} is not in eval.metrics")
     for key, value in (("data.path", d.path), ("data.endpoint_url", d.endpoint_url),
                        ("storage.path", spec.storage.path), ("storage.endpoint_url", spec.storage.endpoint_url),
-                       ("eval.extractor", spec.eval.extractor)):
+                       ("eval.extractor", spec.eval.extractor), ("eval.inception_path", spec.eval.inception_path)):
         if value and URL_CREDENTIALS.match(value):
             p.append(f"{key}: the URL carries credentials (user:password@); remove them and let the "
                      f"environment, a profile or an instance role supply them")
@@ -377,8 +388,8 @@ def check(spec: JobSpec) -> list[str]:
         p.append("eval.every: evaluation applies to generative models")
     if e.every and e.features in ("classifier", "torchscript") and not e.extractor:
         p.append(f"eval.extractor: required for eval.features '{e.features}'")
-    if e.every and "is" in e.metrics and e.features != "classifier":
-        p.append("eval.metrics: 'is' needs class logits (eval.features: classifier)")
+    if e.every and "is" in e.metrics and e.features not in FEATURES_WITH_LOGITS:
+        p.append(IS_NEEDS_LOGITS.format(features=e.features))
     if any(v < 1 for v in m.hidden):
         p.append("model.hidden: layer sizes must be positive")
     return p

@@ -88,7 +88,13 @@ def test_missing_or_unreadable_extractor(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not torchscript")
     with pytest.raises(m.EvalError, match="eval.extractor: cannot load"):
-        m.load_extractor(EvalSpec(features="torchscript", extractor=str(bad)), 1)
+        m.load_extractor(EvalSpec(features="torchscript", extractor=str(bad), extractor_sha256=sha256(bad)), 1)
+
+
+def sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_torchscript_extractor_follows_the_stylegan_calling_convention(tmp_path):
@@ -100,9 +106,22 @@ def test_torchscript_extractor_follows_the_stylegan_calling_convention(tmp_path)
 
     path = tmp_path / "detector.pt"
     torch.jit.script(Detector()).save(str(path))
-    ext = m.load_extractor(EvalSpec(features="torchscript", extractor=str(path)), 1)
+    ext = m.load_extractor(EvalSpec(features="torchscript", extractor=str(path), extractor_sha256=sha256(path)), 1)
     feats = ext(torch.zeros(2, 1, 8, 8))
     assert feats.shape == (2, 3) and torch.allclose(feats, torch.full((2, 3), 128.0))
+
+
+def test_a_torchscript_extractor_loads_only_when_its_checksum_is_pinned(tmp_path):
+    class Detector(torch.nn.Module):
+        def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return img.float().mean(dim=(2, 3))
+
+    path = tmp_path / "detector.pt"
+    torch.jit.script(Detector()).save(str(path))
+    with pytest.raises(m.EvalError, match=f"eval.extractor_sha256: required .* has SHA-256 {sha256(path)}"):
+        m.load_extractor(EvalSpec(features="torchscript", extractor=str(path)), 1)
+    with pytest.raises(m.EvalError, match=f"has SHA-256 {sha256(path)}, expected 0{{64}}"):
+        m.load_extractor(EvalSpec(features="torchscript", extractor=str(path), extractor_sha256="0" * 64), 1)
 
 
 def test_chunks_split_across_workers_reassemble_to_the_single_process_set():
@@ -151,3 +170,108 @@ def test_missing_extractor_fails_before_training(tmp_path):
                 "--set", f"eval.extractor={tmp_path}/cnn/checkpoint_000400", "--set", f"storage.path={tmp_path}")
     assert r.returncode == 1
     assert r.stderr.strip() == f"error: eval.extractor: {tmp_path}/cnn/checkpoint_000400 does not exist"
+
+
+def test_training_with_is_needs_an_extractor_with_logits():
+    from rayganx.spec import SpecError
+
+    job = {"name": "x", "train": {"steps": 4}, "eval": {"every": 2, "metrics": ["fid", "is"]}}
+    with pytest.raises(SpecError, match="'is' .* which 'random' features lack"):
+        from_dict(job)
+    spec = from_dict({**job, "eval": {**job["eval"], "features": "inception"}})  # Inception's own logits serve
+    assert spec.eval.features == "inception" and spec.eval.inception_path is None
+
+
+def test_metrics_raise_no_library_warnings(random_feats):
+    import warnings
+
+    a, b = random_feats[:300], random_feats[300:600]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.compute(["fid", "kid", "is", "pr"], a, b, torch.randn(300, 10))
+    assert [str(w.message) for w in caught] == []
+
+
+def test_cli_shows_library_warnings_only_with_verbose(monkeypatch, capsys):
+    import warnings
+
+    from rayganx import cli
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    cli._route_library_warnings()
+    warnings.simplefilter("always")
+    seen = {}
+    for verbose in (False, True):
+        monkeypatch.setitem(cli.STATE, "verbose", verbose)
+        KernelInceptionDistance(feature=m._Precomputed(4))  # torchmetrics warns about its feature buffer
+        warnings.warn_explicit("the job asks for something odd", UserWarning, m.__file__, 1)
+        seen[verbose] = capsys.readouterr().err
+    assert "will save all extracted features" not in seen[False]
+    assert "warning: the job asks for something odd" in seen[False]  # rayganx's own: always shown
+    assert "UserWarning" in seen[True] and "will save all extracted features" in seen[True]
+
+
+# --------------------------------------------------------------------------- `rayganx eval` as documented
+
+from tests.test_inception import stand_in_weights  # noqa: E402,F401  (a fixture: the FID Inception's stand-in)
+
+
+def dcgan_checkpoint(storage) -> str:
+    """A digits DCGAN checkpoint whose job stores into `storage`; untrained (scores need not be good)."""
+    import yaml
+
+    from rayganx.train import GANTask
+    from tests.conftest import JOBS
+
+    raw = yaml.safe_load((JOBS / "dcgan_digits.yaml").read_text())
+    raw["storage"]["path"] = str(storage)
+    torch.manual_seed(0)
+    task = GANTask(from_dict(raw), None, torch.device("cpu"), distributed=False)
+    return str(local_checkpoint(storage / "dcgan_digits" / "checkpoint_001200", task, 1200))
+
+
+def readme_eval_example() -> list[str]:
+    """The README's `rayganx eval` line, as a user copies it: the arguments after `rayganx`."""
+    import shlex
+
+    from tests.conftest import ROOT
+
+    lines = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("rayganx eval ")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0].split("#")[0])[1:]
+
+
+def test_the_readme_eval_example_scores_all_four_metrics(stand_in_weights, tmp_path):  # noqa: F811
+    import json
+
+    from tests.conftest import rayganx
+
+    weights, sha = stand_in_weights
+    args = [dcgan_checkpoint(tmp_path / "runs") if a == "CHECKPOINT" else a for a in readme_eval_example()]
+    assert "--metrics" in args and args[args.index("--metrics") + 1] == "fid,kid,is,pr"
+    assert args[0] == "eval"
+    r = rayganx(*args, "--num-samples", "40", "--json", tmp_path / "scores.json", timeout=600,
+                env={"RAYGANX_INCEPTION_PATH": str(weights), "RAYGANX_INCEPTION_SHA256": sha,
+                     "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    for key in ("fid", "kid", "is", "precision", "recall"):
+        assert np.isfinite(scores[key]), (key, scores)
+    assert scores["is"] >= 1.0
+    # Only rayganx speaks: here, its note that the test's stand-in weights are not the standard ones.
+    note = "warning: RAYGANX_INCEPTION_SHA256 is set"
+    other = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(note)]
+    assert other == [], r.stderr
+
+
+def test_is_without_class_logits_is_refused_before_any_work(tmp_path):
+    from tests.conftest import rayganx
+
+    ckpt = dcgan_checkpoint(tmp_path / "runs")  # its job evaluates with random features (the default)
+    r = rayganx("eval", ckpt, "--metrics", "fid,kid,is,pr", timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("error: eval.metrics: 'is' (Inception Score) needs class logits, which 'random' "
+                                "features lack; use features inception, or classifier with a rayganx CNN checkpoint "
+                                "as the extractor")
+    assert not (tmp_path / "runs" / "_stats").exists()  # no real-data features were computed first
