@@ -53,8 +53,19 @@ def expected_sha256() -> str:
     return os.environ.get("RAYGANX_INCEPTION_SHA256", "").strip().lower() or SHA256
 
 
+def _no_credentials(name: str, url: str) -> str:
+    # They would be written into logs and error lines; mirrors and buckets take them from the
+    # environment, as the rest of rayganx does.
+    from rayganx.spec import URL_CREDENTIALS
+
+    if URL_CREDENTIALS.match(url):
+        raise InceptionError(f"{name}: the URL carries credentials (user:password@); remove them and let the "
+                             f"environment supply them")
+    return url
+
+
 def weights_url() -> str:
-    return os.environ.get("RAYGANX_INCEPTION_URL", "").strip() or URL
+    return _no_credentials("RAYGANX_INCEPTION_URL", os.environ.get("RAYGANX_INCEPTION_URL", "").strip() or URL)
 
 
 def cache_dir() -> Path:
@@ -165,7 +176,8 @@ def given_weights(path: str, endpoint_url: str | None = None) -> bytes:
 
 
 def weights(path: str | None = None, endpoint_url: str | None = None) -> bytes:
-    path = path or os.environ.get("RAYGANX_INCEPTION_PATH") or None
+    if not path and os.environ.get("RAYGANX_INCEPTION_PATH"):
+        path = _no_credentials("RAYGANX_INCEPTION_PATH", os.environ["RAYGANX_INCEPTION_PATH"])
     return given_weights(path, endpoint_url) if path else cached_weights()
 
 

@@ -135,6 +135,15 @@ def test_http_error_is_one_line(server, cache, monkeypatch):
     assert "\n" not in str(e.value)
 
 
+def test_credentials_in_the_variables_are_refused_and_never_printed(cache, monkeypatch):
+    for var in ("RAYGANX_INCEPTION_URL", "RAYGANX_INCEPTION_PATH"):
+        monkeypatch.setenv(var, "https://mirror-user:s3cr3t-pw@127.0.0.1:9/pt_inception.pth")
+        with pytest.raises(inception.InceptionError, match=f"{var}: the URL carries credentials") as e:
+            inception.weights()
+        assert "s3cr3t-pw" not in str(e.value)
+        monkeypatch.delenv(var)
+
+
 def test_a_damaged_cached_file_is_replaced(server, cache, monkeypatch, caplog):
     sha = serve(server, monkeypatch, STAND_IN)
     cache.mkdir(parents=True)
