@@ -668,27 +668,21 @@ def sample(checkpoint: str = typer.Argument(..., help="checkpoint folder (local 
     import os
 
     from rayganx import models
-    from rayganx.data import grid_png, to_uint8
-    from rayganx.storage import load_state
+    from rayganx.data import grid_png, png_bytes, to_uint8
 
     if not out_png and not out_dir:
         raise jobspec.SpecError("--out or --out-dir: say where to write the images")
-    if checkpoint.endswith(".pt") and os.path.isfile(checkpoint):
-        g, spec, num_classes = models.load_generator(checkpoint)
-    else:
-        g, spec, num_classes = models.generator_from_state(load_state(checkpoint, endpoint_url))
+    g, spec, num_classes = models.open_generator(checkpoint, endpoint_url)
     images, per_row = models.sample_images(g, spec, num_classes, n, seed)
     if out_png:
         with open(out_png, "wb") as f:
             f.write(grid_png(images, per_row))
         out.print(f"wrote a grid of {len(images)} images to {out_png}")
     if out_dir:
-        from PIL import Image
-
         os.makedirs(out_dir, exist_ok=True)
         for i, im in enumerate(to_uint8(images)):
-            Image.fromarray(im[0] if im.shape[0] == 1 else im.transpose(1, 2, 0)).save(
-                os.path.join(out_dir, f"{i:05d}.png"))
+            with open(os.path.join(out_dir, f"{i:05d}.png"), "wb") as f:
+                f.write(png_bytes(im))
         out.print(f"wrote {len(images)} images to {out_dir}")
 
 

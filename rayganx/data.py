@@ -314,6 +314,15 @@ def to_uint8(images) -> np.ndarray:
     return ((arr.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8)
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """One uint8 CHW image (1 or 3 channels) as PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def grid_png(images, nrow: int, pad: int = 2) -> bytes:
     """PNG bytes of an image grid, `nrow` images per row."""
     from PIL import Image

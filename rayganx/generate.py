@@ -49,13 +49,9 @@ class Plan:
 
 
 def load(checkpoint: str, endpoint_url: str | None):
-    """(generator, spec, num_classes) from a checkpoint folder/URL or an exported .pt, weights only."""
-    from rayganx import models
-    from rayganx.storage import load_state
+    from rayganx.models import open_generator
 
-    if checkpoint.endswith(".pt"):
-        return models.load_generator(checkpoint)
-    return models.generator_from_state(load_state(checkpoint, endpoint_url))
+    return open_generator(checkpoint, endpoint_url)
 
 
 def check(plan: Plan, spec, num_classes: int | None) -> None:
@@ -82,9 +78,8 @@ def make_part(g, spec, plan: Plan, part: int, num_classes: int | None, device: s
     """One part's Parquet bytes: columns image (PNG), label (-1 when unconditional), seed."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from PIL import Image
 
-    from rayganx.data import to_uint8
+    from rayganx.data import png_bytes, to_uint8
     from rayganx.models import generate
 
     rows = plan.rows(part)
@@ -96,11 +91,7 @@ def make_part(g, spec, plan: Plan, part: int, num_classes: int | None, device: s
     for k in range(0, len(rows), 256):
         yb = torch.from_numpy(y[k:k + 256]).to(device) if y is not None else None
         images.append(to_uint8(generate(g, z[k:k + 256].to(device), yb)))
-    pngs = []
-    for im in np.concatenate(images):
-        buf = io.BytesIO()
-        Image.fromarray(im[0] if im.shape[0] == 1 else im.transpose(1, 2, 0)).save(buf, format="PNG")
-        pngs.append(buf.getvalue())
+    pngs = [png_bytes(im) for im in np.concatenate(images)]
     label = y if y is not None else np.full(len(rows), -1, dtype=np.int64)
     table = pa.table({"image": pa.array(pngs, pa.binary()), "label": label, "seed": seeds})
     buf = io.BytesIO()

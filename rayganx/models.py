@@ -375,6 +375,18 @@ def load_generator(path: str) -> tuple[nn.Module, JobSpec, int | None]:
     return g.eval(), spec, blob["num_classes"]
 
 
+def open_generator(source: str, endpoint_url: str | None = None) -> tuple[nn.Module, JobSpec, int | None]:
+    """The sampling generator of an exported .pt file or a complete checkpoint folder (local or
+    URL); weights only either way."""
+    import os
+
+    from rayganx.storage import load_state
+
+    if source.endswith(".pt") and os.path.isfile(source):
+        return load_generator(source)
+    return generator_from_state(load_state(source, endpoint_url))
+
+
 def sample_inputs(spec: JobSpec, n: int, seed: int, num_classes: int | None):
     """Fixed noise, labels (one class per row for conditional models) and the grid's row width."""
     gen = torch.Generator().manual_seed(seed)
