@@ -85,6 +85,27 @@ def test_spectral_norm_bounds_the_largest_singular_value():
     assert torch.linalg.matrix_norm(raw, ord=2).item() > 1.5  # the unnormalised weight is larger
 
 
+@pytest.mark.parametrize("kind", ["dcgan", "resnet_gan"])
+def test_spectral_norm_on_a_conditional_generator_spares_the_batchnorm_embeddings(kind):
+    # The conditional BatchNorm shift embedding starts at zero (sigma 0): normalising it gave NaN.
+    from rayganx.spec import from_dict
+
+    spec = from_dict({"name": "x", "model": {"kind": kind, "ngf": 8, "ndf": 8, "conditional": True,
+                                             "spectral_norm": "both"},
+                      "data": {"labels": True}, "train": {"steps": 1}})
+    torch.manual_seed(0)
+    nets = models.build(spec, num_classes=10)
+    y = torch.arange(8) % 10
+    x = nets["g"](torch.randn(8, spec.model.latent_dim), y)
+    assert torch.isfinite(x).all() and x.std() > 0
+    assert torch.isfinite(nets["d"](x, y)).all()
+    cbn = [m for m in nets["g"].modules() if isinstance(m, models.CondBatchNorm2d)]
+    assert cbn and not any(hasattr(e, "parametrizations") for m in cbn for e in (m.gain, m.bias))
+    assert torch.equal(cbn[0].gain.weight, torch.ones_like(cbn[0].gain.weight))  # gain 1 at the start
+    # The projection discriminator's class embedding keeps spectral norm (SNGAN, BigGAN).
+    assert hasattr(nets["d"].head.embed, "parametrizations")
+
+
 def test_ema_arithmetic():
     g = nn.Linear(1, 1, bias=False)
     nn.init.zeros_(g.weight)
