@@ -141,6 +141,16 @@ class Plan:
     real_features: object = None  # real-data features (a tensor) for evaluation
 
 
+def steps_for_epochs(spec: JobSpec, rows: int) -> int:
+    """The generator (or optimiser) steps that make `train.epochs` passes over `rows`.
+
+    An epoch is train.batch_size-row batches, the last partial one dropped. Every
+    discriminator step takes a batch and a generator step reuses the last one's fakes, so a
+    GAN's generator step consumes train.d_steps batches."""
+    batches = spec.train.epochs * max(1, rows // spec.train.batch_size)
+    return max(1, batches // (spec.train.d_steps if spec.is_gan else 1))
+
+
 def plan(spec: JobSpec) -> Plan:
     Store(spec.storage.path, spec.storage.endpoint_url).check_writable()
     classifier = spec.model.kind == "cnn"
@@ -149,7 +159,7 @@ def plan(spec: JobSpec) -> Plan:
     rows = rdata.count_rows(spec.data, split)
     if rows < spec.train.batch_size:
         raise RunError(f"data: {rows} images is fewer than one batch (train.batch_size={spec.train.batch_size})")
-    total = spec.train.steps or spec.train.epochs * max(1, rows // spec.train.batch_size)
+    total = spec.train.steps or steps_for_epochs(spec, rows)
     if spec.eval.every:  # a missing or unreadable extractor fails here, before Ray starts
         from rayganx.metrics import load_extractor
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from rayganx import data as rdata, models, runner, spec as jobspec
 from rayganx.storage import Store, list_checkpoints, load_state, read_metrics
+from rayganx.train import GANTask
 from tests.conftest import JOBS, tiny, write_job
 
 
@@ -85,3 +86,20 @@ def test_bad_data_fails_before_training_and_loses_nothing(ray_session, tmp_path)
         runner.run(spec)
     assert sorted(p.name for p in (tmp_path / "runs" / "keep").iterdir()) == before
     assert [c["step"] for c in list_checkpoints(Store(str(tmp_path / "runs" / "keep")))] == [1, 2]
+
+
+def test_epochs_count_passes_over_the_batches_a_gan_consumes(tmp_path):
+    # Each discriminator step takes a batch; the generator step reuses the last one's fakes.
+    spec = jobspec.from_dict({"name": "e", "model": {"kind": "mlp_gan", "hidden": [8]}, "data": {"image_size": 8},
+                              "train": {"epochs": 5, "batch_size": 64, "d_steps": 5, "loss": "wasserstein",
+                                        "gp_lambda": 10.0},
+                              "scaling": {"num_workers": 1}, "storage": {"path": str(tmp_path)}})
+    task = GANTask(spec, None, torch.device("cpu"), distributed=False)
+    stepped = [task.step(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), it, 0, 10)[0]
+               for it in range(10)]
+    assert stepped == [False] * 4 + [True] + [False] * 4 + [True]
+    batches_per_epoch = 1797 // 64  # the digits, last partial batch dropped
+    total = runner.plan(spec).total_steps
+    assert total * 5 <= 5 * batches_per_epoch < (total + 1) * 5  # 5 epochs of batches, not 25
+    one_d_step = runner.plan(spec.model_copy(update={"train": spec.train.model_copy(update={"d_steps": 1})}))
+    assert one_d_step.total_steps == 5 * batches_per_epoch
