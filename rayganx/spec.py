@@ -89,6 +89,7 @@ class TrainSpec(_Section):
     r1_every: int = Field(1, ge=1, description="lazy R1: apply every k discriminator steps")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA generator decay")
     ema_start: int = Field(0, ge=0)
+    ema_rampup: float | None = Field(0.05, gt=0, description="EMA warm-up (StyleGAN2-ADA's ema_rampup)")
     diffaug: list[Literal["translation", "color", "cutout"]] = Field(default_factory=list)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="one-sided, reals only")
     instance_noise: float = Field(0.0, ge=0, description="std of noise on D inputs, annealed to 0")

@@ -122,7 +122,7 @@ class GANTask(Task):
         self.d = _prepare(nets["d"].to(device), distributed, cl, spec.train.compile)
         t = spec.train
         self.opt_g, self.opt_d = _adam(self.g.parameters(), t.optim_g), _adam(self.d.parameters(), t.optim_d)
-        self.ema = losses.EMA(_unwrap(self.g), t.ema_decay, t.ema_start) if t.ema_decay else None
+        self.ema = losses.EMA(_unwrap(self.g), t.ema_decay, t.ema_start, t.ema_rampup) if t.ema_decay else None
         self.cond = spec.model.conditional
         self.last_g = torch.zeros((), device=device)
         self.last_gnorm_g = torch.zeros((), device=device)

@@ -123,6 +123,37 @@ def test_ema_arithmetic():
     assert not any(p.requires_grad for p in ema.model.parameters())
 
 
+def test_ema_ramp_up_follows_stylegan2_ada():
+    # ADA: ema_nimg = min(ema_nimg, cur_nimg * rampup); beta = 0.5 ** (batch / ema_nimg)
+    batch, decay, rampup = 64, 0.999, 0.05
+    ema_nimg = batch * math.log(0.5) / math.log(decay)  # the half-life in images that 0.999 means
+    for step in (0, 1, 10, 100, 1000, 20000):
+        nimg = min(ema_nimg, step * batch * rampup)
+        expected = 0.5 ** (batch / nimg) if nimg > 0 else 0.0
+        assert losses.ema_beta(decay, step, rampup) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert losses.ema_beta(decay, 20000, rampup) == pytest.approx(decay)  # ramp over: the plain decay
+    assert losses.ema_beta(decay, 5, None) == decay
+
+
+def test_ema_generator_of_a_short_run_is_not_its_initial_weights():
+    from rayganx.spec import from_dict
+    from rayganx.train import GANTask
+
+    spec = from_dict({"name": "x", "model": {"kind": "mlp_gan", "hidden": [16]}, "data": {"image_size": 8},
+                      "train": {"steps": 30, "batch_size": 16, "ema_decay": 0.999,
+                                "optim_g": {"lr": 0.01}}, "scaling": {"num_workers": 1}})
+    torch.manual_seed(0)
+    task = GANTask(spec, None, torch.device("cpu"), distributed=False)
+    start = torch.cat([p.detach().flatten() for p in task.g.parameters()]).clone()
+    for it in range(30):
+        task.step(torch.rand(16, 1, 8, 8) * 2 - 1, torch.zeros(16, dtype=torch.long), it, it, 30)
+    now = torch.cat([p.detach().flatten() for p in task.g.parameters()])
+    ema = torch.cat([p.detach().flatten() for p in task.ema.model.parameters()])
+    # Without a ramp-up, 30 updates at 0.999 leave the average 97% at the initial weights.
+    assert (ema - now).norm() < 0.5 * (ema - start).norm()
+    assert spec.train.ema_rampup == 0.05  # on by default
+
+
 def test_diffaugment_translation_is_a_shift():
     torch.manual_seed(0)
     x = torch.zeros(64, 1, 16, 16)
