@@ -38,9 +38,13 @@ def g_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown loss {kind!r}")
 
 
-def gradient_penalty(d, real: torch.Tensor, fake: torch.Tensor, y=None) -> torch.Tensor:
-    """WGAN-GP: E[(||∇D(x̂)||₂ - 1)²] at random interpolates x̂ of real and fake."""
-    alpha = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device)
+def gradient_penalty(d, real: torch.Tensor, fake: torch.Tensor, y=None,
+                     alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """WGAN-GP: E[(||∇D(x̂)||₂ - 1)²] at random interpolates x̂ of real and fake (alpha: one
+    weight of real per row, uniform in [0, 1) unless given)."""
+    if alpha is None:
+        alpha = torch.rand(real.shape[0], device=real.device)
+    alpha = alpha.view(-1, *([1] * (real.dim() - 1))).to(real.dtype)
     x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad(d(x_hat, y).sum(), x_hat, create_graph=True)
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()

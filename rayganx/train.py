@@ -141,6 +141,13 @@ class GANTask(Task):
         """The generator samples and evaluation use: the EMA copy when there is one."""
         return self.ema.model if self.ema else _unwrap(self.g)
 
+    def latents(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.spec.model.latent_dim, device=self.device)
+
+    def interpolation_weights(self, n: int) -> torch.Tensor:
+        """Per-row weights of the reals in the gradient penalty's interpolates."""
+        return torch.rand(n, device=self.device)
+
     def _d_input(self, x, step, total):
         t = self.spec.train
         x = losses.diffaugment(x, t.diffaug) if t.diffaug else x
@@ -151,19 +158,23 @@ class GANTask(Task):
         t, n = self.spec.train, real.shape[0]
         y = labels if self.cond else None
         do_g = (it + 1) % t.d_steps == 0
-        z = torch.randn(n, self.spec.model.latent_dim, device=self.device)
+        z = self.latents(n)
         with torch.set_grad_enabled(do_g), self.autocast:
             fake = self.g(z, y)  # reused by the generator update, as in the DCGAN reference
 
         r1_now = t.r1_gamma > 0 and it % t.r1_every == 0
         real_in = real.detach().requires_grad_(True) if r1_now else real
         with self.autocast:
-            logit_real = self.d(self._d_input(real_in, step, total), y)
-            logit_fake = self.d(self._d_input(fake.detach(), step, total), y)
+            d_real, d_fake = self._d_input(real_in, step, total), self._d_input(fake.detach(), step, total)
+            logit_real, logit_fake = self.d(d_real, y), self.d(d_fake, y)
             loss_d = losses.d_loss(t.loss, logit_real.float(), logit_fake.float(), t.label_smoothing)
             total_d = loss_d
             if t.gp_lambda > 0:
-                total_d = total_d + t.gp_lambda * losses.gradient_penalty(self.d, real, fake, y)
+                # Between the very (augmented, noised) inputs D is trained on: the Lipschitz
+                # constraint belongs where D is evaluated, not on images it never sees. R1 below
+                # differentiates the logits D trains on (through the augmentation, as DiffAugment's R1).
+                gp = losses.gradient_penalty(self.d, d_real, d_fake, y, self.interpolation_weights(n))
+                total_d = total_d + t.gp_lambda * gp
             if r1_now:  # lazy R1: every k steps, scaled by k (StyleGAN2)
                 total_d = total_d + 0.5 * t.r1_gamma * t.r1_every * losses.r1_penalty(logit_real, real_in)
         gnorm_d = self._backward(total_d, self.d, self.opt_d)

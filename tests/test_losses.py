@@ -192,6 +192,28 @@ def test_diffaugment_applies_the_same_policy_to_real_and_fake():
         assert ((task._d_input(x, 0, 10) == 0).flatten(1).sum(1) > 0).all()
 
 
+def test_gradient_penalty_interpolates_the_augmented_inputs_d_trains_on():
+    # DiffAugment: D only ever sees augmented images, so that is where its gradient is constrained.
+    from rayganx.spec import from_dict
+    from rayganx.train import GANTask
+
+    spec = from_dict({"name": "x", "model": {"kind": "dcgan", "ngf": 8, "ndf": 8, "d_batchnorm": False},
+                      "train": {"steps": 1, "loss": "wasserstein", "gp_lambda": 10.0,
+                                "diffaug": ["translation", "cutout"]}, "scaling": {"num_workers": 1}})
+    torch.manual_seed(0)
+    task = GANTask(spec, None, torch.device("cpu"), distributed=False)
+    seen = []
+    task.d.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    task.step(torch.rand(8, 1, 32, 32) * 2 - 1, torch.zeros(8, dtype=torch.long), it=0, step=0, total=1)
+    real_in, fake_in, penalty_in = seen[:3]  # then the generator step's call
+    assert (real_in == 0).flatten(1).sum(1).min() >= 64  # D trained on cut-out reals
+    # every interpolate lies on the segment between the real and the fake D was trained on
+    diff = (real_in - fake_in).flatten(1)
+    alpha = ((penalty_in - fake_in).flatten(1) * diff).sum(1) / diff.pow(2).sum(1)
+    assert ((alpha >= 0) & (alpha <= 1)).all()
+    assert torch.allclose(penalty_in, fake_in + alpha.view(-1, 1, 1, 1) * (real_in - fake_in), atol=1e-5)
+
+
 def test_instance_noise_anneals_to_zero():
     x = torch.zeros(20000)
     assert losses.instance_noise(x, 0.5, step=0, total=10).std().item() == pytest.approx(0.5, rel=0.05)
