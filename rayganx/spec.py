@@ -46,6 +46,7 @@ class ModelSpec(_Section):
     conditional: bool = Field(False, description="class-conditional GAN: needs data.labels")
     spectral_norm: Literal["none", "d", "g", "both"] = "none"
     d_batchnorm: bool = Field(True, description="BatchNorm in the DCGAN discriminator")
+    sync_batchnorm: bool = Field(False, description="BatchNorm statistics over the global batch (GPU workers)")
 
 
 class DataSpec(_Section):
@@ -347,6 +348,9 @@ def check(spec: JobSpec) -> list[str]:
             p.append("model.conditional: needs data.labels: true")
         if m.kind not in ("dcgan", "resnet_gan"):
             p.append(f"model.conditional: supported by dcgan and resnet_gan, not {m.kind}")
+    if m.sync_batchnorm and s.num_workers > 1 and not s.use_gpu:
+        p.append("model.sync_batchnorm: PyTorch synchronises BatchNorm on GPUs only "
+                 "(set scaling.use_gpu: true, or leave it off on CPU workers)")
     if d.source == "gaussian_mixture" and (t.diffaug or m.conditional):
         p.append("train.diffaug: image augmentation does not apply to 2-D points")
     if t.loss == "wasserstein" and t.gp_lambda == 0 and m.spectral_norm in ("none", "g"):

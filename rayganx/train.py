@@ -34,7 +34,12 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def _prepare(model: torch.nn.Module, distributed: bool, channels_last: bool, compile: bool = False) -> torch.nn.Module:
+def _prepare(model: torch.nn.Module, distributed: bool, channels_last: bool, compile: bool = False,
+             sync_batchnorm: bool = False) -> torch.nn.Module:
+    if distributed and sync_batchnorm:
+        # Before the DDP wrap and before compiling: the BatchNorm layers are replaced. The
+        # state_dict keys stay BatchNorm's, so checkpoints load into the plain networks.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
@@ -118,8 +123,9 @@ class GANTask(Task):
         super().__init__(spec, num_classes, device, distributed)
         nets = models.build(spec, num_classes)
         cl = spec.train.channels_last and spec.data.source != "gaussian_mixture"
-        self.g = _prepare(nets["g"].to(device), distributed, cl, spec.train.compile)
-        self.d = _prepare(nets["d"].to(device), distributed, cl, spec.train.compile)
+        sync = spec.model.sync_batchnorm
+        self.g = _prepare(nets["g"].to(device), distributed, cl, spec.train.compile, sync)
+        self.d = _prepare(nets["d"].to(device), distributed, cl, spec.train.compile, sync)
         t = spec.train
         self.opt_g, self.opt_d = _adam(self.g.parameters(), t.optim_g), _adam(self.d.parameters(), t.optim_d)
         self.ema = losses.EMA(_unwrap(self.g), t.ema_decay, t.ema_start, t.ema_rampup) if t.ema_decay else None
@@ -219,7 +225,7 @@ class ClassifierTask(Task):
     def __init__(self, spec, num_classes, device, distributed):
         super().__init__(spec, num_classes, device, distributed)
         self.net = _prepare(models.build(spec, num_classes)["net"].to(device), distributed,
-                            spec.train.channels_last, spec.train.compile)
+                            spec.train.channels_last, spec.train.compile, spec.model.sync_batchnorm)
         self.opt = _adam(self.net.parameters(), spec.train.optim)
 
     def networks(self):
@@ -257,7 +263,7 @@ class VAETask(Task):
     def __init__(self, spec, num_classes, device, distributed):
         super().__init__(spec, num_classes, device, distributed)
         self.net = _prepare(models.build(spec)["net"].to(device), distributed, spec.train.channels_last,
-                            spec.train.compile)
+                            spec.train.compile, spec.model.sync_batchnorm)
         self.opt = _adam(self.net.parameters(), spec.train.optim)
 
     def networks(self):

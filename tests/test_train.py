@@ -188,3 +188,37 @@ def test_gradient_penalty_and_r1_under_ddp_match_one_worker_with_the_whole_batch
         # Adam divides by the gradient's size, so summation-order noise in near-zero components
         # reaches the weights (seen: up to 4.4e-6 of 5.7e-3 moved): 1% of the largest move.
         assert r["param"] < 1e-2 * r["moved"], (name, r)  # after 5 Adam steps at lr 1e-3
+
+
+def _sync_batchnorm_networks(config):
+    import ray.train
+
+    from rayganx.train import _unwrap
+
+    result = {}
+    for sync in (False, True):
+        job = {**config["job"], "model": {**config["job"]["model"], "sync_batchnorm": sync}}
+        try:
+            task = GANTask(jobspec.from_dict(job), None, torch.device("cpu"), distributed=True)
+        except ValueError as e:  # DDP on CPU refuses SyncBatchNorm: it was converted before the wrap
+            result[str(sync)] = str(e)
+            continue
+        result[str(sync)] = {k: [type(net).__name__] + sorted({type(m).__name__ for m in _unwrap(net).modules()
+                                                               if "BatchNorm" in type(m).__name__})
+                             for k, net in (("g", task.g), ("d", task.d))}
+    if ray.train.get_context().get_world_rank() == 0:
+        with open(config["out"], "w") as f:
+            json.dump(result, f)
+
+
+def test_sync_batchnorm_converts_before_the_ddp_wrap(ray_session, tmp_path):
+    job = {"name": "sbn", "model": {"kind": "dcgan", "ngf": 8, "ndf": 8, "sync_batchnorm": True},
+           "train": {"steps": 1}, "scaling": {"num_workers": 2, "use_gpu": True}}
+    result = _on_two_workers(_sync_batchnorm_networks, tmp_path, job=job)
+    assert result["False"] == {"g": ["DistributedDataParallel", "BatchNorm2d"],
+                               "d": ["DistributedDataParallel", "BatchNorm2d"]}
+    # This machine has no GPU; PyTorch's DDP finds the SyncBatchNorm layers in what it wraps.
+    assert result["True"] == "SyncBatchNorm layers only work with GPU modules"
+    with pytest.raises(jobspec.SpecError, match="model.sync_batchnorm: PyTorch synchronises BatchNorm on GPUs"):
+        jobspec.from_dict({**job, "scaling": {"num_workers": 2}})
+    jobspec.from_dict({**job, "scaling": {"num_workers": 1}})  # nothing to synchronise: allowed
