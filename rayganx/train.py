@@ -415,6 +415,14 @@ def _node_ids(world: int) -> list[str]:
     return ids
 
 
+def epoch_batches(shard, spec: JobSpec, device="cpu"):
+    """One epoch of a worker's shard, in full per-worker batches, as training consumes it."""
+    # Each epoch of the shard is already a fresh permutation of the dataset (data.build): a
+    # local shuffle buffer would add nothing but unseeded noise, memory and CPU time.
+    return shard.iter_torch_batches(batch_size=spec.per_worker_batch, drop_last=True, device=device,
+                                    prefetch_batches=2)
+
+
 def train_loop(config: dict) -> None:
     """Runs on every worker. config: spec (a JobSpec), num_classes, total_steps, real_features,
     init_from (a checkpoint URL to start from: a PBT donor), monitor (an actor that hears every
@@ -464,9 +472,7 @@ def train_loop(config: dict) -> None:
     try:
         while step < total:
             batches = 0
-            for batch in shard.iter_torch_batches(batch_size=spec.per_worker_batch, drop_last=True,
-                                                  device=device, prefetch_batches=2,
-                                                  local_shuffle_buffer_size=max(4 * spec.per_worker_batch, 2048)):
+            for batch in epoch_batches(shard, spec, device):
                 batches += 1
                 x = rdata.model_input(batch["image"])
                 if t.channels_last and x.dim() == 4:
