@@ -238,15 +238,28 @@ def train_datasets(spec: JobSpec, p: Plan, monitor=None) -> dict:
 
 
 def data_config():
-    """How the datasets reach the workers (Ray Train's DataConfig).
+    """How the datasets reach the workers (Ray Train's DataConfig, two changes).
 
     "train" keeps Ray's equal split (DDP ranks must take the same number of steps) with its
-    order preserved: the seeded permutation then reaches the workers the same way in every run."""
+    order preserved: the seeded permutation then reaches the workers the same way in every run.
+    "val" is split unequally: an equal split drops up to num_workers - 1 rows, and validation
+    has no collective step per batch that needs equal shards, so every row counts once."""
     from ray.train import DataConfig
 
     class _RunDataConfig(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+            rest = {k: v for k, v in datasets.items() if k != "val"}
+            out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            if "val" in datasets:
+                ds = datasets["val"]
+                ds = ds.copy(ds)
+                if ds.name is None:
+                    ds.set_name("val")
+                ds.context.execution_options = self._resolve_execution_options("val")
+                hints = worker_node_ids if self._enable_shard_locality else None
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    out[i]["val"] = split
+            return out
 
     ordered = DataConfig.default_ingest_options()
     ordered.preserve_order = True

@@ -245,7 +245,7 @@ class ClassifierTask(Task):
 
     @torch.no_grad()
     def validate(self, shard, batch_size) -> dict[str, float]:
-        """Accuracy over this worker's validation shard, summed across workers."""
+        """Accuracy over the validation set: each worker's shard, summed across workers."""
         net = _unwrap(self.net).eval()
         correct = torch.zeros(2, device=self.device)
         for batch in shard.iter_torch_batches(batch_size=batch_size, device=self.device):
@@ -254,7 +254,7 @@ class ClassifierTask(Task):
                                     torch.tensor(float(len(pred)), device=self.device)])
         net.train()
         _all_reduce(correct, mean=False)
-        return {"val_accuracy": (correct[0] / correct[1].clamp(min=1)).item()}
+        return {"val_accuracy": (correct[0] / correct[1].clamp(min=1)).item(), "val_images": int(correct[1].item())}
 
 
 class VAETask(Task):

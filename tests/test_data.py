@@ -188,3 +188,38 @@ def test_every_epoch_is_a_fresh_permutation_that_the_seed_repeats(ray_session, t
     assert set(sum(first[0][0], [])) != set(sum(first[0][1], []))  # not a fixed shard per worker
     assert _shard_epochs(spec(7)) == first  # the seed repeats the sequence of orders
     assert _shard_epochs(spec(8))[0][0] != first[0][0]  # and is not ignored
+
+
+def test_validation_counts_every_row_once_across_workers(ray_session, tmp_path):
+    import threading
+
+    import ray
+
+    from rayganx import runner
+    from rayganx.spec import from_dict
+    from rayganx.train import ClassifierTask
+
+    _class_folder(tmp_path / "imgs")
+    spec = from_dict({"name": "v", "model": {"kind": "cnn", "ndf": 4}, "storage": {"path": str(tmp_path / "runs")},
+                      "data": {"source": "image_folder", "path": str(tmp_path / "imgs"), "image_size": 4,
+                               "labels": True, "val_fraction": 0.3},
+                      "train": {"steps": 1, "batch_size": 32}, "scaling": {"num_workers": 2}})
+    n_val = rdata.count_rows(spec.data, "val")
+    world = next(w for w in range(2, 8) if n_val % w)  # where an equal split would drop rows
+    node = ray.get_runtime_context().get_node_id()
+    shards = runner.data_config().configure(runner.train_datasets(spec, runner.plan(spec)), world, None,
+                                            [node] * world)
+    counted, ids = [None] * world, [None] * world
+
+    def validate(rank):
+        ids[rank] = [i for b in shards[rank]["val"].iter_torch_batches(batch_size=16) for i in _ids(b["image"])]
+        task = ClassifierTask(spec, 10, torch.device("cpu"), distributed=False)
+        counted[rank] = task.validate(shards[rank]["val"], spec.per_worker_batch)["val_images"]
+
+    threads = [threading.Thread(target=validate, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(sum(ids, [])) == sorted(_ids(torch.from_numpy(rows(rdata.build(spec.data, "val"))[0])))
+    assert sum(counted) == n_val  # what validation reports (val_images)
