@@ -117,7 +117,7 @@ def _input_only(spec: JobSpec, workers: int, batches: int, tmp: str) -> dict:
     from ray.train.torch import TorchTrainer
 
     p = runner.plan(spec)
-    ds = rdata.build(spec.data, p.split, seed=0)
+    ds = rdata.build(spec.data, p.split, seed=spec.train.seed)  # as training reads it, uncached
     bs = spec.per_worker_batch
 
     def loop(config):
@@ -126,8 +126,7 @@ def _input_only(spec: JobSpec, workers: int, batches: int, tmp: str) -> dict:
         shard = ray.train.get_dataset_shard("train")
         n, t0, seen = 0, None, 0
         while n < config["batches"]:
-            for batch in shard.iter_torch_batches(batch_size=bs, drop_last=True, prefetch_batches=2,
-                                                  local_shuffle_buffer_size=max(4 * bs, 2048)):
+            for batch in shard.iter_torch_batches(batch_size=bs, drop_last=True, prefetch_batches=2):
                 if t0 is None:  # start the clock after the first batch: pipeline start-up is separate
                     t0 = time.perf_counter()
                 else:
@@ -145,7 +144,7 @@ def _input_only(spec: JobSpec, workers: int, batches: int, tmp: str) -> dict:
                                                         resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
                            run_config=RunConfig(name=f"bench_input_{time.time_ns()}",
                                                 storage_path=out),
-                           datasets={"train": ds})
+                           datasets={"train": ds}, dataset_config=runner.data_config())
     trainer.fit()
     # Result.metrics is None for runs that report no checkpoint: the workers write files instead.
     rates = [float(open(os.path.join(out, f)).read()) for f in os.listdir(out) if f.startswith("rank")]

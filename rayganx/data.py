@@ -182,9 +182,21 @@ def _image_store(data: DataSpec) -> Store:
     return store
 
 
-def build(data: DataSpec, split: str = "all", seed: int = 0, counter=None):
-    """The Ray Dataset for a job's data section (split: all | train | val). counter: an actor
-    with `skipped_file(name)` that hears of each corrupt file skipped."""
+def shuffled(ds, seed: int):
+    """`ds` in a new order at every execution (every epoch), the sequence of orders fixed by `seed`.
+
+    A full permutation of the rows, not of blocks: Ray Data reseeds from (seed, execution index)."""
+    from ray.data import RandomSeedConfig
+
+    return ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
+def build(data: DataSpec, split: str = "all", seed: int | None = 0, counter=None):
+    """The Ray Dataset for a job's data section (split: all | train | val).
+
+    seed: every execution (epoch) yields the rows in a fresh random order, reproducible from the
+    seed; None: in the source's order (for a dataset that is cached, then `shuffled`, or read
+    whole). counter: an actor with `skipped_file(name)` that hears of each corrupt file skipped."""
     import ray
 
     decode = dict(size=data.image_size, channels=data.channels, split=split,
@@ -193,13 +205,15 @@ def build(data: DataSpec, split: str = "all", seed: int = 0, counter=None):
         images, labels = digits_arrays()
         items = [{"raw": im, "label": int(lb), "key": i} for i, (im, lb) in enumerate(zip(images, labels))]
         ds = ray.data.from_items(items, override_num_blocks=4)
-        return ds.map_batches(functools.partial(_resize_digits, **decode), batch_format="numpy")
+        ds = ds.map_batches(functools.partial(_resize_digits, **decode), batch_format="numpy")
+        return ds if seed is None else shuffled(ds, seed)
 
     if data.source == "gaussian_mixture":
-        pts, labels = gaussian_mixture(data.mixture, data.num_points, seed)
-        return ray.data.from_numpy(pts).map_batches(
+        pts, labels = gaussian_mixture(data.mixture, data.num_points, seed or 0)
+        ds = ray.data.from_numpy(pts).map_batches(
             lambda b: {"image": b["data"].astype(np.float32),
                        "label": np.zeros(len(b["data"]), np.int64)}, batch_format="numpy")
+        return ds if seed is None else shuffled(ds, seed)
 
     store = _open(data)
     opts = dict(decode, crop=data.crop, on_corrupt=data.on_corrupt, image_col="bytes", counter=counter,
@@ -211,8 +225,10 @@ def build(data: DataSpec, split: str = "all", seed: int = 0, counter=None):
         opts.update(image_col=data.image_column)
         if not data.labels:
             opts.update(label_col="__none__")
-        return ds.randomize_block_order().map_batches(
-            functools.partial(_decode_batch, **opts), batch_format="numpy")
+        # A file holds many rows, so shuffling files is not enough: the encoded rows are
+        # shuffled, before decoding (a fraction of the decoded bytes).
+        ds = ds if seed is None else shuffled(ds, seed)
+        return ds.map_batches(functools.partial(_decode_batch, **opts), batch_format="numpy")
 
     # image_folder and celeba: encoded files, recursively
     store = _image_store(data)
@@ -228,11 +244,15 @@ def build(data: DataSpec, split: str = "all", seed: int = 0, counter=None):
         if not classes:
             raise DataError(f"data.labels: no class sub-folders under {store.url}")
         opts.update(classes=classes)
+    # One file is one row: a permutation of the file list is a permutation of the dataset, drawn
+    # while listing, so decoding still streams (a row shuffle would wait for a whole decoded epoch).
+    from ray.data import FileShuffleConfig
+
+    order = None if seed is None else FileShuffleConfig(seed=seed, reseed_after_execution=True)
     ds = ray.data.read_binary_files(store.root, filesystem=pyarrow_filesystem(store.url, store.endpoint_url),
-                                    include_paths=True,
+                                    include_paths=True, shuffle=order,
                                     file_extensions=list(IMAGE_EXTENSIONS), override_num_blocks=min(len(files), 64))
-    return ds.randomize_block_order().map_batches(
-        functools.partial(_decode_batch, **opts), batch_format="numpy")
+    return ds.map_batches(functools.partial(_decode_batch, **opts), batch_format="numpy")
 
 
 def num_classes(data: DataSpec) -> int:

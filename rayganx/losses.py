@@ -7,6 +7,7 @@ All discriminator outputs are raw logits. The non-saturating loss is softplus on
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +38,13 @@ def g_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown loss {kind!r}")
 
 
-def gradient_penalty(d, real: torch.Tensor, fake: torch.Tensor, y=None) -> torch.Tensor:
-    """WGAN-GP: E[(||∇D(x̂)||₂ - 1)²] at random interpolates x̂ of real and fake."""
-    alpha = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device)
+def gradient_penalty(d, real: torch.Tensor, fake: torch.Tensor, y=None,
+                     alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """WGAN-GP: E[(||∇D(x̂)||₂ - 1)²] at random interpolates x̂ of real and fake (alpha: one
+    weight of real per row, uniform in [0, 1) unless given)."""
+    if alpha is None:
+        alpha = torch.rand(real.shape[0], device=real.device)
+    alpha = alpha.view(-1, *([1] * (real.dim() - 1))).to(real.dtype)
     x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad(d(x_hat, y).sum(), x_hat, create_graph=True)
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
@@ -51,16 +56,31 @@ def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return grad.pow(2).flatten(1).sum(1).mean()
 
 
-class EMA:
-    """Exponential moving average of a generator: θ' ← d·θ' + (1-d)·θ, copied before `start`."""
+def ema_beta(decay: float, step: int, rampup: float | None = None) -> float:
+    """The EMA's decay at generator step `step`, with StyleGAN2-ADA's ramp-up.
 
-    def __init__(self, model: torch.nn.Module, decay: float, start: int = 0):
+    ADA sets the half-life in images to min(ema_nimg, cur_nimg · rampup) and the decay to
+    0.5 ** (batch / half-life); counted in generator steps, where batch cancels, the half-life
+    is min(h, step · rampup) with h = ln 0.5 / ln decay. Early on the average so follows the
+    generator closely instead of holding on to near-initial weights for thousands of steps."""
+    if rampup is None:
+        return decay
+    half_life = math.log(0.5) / math.log(decay)
+    half_life = min(half_life, step * rampup)
+    return 0.5 ** (1.0 / half_life) if half_life > 0 else 0.0
+
+
+class EMA:
+    """Exponential moving average of a generator: θ' ← β·θ' + (1-β)·θ, with β from `ema_beta`
+    (a plain copy before `start`)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, start: int = 0, rampup: float | None = None):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.start = decay, start
+        self.decay, self.start, self.rampup = decay, start, rampup
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = self.decay if step >= self.start else 0.0
+        decay = ema_beta(self.decay, step, self.rampup) if step >= self.start else 0.0
         for e, p in zip(self.model.parameters(), model.parameters()):
             e.lerp_(p.detach(), 1.0 - decay)
         for e, b in zip(self.model.buffers(), model.buffers()):

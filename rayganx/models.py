@@ -78,8 +78,15 @@ def dcgan_init(module: nn.Module) -> None:
 
 
 def apply_spectral_norm(module: nn.Module) -> nn.Module:
-    """One power iteration per forward on every conv/linear/embedding layer (Miyato et al.)."""
+    """One power iteration per forward on every conv/linear/embedding layer (Miyato et al.).
+
+    Conditional BatchNorm's gain and shift embeddings are left alone, as in SNGAN and BigGAN:
+    they are per-class affine parameters, not a layer whose Lipschitz constant matters, and the
+    shift starts at zero, where the normalisation divides by a zero singular value (NaN).
+    A projection discriminator's class embedding is a layer of D and keeps spectral norm."""
     for name, child in list(module.named_children()):
+        if isinstance(child, CondBatchNorm2d):
+            continue
         if isinstance(child, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
             setattr(module, name, _sn(child))
         else:

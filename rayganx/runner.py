@@ -141,6 +141,16 @@ class Plan:
     real_features: object = None  # real-data features (a tensor) for evaluation
 
 
+def steps_for_epochs(spec: JobSpec, rows: int) -> int:
+    """The generator (or optimiser) steps that make `train.epochs` passes over `rows`.
+
+    An epoch is train.batch_size-row batches, the last partial one dropped. Every
+    discriminator step takes a batch and a generator step reuses the last one's fakes, so a
+    GAN's generator step consumes train.d_steps batches."""
+    batches = spec.train.epochs * max(1, rows // spec.train.batch_size)
+    return max(1, batches // (spec.train.d_steps if spec.is_gan else 1))
+
+
 def plan(spec: JobSpec) -> Plan:
     Store(spec.storage.path, spec.storage.endpoint_url).check_writable()
     classifier = spec.model.kind == "cnn"
@@ -149,7 +159,7 @@ def plan(spec: JobSpec) -> Plan:
     rows = rdata.count_rows(spec.data, split)
     if rows < spec.train.batch_size:
         raise RunError(f"data: {rows} images is fewer than one batch (train.batch_size={spec.train.batch_size})")
-    total = spec.train.steps or spec.train.epochs * max(1, rows // spec.train.batch_size)
+    total = spec.train.steps or steps_for_epochs(spec, rows)
     if spec.eval.every:  # a missing or unreadable extractor fails here, before Ray starts
         from rayganx.metrics import load_extractor
 
@@ -174,8 +184,15 @@ def cache_decoded(spec: JobSpec, rows: int) -> bool:
     d = spec.data
     if d.cache != "auto" or d.source == "gaussian_mixture":
         return d.cache is True
-    size = rows * d.channels * d.image_size ** 2  # uint8 images
-    return size <= ray.cluster_resources().get("object_store_memory", 0) / 4
+    return _decoded_bytes(spec, rows) <= ray.cluster_resources().get("object_store_memory", 0) / 4
+
+
+def _decoded_bytes(spec: JobSpec, rows: int) -> int:
+    d = spec.data
+    return rows * (8 if d.source == "gaussian_mixture" else d.channels * d.image_size ** 2)  # uint8 images
+
+
+CACHE_BLOCK_BYTES = 128 * 2**20  # Ray Data's default target block size
 
 
 def run_monitor():
@@ -210,6 +227,56 @@ def run_monitor():
     return RunMonitor.remote()
 
 
+def train_datasets(spec: JobSpec, p: Plan, monitor=None) -> dict:
+    """What the workers read: "train", in a new order every epoch that `train.seed` fixes, and
+    for classifiers "val"."""
+    seed = spec.train.seed
+    if cache_decoded(spec, p.rows):
+        # Decoding once instead of every epoch: the decode tasks otherwise share the CPUs with
+        # training (0.85 -> 1.0 of plain PyTorch at 64 px on 2 cores, docs/performance.md).
+        # The cached rows are still permuted afresh for every epoch, in few large blocks: the row
+        # shuffle moves blocks x blocks pieces (1024 images at 64 px in the 64 blocks decoding
+        # makes: 2.3 s an epoch on 2 cores; in 2 blocks: 0.1 s).
+        blocks = max(2, -(-_decoded_bytes(spec, p.rows) // CACHE_BLOCK_BYTES))
+        decoded = rdata.build(spec.data, p.split, seed=None, counter=monitor).repartition(blocks)
+        train = rdata.shuffled(decoded.materialize(), seed)
+    else:
+        train = rdata.build(spec.data, p.split, seed=seed, counter=monitor)
+    datasets = {"train": train}
+    if p.split == "train":
+        datasets["val"] = rdata.build(spec.data, "val", seed=None)
+    return datasets
+
+
+def data_config():
+    """How the datasets reach the workers (Ray Train's DataConfig, two changes).
+
+    "train" keeps Ray's equal split (DDP ranks must take the same number of steps) with its
+    order preserved: the seeded permutation then reaches the workers the same way in every run.
+    "val" is split unequally: an equal split drops up to num_workers - 1 rows, and validation
+    has no collective step per batch that needs equal shards, so every row counts once."""
+    from ray.train import DataConfig
+
+    class _RunDataConfig(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            rest = {k: v for k, v in datasets.items() if k != "val"}
+            out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            if "val" in datasets:
+                ds = datasets["val"]
+                ds = ds.copy(ds)
+                if ds.name is None:
+                    ds.set_name("val")
+                ds.context.execution_options = self._resolve_execution_options("val")
+                hints = worker_node_ids if self._enable_shard_locality else None
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    out[i]["val"] = split
+            return out
+
+    ordered = DataConfig.default_ingest_options()
+    ordered.preserve_order = True
+    return _RunDataConfig(execution_options={"train": ordered})
+
+
 def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = None, monitor=None):
     """The TorchTrainer for a job, with its datasets, storage and checkpoint policy.
 
@@ -222,14 +289,7 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
 
     from rayganx.train import train_loop
 
-    datasets = {"train": rdata.build(spec.data, p.split, seed=spec.train.seed, counter=monitor)}
-    if cache_decoded(spec, p.rows):
-        # Decoding once instead of every epoch: the decode tasks otherwise share the CPUs with
-        # training (0.85 -> 1.0 of plain PyTorch at 64 px on 2 cores, docs/performance.md).
-        datasets["train"] = datasets["train"].materialize()
-    if p.split == "train":
-        datasets["val"] = rdata.build(spec.data, "val")
-
+    datasets = train_datasets(spec, p, monitor)
     run = Store(spec.run_url, spec.storage.endpoint_url)
     run.write_text(spec.to_yaml(), "spec.yaml")
 
@@ -257,6 +317,7 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
                 checkpoint_score_order=METRIC_MODES.get(best, "max") if best else "max"),
             failure_config=FailureConfig(max_failures=s.max_failures)),
         datasets=datasets,
+        dataset_config=data_config(),
     )
     return trainer
 

@@ -46,6 +46,7 @@ class ModelSpec(_Section):
     conditional: bool = Field(False, description="class-conditional GAN: needs data.labels")
     spectral_norm: Literal["none", "d", "g", "both"] = "none"
     d_batchnorm: bool = Field(True, description="BatchNorm in the DCGAN discriminator")
+    sync_batchnorm: bool = Field(False, description="BatchNorm statistics over the global batch (GPU workers)")
 
 
 class DataSpec(_Section):
@@ -76,7 +77,7 @@ class OptimSpec(_Section):
 class TrainSpec(_Section):
     batch_size: int = Field(128, ge=1, description="global batch, split across workers")
     steps: int | None = Field(None, ge=1, description="generator (or optimiser) steps")
-    epochs: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1, description="passes over the data (a GAN's generator step takes d_steps batches)")
     seed: int = 0
     loss: Literal["non_saturating", "hinge", "wasserstein", "least_squares"] = "non_saturating"
     d_steps: int = Field(1, ge=1, description="discriminator steps per generator step")
@@ -89,6 +90,7 @@ class TrainSpec(_Section):
     r1_every: int = Field(1, ge=1, description="lazy R1: apply every k discriminator steps")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA generator decay")
     ema_start: int = Field(0, ge=0)
+    ema_rampup: float | None = Field(0.05, gt=0, description="EMA warm-up (StyleGAN2-ADA's ema_rampup)")
     diffaug: list[Literal["translation", "color", "cutout"]] = Field(default_factory=list)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="one-sided, reals only")
     instance_noise: float = Field(0.0, ge=0, description="std of noise on D inputs, annealed to 0")
@@ -357,6 +359,9 @@ def check(spec: JobSpec) -> list[str]:
             p.append("model.conditional: needs data.labels: true")
         if m.kind not in ("dcgan", "resnet_gan"):
             p.append(f"model.conditional: supported by dcgan and resnet_gan, not {m.kind}")
+    if m.sync_batchnorm and s.num_workers > 1 and not s.use_gpu:
+        p.append("model.sync_batchnorm: PyTorch synchronises BatchNorm on GPUs only "
+                 "(set scaling.use_gpu: true, or leave it off on CPU workers)")
     if d.source == "gaussian_mixture" and (t.diffaug or m.conditional):
         p.append("train.diffaug: image augmentation does not apply to 2-D points")
     if t.loss == "wasserstein" and t.gp_lambda == 0 and m.spectral_norm in ("none", "g"):

@@ -34,7 +34,12 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def _prepare(model: torch.nn.Module, distributed: bool, channels_last: bool, compile: bool = False) -> torch.nn.Module:
+def _prepare(model: torch.nn.Module, distributed: bool, channels_last: bool, compile: bool = False,
+             sync_batchnorm: bool = False) -> torch.nn.Module:
+    if distributed and sync_batchnorm:
+        # Before the DDP wrap and before compiling: the BatchNorm layers are replaced. The
+        # state_dict keys stay BatchNorm's, so checkpoints load into the plain networks.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
@@ -118,11 +123,12 @@ class GANTask(Task):
         super().__init__(spec, num_classes, device, distributed)
         nets = models.build(spec, num_classes)
         cl = spec.train.channels_last and spec.data.source != "gaussian_mixture"
-        self.g = _prepare(nets["g"].to(device), distributed, cl, spec.train.compile)
-        self.d = _prepare(nets["d"].to(device), distributed, cl, spec.train.compile)
+        sync = spec.model.sync_batchnorm
+        self.g = _prepare(nets["g"].to(device), distributed, cl, spec.train.compile, sync)
+        self.d = _prepare(nets["d"].to(device), distributed, cl, spec.train.compile, sync)
         t = spec.train
         self.opt_g, self.opt_d = _adam(self.g.parameters(), t.optim_g), _adam(self.d.parameters(), t.optim_d)
-        self.ema = losses.EMA(_unwrap(self.g), t.ema_decay, t.ema_start) if t.ema_decay else None
+        self.ema = losses.EMA(_unwrap(self.g), t.ema_decay, t.ema_start, t.ema_rampup) if t.ema_decay else None
         self.cond = spec.model.conditional
         self.last_g = torch.zeros((), device=device)
         self.last_gnorm_g = torch.zeros((), device=device)
@@ -141,6 +147,13 @@ class GANTask(Task):
         """The generator samples and evaluation use: the EMA copy when there is one."""
         return self.ema.model if self.ema else _unwrap(self.g)
 
+    def latents(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.spec.model.latent_dim, device=self.device)
+
+    def interpolation_weights(self, n: int) -> torch.Tensor:
+        """Per-row weights of the reals in the gradient penalty's interpolates."""
+        return torch.rand(n, device=self.device)
+
     def _d_input(self, x, step, total):
         t = self.spec.train
         x = losses.diffaugment(x, t.diffaug) if t.diffaug else x
@@ -151,19 +164,23 @@ class GANTask(Task):
         t, n = self.spec.train, real.shape[0]
         y = labels if self.cond else None
         do_g = (it + 1) % t.d_steps == 0
-        z = torch.randn(n, self.spec.model.latent_dim, device=self.device)
+        z = self.latents(n)
         with torch.set_grad_enabled(do_g), self.autocast:
             fake = self.g(z, y)  # reused by the generator update, as in the DCGAN reference
 
         r1_now = t.r1_gamma > 0 and it % t.r1_every == 0
         real_in = real.detach().requires_grad_(True) if r1_now else real
         with self.autocast:
-            logit_real = self.d(self._d_input(real_in, step, total), y)
-            logit_fake = self.d(self._d_input(fake.detach(), step, total), y)
+            d_real, d_fake = self._d_input(real_in, step, total), self._d_input(fake.detach(), step, total)
+            logit_real, logit_fake = self.d(d_real, y), self.d(d_fake, y)
             loss_d = losses.d_loss(t.loss, logit_real.float(), logit_fake.float(), t.label_smoothing)
             total_d = loss_d
             if t.gp_lambda > 0:
-                total_d = total_d + t.gp_lambda * losses.gradient_penalty(self.d, real, fake, y)
+                # Between the very (augmented, noised) inputs D is trained on: the Lipschitz
+                # constraint belongs where D is evaluated, not on images it never sees. R1 below
+                # differentiates the logits D trains on (through the augmentation, as DiffAugment's R1).
+                gp = losses.gradient_penalty(self.d, d_real, d_fake, y, self.interpolation_weights(n))
+                total_d = total_d + t.gp_lambda * gp
             if r1_now:  # lazy R1: every k steps, scaled by k (StyleGAN2)
                 total_d = total_d + 0.5 * t.r1_gamma * t.r1_every * losses.r1_penalty(logit_real, real_in)
         gnorm_d = self._backward(total_d, self.d, self.opt_d)
@@ -208,7 +225,7 @@ class ClassifierTask(Task):
     def __init__(self, spec, num_classes, device, distributed):
         super().__init__(spec, num_classes, device, distributed)
         self.net = _prepare(models.build(spec, num_classes)["net"].to(device), distributed,
-                            spec.train.channels_last, spec.train.compile)
+                            spec.train.channels_last, spec.train.compile, spec.model.sync_batchnorm)
         self.opt = _adam(self.net.parameters(), spec.train.optim)
 
     def networks(self):
@@ -228,7 +245,7 @@ class ClassifierTask(Task):
 
     @torch.no_grad()
     def validate(self, shard, batch_size) -> dict[str, float]:
-        """Accuracy over this worker's validation shard, summed across workers."""
+        """Accuracy over the validation set: each worker's shard, summed across workers."""
         net = _unwrap(self.net).eval()
         correct = torch.zeros(2, device=self.device)
         for batch in shard.iter_torch_batches(batch_size=batch_size, device=self.device):
@@ -237,7 +254,7 @@ class ClassifierTask(Task):
                                     torch.tensor(float(len(pred)), device=self.device)])
         net.train()
         _all_reduce(correct, mean=False)
-        return {"val_accuracy": (correct[0] / correct[1].clamp(min=1)).item()}
+        return {"val_accuracy": (correct[0] / correct[1].clamp(min=1)).item(), "val_images": int(correct[1].item())}
 
 
 class VAETask(Task):
@@ -246,7 +263,7 @@ class VAETask(Task):
     def __init__(self, spec, num_classes, device, distributed):
         super().__init__(spec, num_classes, device, distributed)
         self.net = _prepare(models.build(spec)["net"].to(device), distributed, spec.train.channels_last,
-                            spec.train.compile)
+                            spec.train.compile, spec.model.sync_batchnorm)
         self.opt = _adam(self.net.parameters(), spec.train.optim)
 
     def networks(self):
@@ -398,6 +415,14 @@ def _node_ids(world: int) -> list[str]:
     return ids
 
 
+def epoch_batches(shard, spec: JobSpec, device="cpu"):
+    """One epoch of a worker's shard, in full per-worker batches, as training consumes it."""
+    # Each epoch of the shard is already a fresh permutation of the dataset (data.build): a
+    # local shuffle buffer would add nothing but unseeded noise, memory and CPU time.
+    return shard.iter_torch_batches(batch_size=spec.per_worker_batch, drop_last=True, device=device,
+                                    prefetch_batches=2)
+
+
 def train_loop(config: dict) -> None:
     """Runs on every worker. config: spec (a JobSpec), num_classes, total_steps, real_features,
     init_from (a checkpoint URL to start from: a PBT donor), monitor (an actor that hears every
@@ -447,9 +472,7 @@ def train_loop(config: dict) -> None:
     try:
         while step < total:
             batches = 0
-            for batch in shard.iter_torch_batches(batch_size=spec.per_worker_batch, drop_last=True,
-                                                  device=device, prefetch_batches=2,
-                                                  local_shuffle_buffer_size=max(4 * spec.per_worker_batch, 2048)):
+            for batch in epoch_batches(shard, spec, device):
                 batches += 1
                 x = rdata.model_input(batch["image"])
                 if t.channels_last and x.dim() == 4:

@@ -117,3 +117,109 @@ def test_decoded_images_are_cached_when_they_fit(ray_session):
     assert runner.cache_decoded(spec("auto"), 1797)  # 22 MB of uint8
     assert not runner.cache_decoded(spec("auto"), 10**8)  # 1.2 TB: left streaming
     assert runner.cache_decoded(spec(True), 10**8) and not runner.cache_decoded(spec(False), 10)
+
+
+def _class_folder(root, classes=10, per_class=40):
+    """4x4 PNGs in one sub-folder per class, listed class by class; each image spells its id."""
+    for k in range(classes):
+        (root / str(k)).mkdir(parents=True)
+        for j in range(per_class):
+            ident = k * per_class + j
+            arr = np.zeros((4, 4), np.uint8)
+            arr[0, 0], arr[0, 1] = ident // 256, ident % 256
+            Image.fromarray(arr, mode="L").save(root / str(k) / f"{j:04d}.png")
+    return root
+
+
+def _ids(images) -> list[int]:
+    return (images[:, 0, 0, 0].long() * 256 + images[:, 0, 0, 1].long()).tolist()
+
+
+def _shard_epochs(spec, world=2, epochs=2):
+    """Per worker and epoch, the ids in each batch the training loop gets (real Ray Data, the
+    datasets and DataConfig a run hands to Ray Train, one thread per worker)."""
+    import threading
+
+    import ray
+
+    from rayganx import runner
+    from rayganx.train import epoch_batches
+
+    node = ray.get_runtime_context().get_node_id()
+    shards = runner.data_config().configure(runner.train_datasets(spec, runner.plan(spec)), world, None,
+                                            [node] * world)
+    out = [[None] * epochs for _ in range(world)]
+
+    def consume(rank):
+        for e in range(epochs):
+            out[rank][e] = [_ids(b["image"]) for b in epoch_batches(shards[rank]["train"], spec)]
+
+    threads = [threading.Thread(target=consume, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_every_epoch_is_a_fresh_permutation_that_the_seed_repeats(ray_session, tmp_path, cache):
+    from rayganx.spec import from_dict
+
+    _class_folder(tmp_path / "imgs")
+
+    def spec(seed):
+        return from_dict({"name": "s", "model": {"kind": "mlp_gan"}, "storage": {"path": str(tmp_path / "runs")},
+                          "data": {"source": "image_folder", "path": str(tmp_path / "imgs"), "image_size": 4,
+                                   "labels": True, "cache": cache},
+                          "train": {"steps": 1, "batch_size": 32, "seed": seed}, "scaling": {"num_workers": 2}})
+
+    first = _shard_epochs(spec(7))
+    for rank in range(2):
+        for epoch in range(2):
+            batches = first[rank][epoch]
+            assert len(batches) == 12 and all(len(b) == 16 for b in batches)  # 200 rows a worker
+            # 10 classes drawn at random: a batch of 16 holds about 7 classes, in path order one
+            largest = [max(np.bincount(np.asarray(b) // 40, minlength=10)) / 16 for b in batches]
+            assert np.mean(largest) < 0.4 and max(largest) <= 0.5, largest
+    seen = [sum(first[0][e] + first[1][e], []) for e in range(2)]
+    assert all(len(set(s)) == len(s) == 384 for s in seen)  # rows of the whole dataset, each once
+    assert seen[0] != seen[1]  # another order
+    assert set(sum(first[0][0], [])) != set(sum(first[0][1], []))  # not a fixed shard per worker
+    assert _shard_epochs(spec(7)) == first  # the seed repeats the sequence of orders
+    assert _shard_epochs(spec(8))[0][0] != first[0][0]  # and is not ignored
+
+
+def test_validation_counts_every_row_once_across_workers(ray_session, tmp_path):
+    import threading
+
+    import ray
+
+    from rayganx import runner
+    from rayganx.spec import from_dict
+    from rayganx.train import ClassifierTask
+
+    _class_folder(tmp_path / "imgs")
+    spec = from_dict({"name": "v", "model": {"kind": "cnn", "ndf": 4}, "storage": {"path": str(tmp_path / "runs")},
+                      "data": {"source": "image_folder", "path": str(tmp_path / "imgs"), "image_size": 4,
+                               "labels": True, "val_fraction": 0.3},
+                      "train": {"steps": 1, "batch_size": 32}, "scaling": {"num_workers": 2}})
+    n_val = rdata.count_rows(spec.data, "val")
+    world = next(w for w in range(2, 8) if n_val % w)  # where an equal split would drop rows
+    node = ray.get_runtime_context().get_node_id()
+    shards = runner.data_config().configure(runner.train_datasets(spec, runner.plan(spec)), world, None,
+                                            [node] * world)
+    counted, ids = [None] * world, [None] * world
+
+    def validate(rank):
+        ids[rank] = [i for b in shards[rank]["val"].iter_torch_batches(batch_size=16) for i in _ids(b["image"])]
+        task = ClassifierTask(spec, 10, torch.device("cpu"), distributed=False)
+        counted[rank] = task.validate(shards[rank]["val"], spec.per_worker_batch)["val_images"]
+
+    threads = [threading.Thread(target=validate, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(sum(ids, [])) == sorted(_ids(torch.from_numpy(rows(rdata.build(spec.data, "val"))[0])))
+    assert sum(counted) == n_val  # what validation reports (val_images)

@@ -85,6 +85,27 @@ def test_spectral_norm_bounds_the_largest_singular_value():
     assert torch.linalg.matrix_norm(raw, ord=2).item() > 1.5  # the unnormalised weight is larger
 
 
+@pytest.mark.parametrize("kind", ["dcgan", "resnet_gan"])
+def test_spectral_norm_on_a_conditional_generator_spares_the_batchnorm_embeddings(kind):
+    # The conditional BatchNorm shift embedding starts at zero (sigma 0): normalising it gave NaN.
+    from rayganx.spec import from_dict
+
+    spec = from_dict({"name": "x", "model": {"kind": kind, "ngf": 8, "ndf": 8, "conditional": True,
+                                             "spectral_norm": "both"},
+                      "data": {"labels": True}, "train": {"steps": 1}})
+    torch.manual_seed(0)
+    nets = models.build(spec, num_classes=10)
+    y = torch.arange(8) % 10
+    x = nets["g"](torch.randn(8, spec.model.latent_dim), y)
+    assert torch.isfinite(x).all() and x.std() > 0
+    assert torch.isfinite(nets["d"](x, y)).all()
+    cbn = [m for m in nets["g"].modules() if isinstance(m, models.CondBatchNorm2d)]
+    assert cbn and not any(hasattr(e, "parametrizations") for m in cbn for e in (m.gain, m.bias))
+    assert torch.equal(cbn[0].gain.weight, torch.ones_like(cbn[0].gain.weight))  # gain 1 at the start
+    # The projection discriminator's class embedding keeps spectral norm (SNGAN, BigGAN).
+    assert hasattr(nets["d"].head.embed, "parametrizations")
+
+
 def test_ema_arithmetic():
     g = nn.Linear(1, 1, bias=False)
     nn.init.zeros_(g.weight)
@@ -100,6 +121,37 @@ def test_ema_arithmetic():
     ema.update(g, step=3)
     assert ema.model.weight.item() == pytest.approx(0.9 * 1.1 + 0.1 * 2.0)
     assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_ema_ramp_up_follows_stylegan2_ada():
+    # ADA: ema_nimg = min(ema_nimg, cur_nimg * rampup); beta = 0.5 ** (batch / ema_nimg)
+    batch, decay, rampup = 64, 0.999, 0.05
+    ema_nimg = batch * math.log(0.5) / math.log(decay)  # the half-life in images that 0.999 means
+    for step in (0, 1, 10, 100, 1000, 20000):
+        nimg = min(ema_nimg, step * batch * rampup)
+        expected = 0.5 ** (batch / nimg) if nimg > 0 else 0.0
+        assert losses.ema_beta(decay, step, rampup) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert losses.ema_beta(decay, 20000, rampup) == pytest.approx(decay)  # ramp over: the plain decay
+    assert losses.ema_beta(decay, 5, None) == decay
+
+
+def test_ema_generator_of_a_short_run_is_not_its_initial_weights():
+    from rayganx.spec import from_dict
+    from rayganx.train import GANTask
+
+    spec = from_dict({"name": "x", "model": {"kind": "mlp_gan", "hidden": [16]}, "data": {"image_size": 8},
+                      "train": {"steps": 30, "batch_size": 16, "ema_decay": 0.999,
+                                "optim_g": {"lr": 0.01}}, "scaling": {"num_workers": 1}})
+    torch.manual_seed(0)
+    task = GANTask(spec, None, torch.device("cpu"), distributed=False)
+    start = torch.cat([p.detach().flatten() for p in task.g.parameters()]).clone()
+    for it in range(30):
+        task.step(torch.rand(16, 1, 8, 8) * 2 - 1, torch.zeros(16, dtype=torch.long), it, it, 30)
+    now = torch.cat([p.detach().flatten() for p in task.g.parameters()])
+    ema = torch.cat([p.detach().flatten() for p in task.ema.model.parameters()])
+    # Without a ramp-up, 30 updates at 0.999 leave the average 97% at the initial weights.
+    assert (ema - now).norm() < 0.5 * (ema - start).norm()
+    assert spec.train.ema_rampup == 0.05  # on by default
 
 
 def test_diffaugment_translation_is_a_shift():
@@ -138,6 +190,28 @@ def test_diffaugment_applies_the_same_policy_to_real_and_fake():
     task = GANTask(spec, None, torch.device("cpu"), distributed=False)
     for x in (torch.ones(8, 1, 32, 32), -torch.ones(8, 1, 32, 32)):  # "real" and "fake"
         assert ((task._d_input(x, 0, 10) == 0).flatten(1).sum(1) > 0).all()
+
+
+def test_gradient_penalty_interpolates_the_augmented_inputs_d_trains_on():
+    # DiffAugment: D only ever sees augmented images, so that is where its gradient is constrained.
+    from rayganx.spec import from_dict
+    from rayganx.train import GANTask
+
+    spec = from_dict({"name": "x", "model": {"kind": "dcgan", "ngf": 8, "ndf": 8, "d_batchnorm": False},
+                      "train": {"steps": 1, "loss": "wasserstein", "gp_lambda": 10.0,
+                                "diffaug": ["translation", "cutout"]}, "scaling": {"num_workers": 1}})
+    torch.manual_seed(0)
+    task = GANTask(spec, None, torch.device("cpu"), distributed=False)
+    seen = []
+    task.d.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    task.step(torch.rand(8, 1, 32, 32) * 2 - 1, torch.zeros(8, dtype=torch.long), it=0, step=0, total=1)
+    real_in, fake_in, penalty_in = seen[:3]  # then the generator step's call
+    assert (real_in == 0).flatten(1).sum(1).min() >= 64  # D trained on cut-out reals
+    # every interpolate lies on the segment between the real and the fake D was trained on
+    diff = (real_in - fake_in).flatten(1)
+    alpha = ((penalty_in - fake_in).flatten(1) * diff).sum(1) / diff.pow(2).sum(1)
+    assert ((alpha >= 0) & (alpha <= 1)).all()
+    assert torch.allclose(penalty_in, fake_in + alpha.view(-1, 1, 1, 1) * (real_in - fake_in), atol=1e-5)
 
 
 def test_instance_noise_anneals_to_zero():
