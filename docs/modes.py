@@ -18,6 +18,7 @@ import argparse
 import datetime
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -89,6 +90,8 @@ def main() -> None:
         for seed in range(args.seeds):
             spec = jobspec.load(ROOT / "jobs" / f"{job}.yaml",
                                 [f"storage.path={STORAGE}", f"name={job}_seed{seed}", f"train.seed={seed}"])
+            if "://" not in STORAGE:  # a run of the same name would resume, not train afresh
+                shutil.rmtree(Path(STORAGE) / spec.name, ignore_errors=True)
             t0 = time.time()
             result = runner.run(spec)
             walls.append(time.time() - t0)
