@@ -5,6 +5,7 @@ scatter plot per job under docs/img/.
 
     python docs/modes.py                 # 4 jobs x 3 seeds; runs go to results_runs/
     python docs/modes.py --seeds 1 --jobs pacgan_ring   # one row, one seed
+    python docs/modes.py --reuse         # after an interruption: keep the runs already scored
 
 Protocol: 5 sets of 2,500 samples from the final checkpoint's generator (its EMA copy where the
 job keeps one); a sample is high quality within 3 std of its nearest mode; a mode is covered by
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -75,10 +77,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--jobs", default=",".join(JOBS), help="comma list of jobs/<name>.yaml")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave docs/ alone")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep runs this script already finished and scored (their modes.json), train the rest")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    import torch
-
     from rayganx import metrics, models, runner, spec as jobspec
     from rayganx.data import mixture_geometry
     from rayganx.storage import load_state
@@ -90,14 +92,26 @@ def main() -> None:
         for seed in range(args.seeds):
             spec = jobspec.load(ROOT / "jobs" / f"{job}.yaml",
                                 [f"storage.path={STORAGE}", f"name={job}_seed{seed}", f"train.seed={seed}"])
-            if "://" not in STORAGE:  # a run of the same name would resume, not train afresh
-                shutil.rmtree(Path(STORAGE) / spec.name, ignore_errors=True)
-            t0 = time.time()
-            result = runner.run(spec)
-            walls.append(time.time() - t0)
-            g, trained, _ = models.generator_from_state(load_state(result.checkpoints[-1]["url"]))
-            torch.manual_seed(0)
-            scores = metrics.mode_metrics(g, trained, list(metrics.MODE_METRICS))
+            local = "://" not in STORAGE  # records and clean-up for a local run store only
+            record = Path(STORAGE) / spec.name / "modes.json"
+            if args.reuse and local and record.exists():
+                done = json.loads(record.read_text())
+                scores, wall, url = done["scores"], done["wall_s"], done["checkpoint"]
+                g, trained, _ = models.generator_from_state(load_state(url))
+            else:
+                # a run of the same name would resume, not train afresh
+                if local:
+                    shutil.rmtree(Path(STORAGE) / spec.name, ignore_errors=True)
+                t0 = time.time()
+                result = runner.run(spec)
+                wall = time.time() - t0
+                url = result.checkpoints[-1]["url"]
+                g, trained, _ = models.generator_from_state(load_state(url))
+                scores = metrics.mode_metrics(g, trained, list(metrics.MODE_METRICS))
+                # written last: a run killed before this point is trained again by --reuse
+                if local:
+                    record.write_text(json.dumps({"scores": scores, "wall_s": wall, "checkpoint": url}))
+            walls.append(wall)
             per_seed.append(scores)
             print(f"{job} seed {seed}: modes {scores['modes']:.2f} hq {100 * scores['hq']:.1f}% "
                   f"kl {scores['kl']:.3f} ({walls[-1]:.0f} s)", flush=True)
