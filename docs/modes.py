@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STORAGE = os.environ.get("RAYGANX_RESULTS_STORAGE", str(ROOT / "results_runs"))
-JOBS = ("mlp_gan_ring", "mlp_gan_grid", "pacgan_ring", "pacgan_grid")
+JOBS = ("mlp_gan_ring", "pacgan_ring", "mlp_gan_grid", "pacgan_grid")
 SECTION = "## 2-D mixtures: mode coverage"
 
 # Published rows for the same protocol and mixtures. PacGAN, Lin et al. 2018, Table 1 (their
@@ -70,6 +70,55 @@ def scatter(points, centres, std, title: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_section(rows, seeds: int, planned: int, no_write: bool) -> None:
+    from rayganx.data import mixture_geometry
+
+    def ms(values, fmt):
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{format(statistics.mean(values), fmt)} ± {format(sd, fmt)}"
+
+    lines = [
+        SECTION,
+        "",
+        f"Produced by `python docs/modes.py` on {datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPU "
+        f"cores; each run a rayganx job with its own scaling section, {seeds} seeds per job). Scores of each",
+        "run's final generator (the EMA copy where the job keeps one): 5 sets of 2,500 samples; a sample is",
+        "high quality within 3 std of its nearest mode, a mode is covered by at least one high-quality",
+        "sample, KL is that of the high-quality samples' mode histogram against uniform (the protocol of",
+        "VEEGAN and PacGAN). Mean ± std over seeds of the per-seed means over the 5 sets. Even exact",
+        "samples of the mixture score 98.9% high quality (1 - exp(-9/2), a 2-D Gaussian within 3 std).",
+        "Mixtures: ring of 8 modes on radius 2, std 0.02 (VEEGAN; PacGAN's radius 1, std 0.01 is the same",
+        "problem at half the scale); grid of 25 modes at {-4, -2, 0, 2, 4}², std 0.05 (both papers).",
+        "Wall time: one run from submission to its final checkpoint, Ray start-up of the workers included.",
+        "",
+        "| job | mixture | recipe | steps | modes | high quality (%) | KL | wall time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for job, spec, per_seed, walls in rows:
+        k = len(mixture_geometry(spec.data.mixture)[0])
+        lines.append(f"| {job} | {spec.data.mixture} | {describe(spec)} | {spec.train.steps} | "
+                     f"{ms([s['modes'] for s in per_seed], '.2f')} / {k} | "
+                     f"{ms([100 * s['hq'] for s in per_seed], '.1f')} | {ms([s['kl'] for s in per_seed], '.3f')} | "
+                     f"{statistics.mean(walls):.0f} s |")
+    if len(rows) < planned:
+        lines += ["", f"(Partial: {len(rows)} of {planned} jobs so far; the benchmark was still running.)"]
+    lines += ["", "Published (same protocol; trained far longer, on other hardware):", "",
+              "| method | ring modes | ring high quality (%) | grid modes | grid high quality (%) |",
+              "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {r[0]} / 8 | {r[1]} | {g[0]} / 25 | {g[1]} |" for name, r, g in PUBLISHED]
+    lines += ["", "Seed 0's samples (2,500; red circles: 3 std around each mode):", ""]
+    lines += [f"![{job}](img/modes_{job}.png)" for job, *_ in rows]
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if no_write:
+        return
+    results = ROOT / "docs" / "results.md"
+    text = results.read_text() if results.exists() else ""
+    head = text.split(SECTION)[0].rstrip("\n")
+    results.write_text((head + "\n\n" if head else "") + section)
+    print("wrote the 2-D section of docs/results.md")
 
 
 def main() -> None:
@@ -122,49 +171,9 @@ def main() -> None:
                 scatter(pts, centres, std, f"{job} (seed 0): {scores['modes']:.1f} modes, {100 * scores['hq']:.1f}% hq",
                         ROOT / "docs" / "img" / f"modes_{job}.png")
         rows.append((job, spec, per_seed, walls))
+        # after every row: an interrupted benchmark still leaves the rows it finished
+        write_section(rows, args.seeds, len(args.jobs.split(",")), args.no_write)
 
-    def ms(values, fmt):
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{format(statistics.mean(values), fmt)} ± {format(sd, fmt)}"
-
-    lines = [
-        SECTION,
-        "",
-        f"Produced by `python docs/modes.py` on {datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPU "
-        f"cores; each run a rayganx job with its default scaling, {args.seeds} seeds per job). Scores of each",
-        "run's final generator (the EMA copy where the job keeps one): 5 sets of 2,500 samples; a sample is",
-        "high quality within 3 std of its nearest mode, a mode is covered by at least one high-quality",
-        "sample, KL is that of the high-quality samples' mode histogram against uniform (the protocol of",
-        "VEEGAN and PacGAN). Mean ± std over seeds of the per-seed means over the 5 sets. Even exact",
-        "samples of the mixture score 98.9% high quality (1 - exp(-9/2), a 2-D Gaussian within 3 std).",
-        "Mixtures: ring of 8 modes on radius 2, std 0.02 (VEEGAN; PacGAN's radius 1, std 0.01 is the same",
-        "problem at half the scale); grid of 25 modes at {-4, -2, 0, 2, 4}², std 0.05 (both papers).",
-        "Wall time: one run from submission to its final checkpoint, Ray start-up of the workers included.",
-        "",
-        "| job | mixture | recipe | steps | modes | high quality (%) | KL | wall time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for job, spec, per_seed, walls in rows:
-        k = len(mixture_geometry(spec.data.mixture)[0])
-        lines.append(f"| {job} | {spec.data.mixture} | {describe(spec)} | {spec.train.steps} | "
-                     f"{ms([s['modes'] for s in per_seed], '.2f')} / {k} | "
-                     f"{ms([100 * s['hq'] for s in per_seed], '.1f')} | {ms([s['kl'] for s in per_seed], '.3f')} | "
-                     f"{statistics.mean(walls):.0f} s |")
-    lines += ["", "Published (same protocol; trained far longer, on other hardware):", "",
-              "| method | ring modes | ring high quality (%) | grid modes | grid high quality (%) |",
-              "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {name} | {r[0]} / 8 | {r[1]} | {g[0]} / 25 | {g[1]} |" for name, r, g in PUBLISHED]
-    lines += ["", "Seed 0's samples (2,500; red circles: 3 std around each mode):", ""]
-    lines += [f"![{job}](img/modes_{job}.png)" for job, *_ in rows]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if args.no_write:
-        return
-    results = ROOT / "docs" / "results.md"
-    text = results.read_text() if results.exists() else ""
-    head = text.split(SECTION)[0].rstrip("\n")
-    results.write_text((head + "\n\n" if head else "") + section)
-    print("wrote the 2-D section of docs/results.md")
 
 
 if __name__ == "__main__":
