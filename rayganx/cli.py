@@ -749,8 +749,12 @@ def export(checkpoint: str = typer.Argument(..., help="checkpoint folder (local 
 @app.command("eval")
 @command
 def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (local or URL)"),
-             metrics: str = typer.Option("fid,kid", "--metrics", help="comma list of fid, kid, is, pr"),
-             num_samples: int = typer.Option(1000, "--num-samples"),
+             metrics: Optional[str] = typer.Option(
+                 None, "--metrics", help="comma list of fid, kid, is, pr (images; default fid,kid) or modes, hq, kl "
+                                         "(2-D mixtures, their default)"),
+             num_samples: Optional[int] = typer.Option(
+                 None, "--num-samples", help="default 1000; for 2-D mixtures 2500 per set (the papers' protocol)"),
+             sample_sets: int = typer.Option(5, "--sample-sets", help="2-D mixtures: sets the mode metrics average over"),
              features: Optional[str] = typer.Option(None, "--features",
                                                     help="random | classifier | torchscript | inception"),
              extractor: Optional[str] = typer.Option(None, "--extractor", help="classifier checkpoint or .pt file"),
@@ -762,7 +766,8 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
              seed: int = typer.Option(0, "--seed"),
              json_out: Optional[str] = typer.Option(None, "--json", help="also write the results here"),
              endpoint_url: Optional[str] = EndpointOpt):
-    """Score a checkpoint's generator against its job's data (FID, KID, IS, precision/recall)."""
+    """Score a checkpoint's generator against its job's data (FID, KID, IS, precision/recall; for 2-D
+    mixtures the modes covered, the share of high-quality samples and the KL of their mode histogram)."""
     import json
 
     from rayganx import models
@@ -771,17 +776,24 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
 
     state = load_state(checkpoint, endpoint_url)
     g, spec, num_classes = models.generator_from_state(state)
+    points = spec.data.source == "gaussian_mixture"
+    metrics = metrics or ("modes,hq,kl" if points else "fid,kid")
+    num_samples = num_samples or (2500 if points else 1000)
     names = [m.strip() for m in metrics.split(",") if m.strip()]
-    ev = {"metrics": names, "num_samples": num_samples}
+    ev = {"metrics": names, "num_samples": num_samples, "sample_sets": sample_sets}
     ev |= {"features": features} if features else {}
     ev |= {"extractor": extractor} if extractor else {}
     ev |= {"extractor_sha256": extractor_sha256} if extractor_sha256 else {}
     ev |= {"inception_path": inception_path} if inception_path else {}
     spec = jobspec.from_dict(spec.to_dict() | {"eval": spec.eval.model_dump() | ev}, source=checkpoint)
+    problems = jobspec.metric_problems(spec)
+    if problems:
+        raise jobspec.SpecError(f"--metrics: {problems[0].split(': ', 1)[1]}")
     if endpoint_url and not spec.storage.endpoint_url:
         spec.storage.endpoint_url = endpoint_url
     results = evaluate_generator(g, spec, num_classes, names, num_samples, seed, verbose=STATE["verbose"])
-    table = Table(title=f"{checkpoint} (step {state.get('step')}, {num_samples} samples, {spec.eval.features} features)")
+    what = f"{sample_sets} sets of {num_samples} samples" if points else f"{num_samples} samples, {spec.eval.features} features"
+    table = Table(title=f"{checkpoint} (step {state.get('step')}, {what})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in results.items():

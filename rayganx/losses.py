@@ -50,10 +50,13 @@ def gradient_penalty(d, real: torch.Tensor, fake: torch.Tensor, y=None,
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
-def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """R1: E[||∇ₓD(x)||²] on reals (`real` must require grad); callers scale by γ/2."""
+def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor, pack: int = 1) -> torch.Tensor:
+    """R1: E[||∇ₓD(x)||²] on reals (`real` must require grad); callers scale by γ/2.
+
+    With packing, D's input x is `pack` consecutive samples of `real` side by side: the norm is
+    taken over each pack (a reshape of the per-sample gradients), the mean over packs."""
     (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
-    return grad.pow(2).flatten(1).sum(1).mean()
+    return grad.pow(2).reshape(real.shape[0] // pack, -1).sum(1).mean()
 
 
 def ema_beta(decay: float, step: int, rampup: float | None = None) -> float:

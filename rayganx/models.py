@@ -292,19 +292,20 @@ def build(spec: JobSpec, num_classes: int | None = None) -> dict[str, nn.Module]
     m, d = spec.model, spec.data
     c, s = d.channels, d.image_size
     cond = num_classes if m.conditional else None
+    k = m.pack  # D's input: k samples side by side (PacGAN), its first layer k times wider
     if m.kind == "mlp_gan":
         points = d.source == "gaussian_mixture"
         shape = (2,) if points else (c, s, s)
         nets = {"g": MLPGenerator(m.latent_dim, m.hidden, shape, tanh=not points),
-                "d": MLPDiscriminator(shape, m.hidden)}
+                "d": MLPDiscriminator((shape[0] * k, *shape[1:]), m.hidden)}
     elif m.kind == "dcgan":
         nets = {"g": DCGANGenerator(m.latent_dim, m.ngf, c, s, cond),
-                "d": DCGANDiscriminator(m.ndf, c, s, m.d_batchnorm, cond)}
+                "d": DCGANDiscriminator(m.ndf, c * k, s, m.d_batchnorm, cond)}
         for net in nets.values():
             dcgan_init(net)
     elif m.kind == "resnet_gan":
         nets = {"g": ResNetGenerator(m.latent_dim, m.ngf, c, s, cond),
-                "d": ResNetDiscriminator(m.ndf, c, s, cond)}
+                "d": ResNetDiscriminator(m.ndf, c * k, s, cond)}
     elif m.kind == "cnn":
         return {"net": CNNClassifier(c, s, num_classes or 10, width=m.ndf)}
     elif m.kind == "vae":
@@ -316,6 +317,16 @@ def build(spec: JobSpec, num_classes: int | None = None) -> dict[str, nn.Module]
     if m.spectral_norm in ("g", "both"):
         apply_spectral_norm(nets["g"])
     return nets
+
+
+def pack(x: torch.Tensor, m: int) -> torch.Tensor:
+    """PacGAN packing: (N, C, ...) -> (N/m, m*C, ...), each m consecutive samples concatenated
+    along channels (images) or features (points). The identity for m = 1."""
+    if m == 1:
+        return x
+    if x.shape[0] % m:
+        raise ValueError(f"model.pack: a batch of {x.shape[0]} does not divide into packs of {m}")
+    return x.reshape(x.shape[0] // m, m * x.shape[1], *x.shape[2:])
 
 
 def generate(g: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

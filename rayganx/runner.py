@@ -160,7 +160,8 @@ def plan(spec: JobSpec) -> Plan:
     if rows < spec.train.batch_size:
         raise RunError(f"data: {rows} images is fewer than one batch (train.batch_size={spec.train.batch_size})")
     total = spec.train.steps or steps_for_epochs(spec, rows)
-    if spec.eval.every:  # a missing or unreadable extractor fails here, before Ray starts
+    # A missing or unreadable extractor fails here, before Ray starts (2-D jobs use none).
+    if spec.eval.every and spec.data.source != "gaussian_mixture":
         from rayganx.metrics import load_extractor
 
         load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url)
@@ -171,6 +172,8 @@ def prepare_eval(spec: JobSpec, p: Plan) -> None:
     """Real-data features for evaluation, computed once per dataset and extractor (cached in storage).
 
     They travel in the train loop's config, not as a file: rank 0 may run on another node."""
+    if spec.data.source == "gaussian_mixture":  # 2-D points are scored against the mixture's known modes
+        return
     from rayganx.metrics import load_extractor, real_features
 
     p.real_features = real_features(spec, load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url),

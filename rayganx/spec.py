@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 GAN_KINDS = ("mlp_gan", "dcgan", "resnet_gan")
 # Metric names a run can be ranked by; "min" metrics are better when lower.
@@ -26,7 +26,13 @@ ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 # user:password@ in a URL (s3://key:secret@bucket, http://user:pass@minio:9000)
 URL_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
 METRIC_MODES = {"fid": "min", "kid": "min", "is": "max", "precision": "max", "recall": "max",
+                "modes": "max", "hq": "max", "kl": "min",
                 "val_accuracy": "max", "loss_g": "min", "loss_d": "min", "elbo": "max"}
+# Evaluation metrics by what they score: images (through a feature extractor) or 2-D points
+# (the mode-coverage protocol of the mode-collapse papers).
+IMAGE_METRICS = ("fid", "kid", "is", "pr")
+MODE_METRICS = ("modes", "hq", "kl")
+EVAL_RESULTS = ("fid", "kid", "is", "precision", "recall", "modes", "hq", "kl")  # what they report
 
 
 class SpecError(ValueError):
@@ -47,6 +53,8 @@ class ModelSpec(_Section):
     spectral_norm: Literal["none", "d", "g", "both"] = "none"
     d_batchnorm: bool = Field(True, description="BatchNorm in the DCGAN discriminator")
     sync_batchnorm: bool = Field(False, description="BatchNorm statistics over the global batch (GPU workers)")
+    pack: int = Field(1, ge=1, description="PacGAN packing: D judges m samples at once, concatenated "
+                                           "along channels (images) or features (points)")
 
 
 class DataSpec(_Section):
@@ -85,6 +93,8 @@ class TrainSpec(_Section):
     optim_d: OptimSpec = Field(default_factory=OptimSpec)
     optim: OptimSpec = Field(default_factory=lambda: OptimSpec(lr=1e-3, betas=(0.9, 0.999)),
                              description="optimiser of single-network models (cnn, vae)")
+    lr_decay: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning rates over the run: constant, or decayed to 0 at train.steps")
     gp_lambda: float = Field(0.0, ge=0, description="WGAN-GP gradient penalty weight")
     r1_gamma: float = Field(0.0, ge=0, description="R1 penalty on reals")
     r1_every: int = Field(1, ge=1, description="lazy R1: apply every k discriminator steps")
@@ -138,8 +148,10 @@ IS_NEEDS_LOGITS = ("eval.metrics: 'is' (Inception Score) needs class logits, whi
 
 class EvalSpec(_Section):
     every: int | None = Field(None, ge=1, description="evaluate every N steps (off by default)")
-    num_samples: int = Field(1000, ge=2)
-    metrics: list[Literal["fid", "kid", "is", "pr"]] = Field(default_factory=lambda: ["fid", "kid"])
+    num_samples: int = Field(1000, ge=2, description="generated samples (per set for 2-D jobs; their default: 2500)")
+    metrics: list[Literal["fid", "kid", "is", "pr", "modes", "hq", "kl"]] = Field(
+        default_factory=lambda: ["fid", "kid"], description="2-D jobs' default: modes, hq, kl")
+    sample_sets: int = Field(5, ge=1, description="2-D jobs: independent sample sets the mode metrics average over")
     features: Literal["classifier", "torchscript", "random", "inception"] = "random"
     extractor: str | None = Field(None, description="classifier checkpoint or TorchScript file")
     extractor_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
@@ -174,6 +186,17 @@ class JobSpec(_Section):
     @property
     def per_worker_batch(self) -> int:
         return self.train.batch_size // self.scaling.num_workers
+
+    @model_validator(mode="after")
+    def _eval_defaults_for_points(self):
+        """A 2-D job's evaluation defaults to the mode-coverage protocol: image metrics cannot
+        score points, and the papers score sets of 2,500 samples."""
+        if self.data.source == "gaussian_mixture":
+            if "metrics" not in self.eval.model_fields_set:
+                self.eval.metrics = list(MODE_METRICS)
+            if "num_samples" not in self.eval.model_fields_set:
+                self.eval.num_samples = 2500
+        return self
 
     def to_dict(self, resolved: bool = False) -> dict[str, Any]:
         """The spec as plain data. Values that came from ${VAR} placeholders show the placeholder,
@@ -373,7 +396,7 @@ def check(spec: JobSpec) -> list[str]:
     if spec.storage.keep_best_by and spec.storage.keep_best_by not in METRIC_MODES:
         p.append(f"storage.keep_best_by: expected one of {', '.join(METRIC_MODES)}, "
                  f"got {spec.storage.keep_best_by!r}")
-    if spec.storage.keep_best_by in ("fid", "kid", "is", "precision", "recall"):
+    if spec.storage.keep_best_by in EVAL_RESULTS:
         if not spec.eval.every:
             p.append("storage.keep_best_by: ranking by an evaluation metric needs eval.every")
         elif spec.storage.checkpoint_every % spec.eval.every:
@@ -395,6 +418,30 @@ def check(spec: JobSpec) -> list[str]:
         p.append(f"eval.extractor: required for eval.features '{e.features}'")
     if e.every and "is" in e.metrics and e.features not in FEATURES_WITH_LOGITS:
         p.append(IS_NEEDS_LOGITS.format(features=e.features))
+    if e.every:  # a stored spec may carry metrics it never evaluates: checked when they run
+        p += metric_problems(spec)
+    if m.pack > 1:
+        if not spec.is_gan:
+            p.append(f"model.pack: packing applies to GAN discriminators, not {m.kind}")
+        if m.conditional:
+            p.append("model.pack: a conditional discriminator takes one label per sample; packing needs model.conditional: false")
+        if spec.per_worker_batch % m.pack:
+            p.append(f"model.pack: each worker's batch ({t.batch_size} / {s.num_workers} workers = "
+                     f"{spec.per_worker_batch}) must divide into packs of {m.pack}")
     if any(v < 1 for v in m.hidden):
         p.append("model.hidden: layer sizes must be positive")
     return p
+
+
+def metric_problems(spec: JobSpec) -> list[str]:
+    """eval.metrics that cannot score this job's samples: mode metrics need 2-D mixture points,
+    image metrics need images."""
+    points = spec.data.source == "gaussian_mixture"
+    wrong = [n for n in spec.eval.metrics if n in (IMAGE_METRICS if points else MODE_METRICS)]
+    if not wrong:
+        return []
+    if points:
+        return [f"eval.metrics: {', '.join(wrong)} score images; a gaussian_mixture job's 2-D points "
+                f"take {', '.join(MODE_METRICS)}"]
+    return [f"eval.metrics: {', '.join(wrong)} score 2-D gaussian_mixture points; {spec.data.source} "
+            f"images take {', '.join(IMAGE_METRICS)}"]

@@ -53,6 +53,16 @@ def _prepare(model: torch.nn.Module, distributed: bool, channels_last: bool, com
     return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
 
 
+def lr_factor(decay: str, step: int, total: int) -> float:
+    """The learning rates' share of their spec value at `step` of `total` (1 at step 0)."""
+    frac = min(max(step / max(total, 1), 0.0), 1.0)
+    if decay == "linear":
+        return 1.0 - frac
+    if decay == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    return 1.0
+
+
 def _adam(params, o) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
@@ -69,6 +79,7 @@ class Task:
     def __init__(self, spec: JobSpec, num_classes: int | None, device: torch.device, distributed: bool):
         self.spec, self.device, self.num_classes = spec, device, num_classes
         self.lr_scale, self.rollbacks = 1.0, 0  # divergence rollbacks so far, kept in checkpoints
+        self.lr_factor = 1.0  # train.lr_decay's factor at the current step
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if spec.train.precision == "bf16" and device.type == "cuda"
                          else contextlib.nullcontext())
@@ -103,8 +114,15 @@ class Task:
         specs = self.optim_specs()
         for k, o in self.optimizers().items():
             for group in o.param_groups:
-                group.update(lr=specs[k].lr * scale, betas=tuple(specs[k].betas),
+                group.update(lr=specs[k].lr * scale * self.lr_factor, betas=tuple(specs[k].betas),
                              weight_decay=specs[k].weight_decay)
+
+    def schedule(self, step: int, total: int) -> None:
+        """Learning rates for the update that makes `step` + 1 (train.lr_decay)."""
+        factor = lr_factor(self.spec.train.lr_decay, step, total)
+        if factor != self.lr_factor:
+            self.lr_factor = factor
+            self.set_lr_scale(self.lr_scale)
 
     def learning_rates(self) -> dict[str, float]:
         return {f"lr_{k}": o.param_groups[0]["lr"] for k, o in self.optimizers().items()}
@@ -155,9 +173,10 @@ class GANTask(Task):
         return torch.rand(n, device=self.device)
 
     def _d_input(self, x, step, total):
+        """What D sees of a batch: augmented and noised per sample, then packed (PacGAN)."""
         t = self.spec.train
         x = losses.diffaugment(x, t.diffaug) if t.diffaug else x
-        return losses.instance_noise(x, t.instance_noise, step, total)
+        return models.pack(losses.instance_noise(x, t.instance_noise, step, total), self.spec.model.pack)
 
     def step(self, real, labels, it: int, step: int, total: int) -> tuple[bool, torch.Tensor]:
         """One discriminator update on this batch; a generator update every d_steps batches."""
@@ -176,13 +195,14 @@ class GANTask(Task):
             loss_d = losses.d_loss(t.loss, logit_real.float(), logit_fake.float(), t.label_smoothing)
             total_d = loss_d
             if t.gp_lambda > 0:
-                # Between the very (augmented, noised) inputs D is trained on: the Lipschitz
+                # Between the very (augmented, noised, packed) inputs D is trained on: the Lipschitz
                 # constraint belongs where D is evaluated, not on images it never sees. R1 below
                 # differentiates the logits D trains on (through the augmentation, as DiffAugment's R1).
-                gp = losses.gradient_penalty(self.d, d_real, d_fake, y, self.interpolation_weights(n))
+                gp = losses.gradient_penalty(self.d, d_real, d_fake, y, self.interpolation_weights(d_real.shape[0]))
                 total_d = total_d + t.gp_lambda * gp
             if r1_now:  # lazy R1: every k steps, scaled by k (StyleGAN2)
-                total_d = total_d + 0.5 * t.r1_gamma * t.r1_every * losses.r1_penalty(logit_real, real_in)
+                total_d = total_d + 0.5 * t.r1_gamma * t.r1_every * losses.r1_penalty(
+                    logit_real, real_in, self.spec.model.pack)
         gnorm_d = self._backward(total_d, self.d, self.opt_d)
         self.opt_d.step()
 
@@ -478,6 +498,7 @@ def train_loop(config: dict) -> None:
                 if t.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 first_step_at = first_step_at or time.time()  # the first batch enters training
+                task.schedule(step, total)
                 stepped, stats = task.step(x, batch["label"], it, step, total)
                 it += 1
                 images += x.shape[0] * world
@@ -606,6 +627,9 @@ class Evaluator:
 
         self.m, self.spec, self.rank, self.world, self.device = m, spec, rank, world, device
         self.num_classes = config["num_classes"]
+        self.points = spec.data.source == "gaussian_mixture"
+        if self.points:  # scored against the mixture's known modes: no extractor, no real features
+            return
         self.extractor = m.load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url).to(device)
         import ray
 
@@ -617,6 +641,14 @@ class Evaluator:
         import torch.distributed as dist
 
         g = task.generator()
+        if self.points:
+            if self.rank != 0:  # a few thousand points from a small MLP: rank 0 alone
+                return {}
+            was_training = g.training
+            e = self.spec.eval
+            scores = self.m.mode_metrics(g.eval(), self.spec, e.metrics, e.num_samples, e.sample_sets, device=self.device)
+            g.train(was_training)
+            return scores
         was_training = g.training
         g.eval()
         part = self.m.generated_features(g, self.spec, self.num_classes, self.extractor, self.spec.eval.num_samples,
