@@ -594,6 +594,38 @@ def train_loop(config: dict) -> None:
                     pending.flush()
 
 
+CKPT_PREFIX = "rayganx_ckpt_"
+
+
+def sweep_stale_copies(tmp: str | None = None) -> list[str]:
+    """Remove local checkpoint copies left by dead processes on this node.
+
+    Ray deletes a copy once it is uploaded; a worker killed before that (node drain, Ctrl-C,
+    OOM) leaves its state file behind, one per checkpoint in flight, and /tmp fills up over a
+    day of restarts. A copy's name carries its writer's pid: a live writer's copies are never
+    touched, even by another run on the same node."""
+    import glob
+
+    removed = []
+    for path in glob.glob(os.path.join(tmp or tempfile.gettempdir(), f"{CKPT_PREFIX}*_*")):
+        pid = os.path.basename(path)[len(CKPT_PREFIX):].split("_", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _checkpoint(task: Task, step: int, metrics: dict, num_classes, rng: list, lineage, rank: int) -> None:
     """Every rank reports (a barrier); rank 0's folder is uploaded, its marker written last."""
     import ray.train
@@ -604,7 +636,8 @@ def _checkpoint(task: Task, step: int, metrics: dict, num_classes, rng: list, li
     # metrics; Ray Train hears from us at checkpoints.
     checkpoint = None
     if rank == 0:
-        local = tempfile.mkdtemp(prefix="rayganx_ckpt_")  # removed by Ray once uploaded
+        sweep_stale_copies()
+        local = tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{os.getpid()}_")  # removed by Ray once uploaded
         try:
             save_checkpoint(local, task, step, metrics, num_classes, rng, lineage)
         except BaseException:

@@ -129,6 +129,21 @@ def test_metrics_log_appends_parts_and_the_reader_survives_torn_lines(tmp_path):
     assert read_metrics(run, last_only=True)[0]["loss"] == 60
 
 
+def test_local_checkpoint_copies_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
+    from rayganx.train import CKPT_PREFIX, sweep_stale_copies
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    stale = tmp_path / f"{CKPT_PREFIX}{dead.stdout.strip()}_abc"
+    live = tmp_path / f"{CKPT_PREFIX}{os.getpid()}_def"
+    other = tmp_path / "something_else"
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "state.pt").write_bytes(b"x" * 10)
+    assert sweep_stale_copies(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists() and other.exists()
+
+
 def test_run_lock_refuses_a_second_writer_and_takes_over_a_stale_one(tmp_path):
     run = Store(str(tmp_path / "run"))
     first = RunLock(run, heartbeat_s=0.2, stale_after=2)
@@ -212,6 +227,10 @@ def test_worker_killed_mid_run_resumes_from_the_last_checkpoint(ray_session, tmp
         (seen, resumed_from)
     print(f"FIGURE worker-kill: killed after step {killed['step']} was logged, resumed from step {resumed_from}, "
           f"run finished in {time.monotonic() - t0:.0f} s")
+    # the killed worker's local copies are gone: the next rank 0 swept them at its checkpoint
+    from rayganx.train import sweep_stale_copies
+
+    assert sweep_stale_copies() == []
     # the ${VAR} placeholder, not its value, is what the run stores
     for f in Path(run.root).rglob("*"):
         if f.is_file() and f.suffix in (".yaml", ".pt", ".json", ".jsonl"):
