@@ -6,10 +6,10 @@ All discriminator outputs are raw logits. The non-saturating loss is softplus on
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
+import torch.optim.swa_utils
 import torch.nn.functional as F
 
 
@@ -73,21 +73,34 @@ def ema_beta(decay: float, step: int, rampup: float | None = None) -> float:
     return 0.5 ** (1.0 / half_life) if half_life > 0 else 0.0
 
 
-class EMA:
+class EMA(torch.optim.swa_utils.AveragedModel):
     """Exponential moving average of a generator: θ' ← β·θ' + (1-β)·θ, with β from `ema_beta`
-    (a plain copy before `start`)."""
+    (a plain copy before `start`), on PyTorch's AveragedModel.
+
+    β changes every step (the ramp-up), so the averaging function reads it from the instance
+    instead of being built once with a fixed decay. Buffers (BatchNorm's running statistics) are
+    copied, not averaged, as in StyleGAN2-ADA: an average of running statistics over weights
+    that moved is no statistic of the averaged network. The copy made here counts as the first
+    average, so the first update already blends (AveragedModel would copy again)."""
 
     def __init__(self, model: torch.nn.Module, decay: float, start: int = 0, rampup: float | None = None):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.start, self.rampup = decay, start, rampup
+        super().__init__(model, multi_avg_fn=self._blend, use_buffers=False)
+        self.module.eval().requires_grad_(False)
+        self.n_averaged.fill_(1)
+        self.decay, self.start, self.rampup, self._beta = decay, start, rampup, decay
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The averaged generator itself (what checkpoints keep as g_ema)."""
+        return self.module
+
+    def _blend(self, averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged) -> None:
+        torch._foreach_lerp_(averaged, current, 1.0 - self._beta)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = ema_beta(self.decay, step, self.rampup) if step >= self.start else 0.0
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - decay)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+        self._beta = ema_beta(self.decay, step, self.rampup) if step >= self.start else 0.0
+        self.update_parameters(model)
 
 
 def instance_noise(x: torch.Tensor, std: float, step: int, total: int) -> torch.Tensor:

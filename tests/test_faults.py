@@ -200,16 +200,17 @@ def _kill_a_train_worker() -> int:
 
 def test_worker_killed_mid_run_resumes_from_the_last_checkpoint(ray_session, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYGANX_TEST_RUNS", str(tmp_path / "private-runs-dir"))
-    # Synchronous upload: a checkpoint counts once its step is reported, so the bound below is
-    # exact. With the asynchronous default, a kill while an upload is in flight also loses that
-    # upload (the run resumes from the checkpoint before it: docs/storage.md).
-    sets = ["storage.checkpoint_every=4", "storage.path=${RAYGANX_TEST_RUNS}", "storage.async_upload=false"]
+    # The default asynchronous upload, and the kill lands right after a checkpoint step, while
+    # that checkpoint's upload may still be in flight: the run must resume from the last
+    # checkpoint whose upload finished (that one, or the one before), never from a cut-off copy.
+    sets = ["storage.checkpoint_every=4", "storage.path=${RAYGANX_TEST_RUNS}"]
     spec = _digits(tmp_path, "killed", 16, sets=["scaling.max_failures=2", *sets])
+    assert spec.storage.async_upload
     seen, killed = [], {}
 
     def printer(m):
         seen.append(m["step"])
-        if m["step"] >= 6 and not killed:
+        if m["step"] >= 8 and m["step"] % 4 == 0 and not killed:
             killed.update(step=m["step"], pid=_kill_a_train_worker())
 
     t0 = time.monotonic()
@@ -221,10 +222,15 @@ def test_worker_killed_mid_run_resumes_from_the_last_checkpoint(ray_session, tmp
                for line in p.read_text().splitlines() if "restart_from" in line]
     assert len(restart) == 1, restart
     resumed_from = restart[0]["restart_from"]
-    # The worker died at or after the step the printer saw (the kill lands a moment later): the
-    # run went back to a checkpoint no more than one interval before that step.
-    assert resumed_from % 4 == 0 and killed["step"] - spec.storage.checkpoint_every <= resumed_from < 16, \
+    # The worker died at or after the checkpoint step the printer saw: the run went back to that
+    # checkpoint or, its upload cut off, the one before; never further.
+    assert resumed_from % 4 == 0 and killed["step"] - 2 * spec.storage.checkpoint_every <= resumed_from < 16, \
         (seen, resumed_from)
+    # every checkpoint listed at the end is complete, and loads
+    listed = list_checkpoints(run)
+    assert [c["step"] for c in listed][-1] == 16
+    for c in listed:
+        assert Path(run.root, f"checkpoint_{c['step']:06d}", MARKER).exists()
     print(f"FIGURE worker-kill: killed after step {killed['step']} was logged, resumed from step {resumed_from}, "
           f"run finished in {time.monotonic() - t0:.0f} s")
     # the killed worker's local copies are gone: the next rank 0 swept them at its checkpoint

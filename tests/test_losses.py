@@ -123,6 +123,32 @@ def test_ema_arithmetic():
     assert not any(p.requires_grad for p in ema.model.parameters())
 
 
+def test_ema_on_averaged_model_equals_the_hand_written_update():
+    """The EMA now rides on torch's AveragedModel; the update it replaced, written out, gives the
+    same weights and buffers on a fixed sequence (start, ramp-up and BatchNorm included)."""
+    import copy
+
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    ema = losses.EMA(g, decay=0.99, start=3, rampup=0.05)
+    ref = copy.deepcopy(g).eval().requires_grad_(False)
+    for step in range(1, 40):
+        with torch.no_grad():
+            for p in g.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        g.train()(torch.randn(16, 4))  # moves BatchNorm's running statistics
+        ema.update(g, step)
+        beta = losses.ema_beta(0.99, step, 0.05) if step >= 3 else 0.0
+        with torch.no_grad():
+            for e, p in zip(ref.parameters(), g.parameters()):
+                e.lerp_(p, 1.0 - beta)
+            for e, b in zip(ref.buffers(), g.buffers()):
+                e.copy_(b)
+        for (k, a), (_, b) in zip(ema.model.state_dict().items(), ref.state_dict().items()):
+            assert torch.allclose(a.float(), b.float(), atol=1e-6), (step, k)
+    assert set(ema.model.state_dict()) == set(g.state_dict())  # checkpoints keep g's keys
+
+
 def test_ema_ramp_up_follows_stylegan2_ada():
     # ADA: ema_nimg = min(ema_nimg, cur_nimg * rampup); beta = 0.5 ** (batch / ema_nimg)
     batch, decay, rampup = 64, 0.999, 0.05
