@@ -367,10 +367,10 @@ class _TrialTable:
     """The sweep's trials as a live rich table on a terminal, one line per event elsewhere."""
 
     def __init__(self, sw):
-        from rayganx.tune import _is_distribution
+        from rayganx.sweep import is_distribution
 
         self.sw, self.rows = sw, {}
-        self.keys = [k for k, v in sw.space.items() if _is_distribution(v)] + \
+        self.keys = [k for k, v in sw.space.items() if is_distribution(v)] + \
                     [k for k in sw.mutations if k not in sw.space]
         self.live = None
         if out.is_terminal:
@@ -437,14 +437,14 @@ def tune_cmd(sweep: Optional[str] = typer.Argument(None, help="sweep YAML"),
              follow: bool = typer.Option(False, "--follow", "-f", help="with --address: stream logs until it ends"),
              paths_on_cluster: bool = OnClusterOpt):
     """Run a Ray Tune sweep (ASHA or PBT) over a job's hyperparameters."""
-    from rayganx import tune
+    from rayganx import sweep as sweeps, tune
 
     if defaults:
-        sys.stdout.write(tune.default_spaces_yaml())
+        sys.stdout.write(sweeps.default_spaces_yaml())
         return
     if not sweep:
         raise jobspec.SpecError("tune: give a sweep YAML (or --defaults)")
-    sw = tune.load(sweep, set_)
+    sw = sweeps.load(sweep, set_)
     address = address or _jobs_address_from_env()
     if address:
         from rayganx import remote
@@ -846,9 +846,9 @@ def k8s_render(job: str = typer.Argument(..., help="job or sweep YAML"),
         ["scaling.use_gpu=true", f"scaling.gpus_per_worker={gpus_per_worker!r}"] if gpus_per_worker > 0
         else ["scaling.use_gpu=false"])
     if _is_sweep(job):
-        from rayganx import tune
+        from rayganx import sweep
 
-        docs = k8s.render_sweep(tune.load(job, set_), image, namespace, secret, volume, gpu_sets)
+        docs = k8s.render_sweep(sweep.load(job, set_), image, namespace, secret, volume, gpu_sets)
     else:
         docs = k8s.render(jobspec.load(job, [*(set_ or []), *gpu_sets]), image, namespace, secret, volume)
     try:

@@ -144,12 +144,12 @@ def test_fractional_gpus(tmp_path):
 
 
 def test_rendered_sweep_runs_rayganx_tune_on_a_cluster_sized_for_its_trials(tmp_path):
-    from rayganx import tune
+    from rayganx import sweep
 
     r, (cm, job) = render(tmp_path, JOBS / "tune_dcgan_digits.yaml", "--image", "reg/rayganx:1",
                           "--set", "max_concurrent_trials=3", "--set", "storage=s3://bucket/sweeps")
     assert r.returncode == 0, r.stderr
-    sweep = tune.from_dict(yaml.safe_load(cm["data"]["sweep.yaml"]))  # the base job travels inline
+    sweep = sweep.from_dict(yaml.safe_load(cm["data"]["sweep.yaml"]))  # the base job travels inline
     assert sweep.base.name == "dcgan_digits" and sweep.storage == "s3://bucket/sweeps"
     assert job["spec"]["entrypoint"] == "rayganx tune /etc/rayganx/sweep.yaml"
     assert worker_group(job)["replicas"] == 3 * sweep.workers_per_trial == 3

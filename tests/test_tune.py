@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayganx import runner, spec as jobspec, tune
+from rayganx import runner, spec as jobspec, sweep as sweeps, tune
 from rayganx.spec import SpecError
 from rayganx.storage import Store, read_metrics
 from tests.conftest import JOBS, rayganx
@@ -26,13 +26,13 @@ def sweep_file(tmp_path: Path, **keys) -> Path:
 
 def error_of(tmp_path, **keys) -> str:
     with pytest.raises(SpecError) as e:
-        tune.load(sweep_file(tmp_path, **keys))
+        sweeps.load(sweep_file(tmp_path, **keys))
     return str(e.value)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_sweep_validates(path):
-    sw = tune.load(path)
+    sw = sweeps.load(path)
     assert sw.metric == "fid" and sw.max_steps > sw.spec.report_every
 
 
@@ -45,7 +45,7 @@ def test_the_default_space_prints_and_validates(tmp_path):
                 "recipe.diffaug", "train.batch_size", "train.seed"):
         assert key in space, key
     assert space["recipe.loss"] == {"choice": ["non_saturating", "hinge", "wgan_gp"]}
-    sw = tune.load(sweep_file(tmp_path, include=["gan_stability"]))
+    sw = sweeps.load(sweep_file(tmp_path, include=["gan_stability"]))
     assert sw.space["train.ema_decay"] == {"choice": [None, 0.999, 0.9999]}
     # A wgan_gp trial is a valid job: Wasserstein loss, the penalty, no BatchNorm in D.
     spec = sw.trial_spec({"recipe.loss": "wgan_gp", "recipe.gp_lambda": 3.0, "recipe.lr_ratio": 4,
@@ -83,7 +83,7 @@ def test_bad_spaces_fail_before_any_trial_naming_the_key(tmp_path):
 def test_asha_sweep_stops_trials_early_and_writes_a_runnable_best_job(ray_session, tmp_path):
     # Trials 2 and 3 start after 0 and 1 (two fit at once) with a discriminator that cannot
     # learn (loss_d stays near 2 ln 2): ASHA must stop them at the first rung.
-    sw = tune.load(sweep_file(
+    sw = sweeps.load(sweep_file(
         tmp_path, num_samples=1, report_every=10, search="grid",
         space={"scaling.num_workers": 1, "train.batch_size": 32, "train.log_every": 5, **SMALL,
                "train.optim_d.lr": {"grid": [2e-4, 4e-4, 1e-9, 1e-9]}},
@@ -117,7 +117,7 @@ def test_asha_sweep_stops_trials_early_and_writes_a_runnable_best_job(ray_sessio
 
 
 def test_pbt_exploit_continues_the_donor_checkpoint_with_the_mutated_learning_rate(ray_session, tmp_path):
-    sw = tune.load(sweep_file(
+    sw = sweeps.load(sweep_file(
         tmp_path, name="pbt", num_samples=1, report_every=10,
         space={"scaling.num_workers": 1, "train.batch_size": 32, "train.log_every": 5, **SMALL,
                "train.optim_d.lr": {"grid": [2e-4, 1e-9]},
@@ -187,7 +187,7 @@ def test_sweep_to_object_storage(ray_session, s3_server, tmp_path):
 
     job = tmp_path / "job.yaml"
     job.write_text((JOBS / "dcgan_digits.yaml").read_text().replace("path: runs", f"path: runs\n  endpoint_url: {s3_server}"))
-    sw = tune.load(sweep_file(tmp_path, name="s3sweep", job=str(job), storage="s3://rayganx-test/sweeps",
+    sw = sweeps.load(sweep_file(tmp_path, name="s3sweep", job=str(job), storage="s3://rayganx-test/sweeps",
                               num_samples=1, report_every=10, search="grid",
                               space={"scaling.num_workers": 1, "train.batch_size": 32, "train.log_every": 10,
                                      "train.optim_g.lr": {"grid": [1e-4, 2e-4]}},
