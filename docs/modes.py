@@ -130,11 +130,11 @@ def main() -> None:
                     help="keep runs this script already finished and scored (their modes.json), train the rest")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from rayganx import metrics, models, runner, spec as jobspec
+    from rayganx import cluster, metrics, models, runner, spec as jobspec
     from rayganx.data import mixture_geometry
     from rayganx.storage import load_state
 
-    runner.init_ray()
+    cluster.init_ray()
     rows = []
     for job in args.jobs.split(","):
         per_seed, walls, spec = [], [], None

@@ -24,11 +24,11 @@ MODES_SECTION = "## 2-D mixtures: mode coverage"
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    from rayganx import models, runner, spec as jobspec
+    from rayganx import cluster, models, runner, spec as jobspec
     from rayganx.metrics import evaluate_generator
     from rayganx.storage import load_state
 
-    runner.init_ray()
+    cluster.init_ray()
     overrides = [f"storage.path={STORAGE}"]
     t0 = time.time()
     cnn = runner.run(jobspec.load(ROOT / "jobs" / "cnn_digits.yaml", overrides))

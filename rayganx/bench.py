@@ -15,6 +15,7 @@ import torch
 
 from rayganx import data as rdata
 from rayganx import runner
+from rayganx.cluster import init_ray
 from rayganx.spec import JobSpec
 from rayganx.storage import Store, read_metrics
 
@@ -207,7 +208,7 @@ def _bench(spec: JobSpec, steps: int, warmup: int, workers: list[int] | None, st
     spec.storage.endpoint_url = None
 
     ref = plain(spec, steps, warmup)
-    runner.init_ray()
+    init_ray()
     bare = _bare_startup(tmp)
     rows = [_rayganx_row(spec, n, steps, warmup, storage) for n in sorted(set([1] + workers))]
     one = rows[0]

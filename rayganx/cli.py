@@ -13,6 +13,7 @@ from rich.table import Table
 
 from rayganx import __version__
 from rayganx import spec as jobspec
+from rayganx.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distributed GAN and CNN training jobs on Ray.")
@@ -40,18 +41,6 @@ EndpointOpt = typer.Option(None, "--endpoint-url", envvar="AWS_ENDPOINT_URL",
                            help="S3-compatible endpoint (MinIO, ...)")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from rayganx.crds import CrdError
-    from rayganx.data import DataError
-    from rayganx.k8s import ManifestError
-    from rayganx.metrics import EvalError
-    from rayganx.remote import RemoteError
-    from rayganx.runner import RunError
-    from rayganx.storage import StorageError
-
-    return (jobspec.SpecError, RunError, StorageError, DataError, RemoteError, EvalError, ManifestError, CrdError)
-
-
 def command(fn):
     """Known failures end as one red line and exit 1; --verbose adds the traceback."""
 
@@ -61,7 +50,7 @@ def command(fn):
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except _user_errors() as e:
+        except UserError as e:
             if STATE["verbose"]:
                 err.print_exception()
             for line in str(e).splitlines() or [type(e).__name__]:
@@ -705,7 +694,7 @@ def generate_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from rayganx import generate
-    from rayganx.runner import init_ray
+    from rayganx.cluster import init_ray
 
     if address and address.startswith("http"):
         raise jobspec.SpecError(f"--address {address}: generate joins a Ray cluster (host:6379 or ray://host:10001), "

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from rayganx.spec import METRIC_MODES, JobSpec
+from rayganx.spec import EVAL_RESULTS, METRIC_MODES, JobSpec
 from rayganx.storage import Store, StorageError, list_checkpoints, read_metrics
 
 FIGSIZE, DPI = (12, 8), 100  # the PNG is 1200 x 800 pixels
 SUMMARY = ("loss_d", "loss_g", "loss", "images_per_s", "step_time", "fid", "kid", "is", "precision", "recall",
            "val_accuracy", "elbo")
-EVAL = ("fid", "kid", "is", "precision", "recall", "modes", "hq", "kl")
+EVAL = EVAL_RESULTS
 QUALITY = ("fid", "kid", "val_accuracy", "elbo")  # the third panel: the first one any run has
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from rayganx.errors import UserError
+
 KUBERAY_VERSION = "1.7.0"  # the release whose RayJob/RayCluster fields rayganx renders
 CRD_NAMES = {"rayjobs.ray.io": "RayJob", "rayclusters.ray.io": "RayCluster"}
 RELEASE_URL = (f"https://raw.githubusercontent.com/ray-project/kuberay/v{KUBERAY_VERSION}/"
@@ -25,7 +27,7 @@ ENV = "RAYGANX_KUBERAY_CRDS"
 EXIT_NO_SCHEMAS = 3  # distinct from 1 (invalid manifest or bad input)
 
 
-class CrdError(ValueError):
+class CrdError(UserError, ValueError):
     """A schema source that was named but cannot be used."""
 
 

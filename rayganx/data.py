@@ -17,6 +17,7 @@ import zlib
 
 import numpy as np
 
+from rayganx.errors import UserError
 from rayganx.spec import DataSpec
 from rayganx.storage import Store, explain, pyarrow_filesystem
 
@@ -26,7 +27,7 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "webp")
 CELEBA_CROP = 108  # the DCGAN reference code's centre crop of aligned CelebA (178x218)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset problem phrased for the user: it names the path or file."""
 
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rayganx.errors import UserError
+
 log = logging.getLogger("rayganx.inception")
 
 URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
@@ -42,7 +44,7 @@ SIZE = 299
 DOWNLOAD_TIMEOUT_S = 30
 
 
-class InceptionError(ValueError):
+class InceptionError(UserError, ValueError):
     """The weights cannot be had or are not the pinned ones; one line."""
 
 

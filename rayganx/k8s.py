@@ -16,6 +16,8 @@ from pathlib import PurePosixPath
 import yaml
 
 from rayganx.crds import Schemas
+from rayganx.errors import UserError
+from rayganx.cluster import DATA_CPUS
 from rayganx.spec import ENV_REF, SECRET_ENV, JobSpec
 from rayganx.storage import is_remote
 
@@ -24,7 +26,7 @@ DEFAULT_SECRET = "rayganx-storage"
 JOB_DIR = "/etc/rayganx"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest problem naming the file, the field and what is wrong."""
 
 
@@ -208,10 +210,10 @@ def path_problems(spec: JobSpec, pods: int, pvc: tuple[str, str] | None, storage
         out.append(f"storage.path: {storage!r} is pod-local: on a cluster of {pods} pods each pod would keep "
                    f"the checkpoints it wrote and lose them with it; use object storage "
                    f"(--set storage.path=s3://BUCKET/runs) or {vol}")
-    d = spec.data
-    for key, value in (("data.path", d.path if d.source in ("image_folder", "parquet", "celeba") else None),
-                       ("eval.extractor", spec.eval.extractor if spec.eval.every else None)):
-        if value and not is_remote(value) and not (mount and _under(value, mount)):
+    for key, value in spec.paths().items():
+        if key == "storage.path" or key.startswith("eval.") and not spec.eval.every:
+            continue
+        if not is_remote(value) and not (mount and _under(value, mount)):
             out.append(f"{key}: {value!r} is a path on this machine, not in the pods; put it in object "
                        f"storage (--set {key}=s3://BUCKET/...) or on {vol}")
     return out
@@ -259,9 +261,8 @@ def _rayjob(name: str, namespace: str, entrypoint: str, files: dict[str, str], s
     claim_vol = [{"name": "pvc", "persistentVolumeClaim": {"claimName": pvc[0]}}] if pvc else []
     # The entrypoint runs on the head: the job file is mounted there from the ConfigMap.
     head = _container(image, 2, 0, "8Gi", secret, True, env, [{"name": "job", "mountPath": JOB_DIR}, *claim])
-    # One CPU per pod beyond the Train workers': Ray Data's read and decode tasks need a whole
-    # free CPU, and a pod the workers fill would starve the input pipeline.
-    worker = _container(image, per_pod * s.cpus_per_worker + 1, gpus, _times(s.memory_per_worker, per_pod), secret,
+    # A pod the Train workers fill would starve Ray Data's read and decode tasks.
+    worker = _container(image, per_pod * s.cpus_per_worker + DATA_CPUS, gpus, _times(s.memory_per_worker, per_pod), secret,
                         False, env, [{"name": "dshm", "mountPath": "/dev/shm"}, *claim])
     # Ray's object store and NCCL live in /dev/shm, which is 64M in a pod unless given memory.
     pod: dict = {"containers": [worker], "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, *claim_vol]}

@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rayganx.spec import FEATURES_WITH_LOGITS, IS_NEEDS_LOGITS, EvalSpec, JobSpec, from_dict
+from rayganx.errors import UserError
+from rayganx.spec import (FEATURES_WITH_LOGITS, IMAGE_METRICS, IS_NEEDS_LOGITS, MODE_METRICS, EvalSpec, JobSpec,
+                          from_dict)
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """An evaluation set-up problem (extractor missing or unreadable), in one line."""
 
 
@@ -193,9 +195,9 @@ LOCAL = {"sync_on_compute": False}
 
 def check_request(names: list[str], ev: EvalSpec) -> None:
     """Refuse, before any work, metrics the extractor cannot give."""
-    unknown = [n for n in names if n not in ("fid", "kid", "is", "pr")]
+    unknown = [n for n in names if n not in IMAGE_METRICS]
     if unknown:
-        raise EvalError(f"eval.metrics: unknown metric {unknown[0]!r} (expected fid, kid, is, pr)")
+        raise EvalError(f"eval.metrics: unknown metric {unknown[0]!r} (expected {', '.join(IMAGE_METRICS)})")
     if "is" in names and ev.features not in FEATURES_WITH_LOGITS:
         raise EvalError(IS_NEEDS_LOGITS.format(features=ev.features))
 
@@ -281,7 +283,6 @@ def compute(names: list[str], real: torch.Tensor, fake: torch.Tensor, fake_logit
 # high-quality sample is nearest to it; KL of the high-quality samples' mode histogram against the
 # uniform one. Scores are means over several independent sample sets, as the papers report them.
 
-MODE_METRICS = ("modes", "hq", "kl")
 MODE_SET_SIZE = 2500  # samples per set in the papers' tables
 MODE_SETS = 5
 
@@ -406,7 +407,7 @@ def real_features(spec: JobSpec, extractor: Extractor, limit: int, verbose: bool
         with store.fs.open(store.path("_stats", name), "rb") as f:
             return torch.load(f, weights_only=True)
     if not ray.is_initialized():
-        from rayganx.runner import init_ray
+        from rayganx.cluster import init_ray
 
         init_ray(verbose=verbose)
     feats, seen = [], 0

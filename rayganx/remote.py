@@ -18,11 +18,12 @@ from pathlib import Path
 import yaml
 
 from rayganx import __version__
+from rayganx.errors import UserError
 from rayganx.spec import JobSpec
 from rayganx.storage import is_remote
 
 
-class RemoteError(RuntimeError):
+class RemoteError(UserError, RuntimeError):
     """A cluster or Jobs API problem, in one line."""
 
 
@@ -94,11 +95,8 @@ def path_problems(spec: JobSpec, paths_on_cluster: bool, storage: str | None = N
     the working directory at a few hundred MiB), and a local run store would land in the head's
     temporary job directory."""
     out = []
-    d = spec.data
-    for key, value in (("data.path", d.path if d.source in ("image_folder", "parquet", "celeba") else None),
-                       ("eval.extractor", spec.eval.extractor),
-                       ("storage.path", storage or spec.storage.path)):
-        if not value or is_remote(value):
+    for key, value in (spec.paths() | ({"storage.path": storage} if storage else {})).items():
+        if is_remote(value):
             continue
         if not paths_on_cluster:
             out.append(f"{key}: {value!r} is a path on this machine, which the cluster cannot read; "

@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from rayganx import data as rdata
+from rayganx.cluster import init_ray, ray_is_up
+from rayganx.errors import UserError
 from rayganx.spec import JobSpec
-from rayganx.storage import Store, is_remote, ray_storage
+from rayganx.storage import Store, absolute, ray_storage
 
 log = logging.getLogger("rayganx")
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A run failed; the message is one line for the user."""
 
 
@@ -33,46 +35,6 @@ class RunResult:
     samples: list = field(default_factory=list)
     skipped_images: list | None = field(default_factory=list)  # None: unknown (the monitor was lost)
     rollbacks: list = field(default_factory=list)
-
-
-def quiet_ray_env() -> None:
-    """Environment that keeps Ray's own output out of the user's terminal."""
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-
-
-def init_ray(address: str | None = None, verbose: bool = False, num_cpus: int | None = None) -> None:
-    """Join the cluster this process runs in, or start an embedded one."""
-    quiet_ray_env()
-    import ray
-
-    if ray.is_initialized():
-        return
-    if not verbose:
-        logging.getLogger("ray").setLevel(logging.ERROR)
-    kwargs = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
-                  configure_logging=True)
-    if address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
-    else:
-        # Logical CPUs are scheduling slots: leave one beyond the workers' for Ray Data's
-        # decode tasks, or a fully booked machine would starve the input pipeline.
-        ray.init(num_cpus=num_cpus or (os.cpu_count() or 2) + 1, include_dashboard=True, **kwargs)
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = verbose
-    ctx.print_on_execution_start = verbose
-    if not verbose:  # Ray Data logs each execution in the driver (data.cache materialises one)
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-
-
-def ray_is_up() -> bool:
-    import ray
-
-    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
 
 
 def check_fits_locally(spec: JobSpec) -> None:
@@ -104,13 +66,11 @@ def seen_errors(err: BaseException) -> list[BaseException]:
 def root_cause(err: BaseException, storage_url: str | None = None) -> str:
     """The user-facing line inside Ray's layers of wrapping. storage_url: the run store, named
     when the cause is that the store went away (Ray's own uploads fail with botocore's text)."""
-    from rayganx.data import DataError
-    from rayganx.metrics import EvalError
-    from rayganx.storage import StorageError, explain
-    from rayganx.train import DivergenceError
+    from rayganx.errors import user_error_names
+    from rayganx.storage import explain
 
     for e in seen_errors(err):
-        if isinstance(e, (DataError, StorageError, DivergenceError, EvalError)):
+        if isinstance(e, UserError):
             return str(e).splitlines()[0]
     if storage_url:  # the store went away under Ray's own uploads (botocore's or pyarrow's text)
         for e in seen_errors(err):
@@ -120,9 +80,9 @@ def root_cause(err: BaseException, storage_url: str | None = None) -> str:
     # Ray Data re-raises worker errors as text: find our error's line in the whole chain.
     import re
 
-    texts = [str(e) for e in seen_errors(err)]
-    for text in texts:
-        m = re.search(r"(?:DataError|StorageError|DivergenceError|EvalError): (.+)", text)
+    names = "|".join(user_error_names())
+    for text in (str(e) for e in seen_errors(err)):
+        m = re.search(rf"\b(?:{names}): (.+)", text)
         if m:
             return m.group(1).strip()
     text = str(err).strip().splitlines()
@@ -404,10 +364,9 @@ def last_step(spec: JobSpec) -> int:
 def resolve_paths(spec: JobSpec) -> JobSpec:
     """Absolute local paths: Ray workers run in their own working directories."""
     spec = spec.model_copy(deep=True)
-    if not is_remote(spec.storage.path):
-        spec.storage.path = os.path.abspath(os.path.expanduser(spec.storage.path))
-    if spec.data.path and not is_remote(spec.data.path):
-        spec.data.path = os.path.abspath(os.path.expanduser(spec.data.path))
+    for key, value in spec.paths().items():
+        section, field = key.split(".")
+        setattr(getattr(spec, section), field, absolute(value))
     return spec
 
 

@@ -16,8 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from rayganx.errors import UserError
+
 GAN_KINDS = ("mlp_gan", "dcgan", "resnet_gan")
-# Metric names a run can be ranked by; "min" metrics are better when lower.
 # Environment variables that hold credentials. A job file may not reference them: their values
 # would end up in spec.yaml, checkpoints and logs. Credentials reach fsspec/botocore from the
 # environment, a profile or an instance role (and on Kubernetes from a Secret).
@@ -25,17 +26,33 @@ SECRET_ENV = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|C
 ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 # user:password@ in a URL (s3://key:secret@bucket, http://user:pass@minio:9000)
 URL_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
+# Metric names a run can be ranked by; "min" metrics are better when lower.
 METRIC_MODES = {"fid": "min", "kid": "min", "is": "max", "precision": "max", "recall": "max",
                 "modes": "max", "hq": "max", "kl": "min",
                 "val_accuracy": "max", "loss_g": "min", "loss_d": "min", "elbo": "max"}
-# Evaluation metrics by what they score: images (through a feature extractor) or 2-D points
-# (the mode-coverage protocol of the mode-collapse papers).
-IMAGE_METRICS = ("fid", "kid", "is", "pr")
-MODE_METRICS = ("modes", "hq", "kl")
-EVAL_RESULTS = ("fid", "kid", "is", "precision", "recall", "modes", "hq", "kl")  # what they report
+# Evaluation metrics by name: what each scores (images, through a feature extractor, or the 2-D
+# points of a gaussian_mixture job, by the mode-collapse papers' protocol) and the values it
+# reports. metrics.py computes them under these names; checks, sweeps and comparisons read them here.
+EVAL_METRICS = {"fid": ("images", ("fid",)), "kid": ("images", ("kid",)), "is": ("images", ("is",)),
+                "pr": ("images", ("precision", "recall")),
+                "modes": ("points", ("modes",)), "hq": ("points", ("hq",)), "kl": ("points", ("kl",))}
+IMAGE_METRICS = tuple(k for k, (scores, _) in EVAL_METRICS.items() if scores == "images")
+MODE_METRICS = tuple(k for k, (scores, _) in EVAL_METRICS.items() if scores == "points")
+EVAL_RESULTS = tuple(r for _, results in EVAL_METRICS.values() for r in results)
 
 
-class SpecError(ValueError):
+def metric_reporting(result: str, points: bool) -> str | None:
+    """The evaluation metric that reports `result` for a job of images or of points (precision:
+    pr), or None when no evaluation metric does (a training metric such as loss_g)."""
+    kind = "points" if points else "images"
+    return next((k for k, (scores, results) in EVAL_METRICS.items() if scores == kind and result in results), None)
+
+
+# Data sources that read data.path (the others generate their data in the package).
+PATH_SOURCES = ("image_folder", "parquet", "celeba")
+
+
+class SpecError(UserError, ValueError):
     """A job spec problem, already phrased for the user (file, key, what was expected)."""
 
 
@@ -149,7 +166,7 @@ IS_NEEDS_LOGITS = ("eval.metrics: 'is' (Inception Score) needs class logits, whi
 class EvalSpec(_Section):
     every: int | None = Field(None, ge=1, description="evaluate every N steps (off by default)")
     num_samples: int = Field(1000, ge=2, description="generated samples (per set for 2-D jobs; their default: 2500)")
-    metrics: list[Literal["fid", "kid", "is", "pr", "modes", "hq", "kl"]] = Field(
+    metrics: list[Literal[tuple(EVAL_METRICS)]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["fid", "kid"], description="2-D jobs' default: modes, hq, kl")
     sample_sets: int = Field(5, ge=1, description="2-D jobs: independent sample sets the mode metrics average over")
     features: Literal["classifier", "torchscript", "random", "inception"] = "random"
@@ -182,6 +199,15 @@ class JobSpec(_Section):
     def run_url(self) -> str:
         """Where this job's checkpoints, samples and metrics live: <storage.path>/<name>."""
         return self.storage.path.rstrip("/") + "/" + self.name
+
+    def paths(self) -> dict[str, str]:
+        """The files and folders the job names, by dotted key (a data.path its source does not
+        read left out). Where each lives decides who can reach it: Ray workers need local ones
+        absolute (they run in their own working directories), a remote cluster none of them."""
+        d, e = self.data, self.eval
+        named = {"data.path": d.path if d.source in PATH_SOURCES else None, "eval.extractor": e.extractor,
+                 "eval.inception_path": e.inception_path, "storage.path": self.storage.path}
+        return {k: v for k, v in named.items() if v}
 
     @property
     def per_worker_batch(self) -> int:
@@ -371,7 +397,7 @@ def check(spec: JobSpec) -> list[str]:
     if sizes and d.image_size not in sizes:
         p.append(f"data.image_size: {m.kind} produces {' or '.join(map(str, sizes))} px images, "
                  f"got {d.image_size}")
-    if d.source in ("image_folder", "parquet", "celeba") and not d.path:
+    if d.source in PATH_SOURCES and not d.path:
         p.append(f"data.path: required for source '{d.source}'")
     if d.source == "gaussian_mixture" and m.kind != "mlp_gan":
         p.append(f"data.source: gaussian_mixture holds 2-D points; use model.kind mlp_gan, not {m.kind}")

@@ -37,6 +37,8 @@ from typing import Any
 import fsspec
 from fsspec.core import split_protocol
 
+from rayganx.errors import UserError
+
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
 MARKER = "complete.json"  # written last into a checkpoint folder: without it the folder is partial
 METRICS_DIR = "metrics"
@@ -46,13 +48,18 @@ LOCK = "lock.json"
 log = logging.getLogger("rayganx")
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A storage problem phrased for the user: it names the URL, never a credential."""
 
 
 def is_remote(url: str) -> bool:
     protocol, _ = split_protocol(url)
     return protocol not in (None, "file", "local")
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute (~ expanded); a URL as it is."""
+    return url if is_remote(url) else os.path.abspath(os.path.expanduser(url))
 
 
 def filesystem(url: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -112,7 +119,7 @@ def ray_storage(url: str, endpoint_url: str | None = None) -> dict:
     """RunConfig's storage arguments for a run store: a local path, or the store's path inside
     its pyarrow filesystem (Ray Train then writes checkpoints straight to the store)."""
     if not is_remote(url):
-        return {"storage_path": os.path.abspath(os.path.expanduser(url))}
+        return {"storage_path": absolute(url)}
     return {"storage_path": split_protocol(url)[1].rstrip("/"),
             "storage_filesystem": pyarrow_filesystem(url, endpoint_url)}
 

@@ -19,7 +19,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from rayganx import spec as jobspec
-from rayganx.spec import METRIC_MODES, JobSpec, SpecError, _Section
+from rayganx.spec import EVAL_RESULTS, METRIC_MODES, JobSpec, SpecError, _Section
 
 # Values a sweep can sample. Anything else in `space` is a constant for every trial.
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -121,6 +121,13 @@ class Sweep:
         """<storage>/<sweep name>: the trials' runs, Tune's state, the leaderboard."""
         return self.storage.rstrip("/") + "/" + self.spec.name
 
+    @property
+    def eval_metric(self) -> str | None:
+        """The evaluation metric behind the ranking metric (None: a training metric)."""
+        if not (self.base.is_gan or self.base.model.kind == "vae"):
+            return None
+        return jobspec.metric_reporting(self.metric, self.base.data.source == "gaussian_mixture")
+
     def trial_spec(self, config: dict, trial: str) -> JobSpec:
         """The job one trial runs: the base job with the trial's values and the sweep's reporting."""
         raw = copy.deepcopy(self.base_raw)
@@ -135,10 +142,10 @@ class Sweep:
         jobspec.set_dotted(raw, "storage.checkpoint_every", every)
         jobspec.set_dotted(raw, "train.steps", self.max_steps)
         jobspec.set_dotted(raw, "train.epochs", None)
-        if self.metric in EVAL_METRICS:
+        name = self.eval_metric
+        if name:
             jobspec.set_dotted(raw, "eval.every", every)
-            metrics = raw.get("eval", {}).get("metrics") or ["fid", "kid"]
-            name = "pr" if self.metric in ("precision", "recall") else self.metric
+            metrics = raw.get("eval", {}).get("metrics") or list(self.base.eval.metrics)
             jobspec.set_dotted(raw, "eval.metrics", metrics if name in metrics else [*metrics, name])
         if self.metric in METRIC_MODES and METRIC_MODES[self.metric] == self.mode:
             jobspec.set_dotted(raw, "storage.keep_best_by", self.metric)  # keeps the best checkpoint
@@ -149,13 +156,10 @@ class Sweep:
         return jobspec.from_dict(raw, f"{self.source} ({trial})")
 
 
-EVAL_METRICS = ("fid", "kid", "is", "precision", "recall")
-
-
 def default_metric(base: JobSpec) -> str:
     if base.is_gan:
         if base.eval.every:
-            return "fid"
+            return "modes" if base.data.source == "gaussian_mixture" else "fid"
         raise SpecError("metric: the base job does not evaluate (eval.every unset); name the metric to rank "
                         "trials by: fid (evaluates at every report) or a training metric such as loss_g")
     return {"cnn": "val_accuracy", "vae": "elbo"}[base.model.kind]
@@ -302,7 +306,7 @@ def _check(sw: Sweep) -> list[str]:
         close = difflib.get_close_matches(sw.metric, sorted(known), n=1)
         p.append(f"metric: unknown metric {sw.metric!r}" + (f" (did you mean '{close[0]}'?)" if close else
                                                             f"; expected one of {', '.join(sorted(known))}"))
-    if sw.metric in EVAL_METRICS and not (sw.base.is_gan or sw.base.model.kind == "vae"):
+    if sw.metric in EVAL_RESULTS and not (sw.base.is_gan or sw.base.model.kind == "vae"):
         p.append(f"metric: {sw.metric} evaluates generated images; the base job is a {sw.base.model.kind}")
     sched = s.scheduler
     if sched.kind == "asha" and sched.grace_period < s.report_every:

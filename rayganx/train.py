@@ -21,12 +21,13 @@ import torch.nn.functional as F
 
 from rayganx import data as rdata
 from rayganx import losses, models, tracking
+from rayganx.errors import UserError
 from rayganx.spec import JobSpec
 from rayganx.storage import (MARKER, MetricsLog, Store, StorageError, checkpoint_manifest, list_checkpoints,
                               load_state)
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(UserError, RuntimeError):
     """Training produced a non-finite loss or an exploding gradient."""
 
 

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from rayganx import spec as jobspec
 from rayganx.leaderboard import best_job_yaml, leaderboard
-from rayganx.storage import Store, is_remote
+from rayganx.cluster import DATA_CPUS, init_ray
+from rayganx.storage import Store, absolute, is_remote
 from rayganx.sweep import Sweep, is_distribution
 from rayganx.trial import run_trial, trial_name
 
@@ -90,7 +91,7 @@ def _concurrency(sw: Sweep) -> int:
     if s.use_gpu:
         fit = int(have.get("GPU", 0) // (workers * s.gpus_per_worker))
     else:
-        fit = int((have.get("CPU", 1) - 1) // (workers * s.cpus_per_worker))
+        fit = int((have.get("CPU", 1) - DATA_CPUS) // (workers * s.cpus_per_worker))
     if len(ray.nodes()) > 1:
         return want or max(1, fit)
     from rayganx.runner import RunError
@@ -114,8 +115,7 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
     from rayganx import runner
     from rayganx.storage import ray_storage
 
-    if not is_remote(sw.storage):
-        sw.spec.storage = os.path.abspath(os.path.expanduser(sw.storage))
+    sw.spec.storage = absolute(sw.storage)
     root = Store(sw.root, sw.base.storage.endpoint_url)
     root.check_writable()
     exists = root.exists("tune")
@@ -138,14 +138,13 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
         import logging
 
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
-    runner.init_ray(verbose=verbose)
+    init_ray(verbose=verbose)
     _PRINTER[0] = printer or (lambda *a: None)
     # Trials run in their own working directories: local paths must be absolute here.
     base_raw = copy.deepcopy(sw.base_raw)
-    for section, key in (("data", "path"), ("eval", "extractor")):
-        value = getattr(getattr(sw.base, section), key)
-        if value and not is_remote(value):
-            jobspec.set_dotted(base_raw, f"{section}.{key}", os.path.abspath(os.path.expanduser(value)))
+    for key, value in sw.base.paths().items():
+        if key != "storage.path":  # the sweep's own storage holds the trials
+            jobspec.set_dotted(base_raw, key, absolute(value))
     raw = sw.spec.model_dump(mode="json") | {"job": base_raw}
     trainable = tune.with_parameters(run_trial, sweep_raw=raw, source=sw.source)
     # The trial driver only waits on its TorchTrainer: the workers hold the CPUs and GPUs, and a

@@ -48,7 +48,7 @@ def s3_server():
 @pytest.fixture(scope="session")
 def ray_session():
     """One real local Ray instance for the whole test session (3 logical CPUs on 2 cores)."""
-    from rayganx.runner import init_ray
+    from rayganx.cluster import init_ray
 
     import ray
 
