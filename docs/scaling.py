@@ -42,7 +42,7 @@ def flops_and_bytes(job: str, sets: list[str]) -> tuple[float, float, int]:
     """(model FLOPs per generator step, gradient bytes all-reduced per generator step, images per step)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rayganx.train import TASKS
+    from rayganx.tasks import TASKS
 
     spec = jobspec.load(JOBS / job, [f"train.batch_size={BATCH_PER_GPU}", "scaling.num_workers=1", *sets])
     task = TASKS[spec.model.kind](spec, None, torch.device("cpu"), distributed=False)

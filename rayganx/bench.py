@@ -46,7 +46,7 @@ def plain(spec: JobSpec, steps: int, warmup: int) -> dict:
     on the job's device and with its options (bf16 autocast on GPU, channels-last, torch.compile)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rayganx.train import TASKS
+    from rayganx.tasks import TASKS
 
     device = torch.device("cuda" if spec.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     threads = max(1, int(spec.scaling.cpus_per_worker))  # what Ray gives one worker

@@ -208,3 +208,28 @@ def sync_events(run: Store, dest: str) -> int:
         os.replace(tmp, target)
         copied += 1
     return copied
+
+
+class Telemetry:
+    """Training metrics as Ray custom metrics, scraped from each node's Prometheus endpoint."""
+
+    EXPORTED = ("loss_d", "loss_g", "loss", "images_per_s", "step", "step_time", "val_accuracy", "elbo", "fid",
+                "kid", "rollbacks", "last_checkpoint_time")
+
+    def __init__(self, job: str, rank: int):
+        from ray.util import metrics as rm
+
+        self.tags = {"job": job, "rank": str(rank)}
+        self.gauges = {k: rm.Gauge(f"rayganx_{k}", description=f"rayganx training metric {k}",
+                                   tag_keys=("job", "rank")) for k in self.EXPORTED}
+
+    def record(self, metrics: dict) -> None:
+        # Rows name rollbacks only after the first one; 0 before keeps the series (and its panel) alive.
+        metrics = {"rollbacks": 0} | metrics
+        for k, gauge in self.gauges.items():
+            if k in metrics and metrics[k] is not None:
+                gauge.set(float(metrics[k]), tags=self.tags)
+
+    def checkpointed(self) -> None:
+        """The time of the last checkpoint: Grafana shows its age as time() - this."""
+        self.gauges["last_checkpoint_time"].set(time.time(), tags=self.tags)

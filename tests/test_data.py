@@ -197,7 +197,7 @@ def test_validation_counts_every_row_once_across_workers(ray_session, tmp_path):
 
     from rayganx import runner
     from rayganx.spec import from_dict
-    from rayganx.train import ClassifierTask
+    from rayganx.tasks import ClassifierTask
 
     _class_folder(tmp_path / "imgs")
     spec = from_dict({"name": "v", "model": {"kind": "cnn", "ndf": 4}, "storage": {"path": str(tmp_path / "runs")},

@@ -22,7 +22,7 @@ from tests.conftest import JOBS, ROOT, TEST_KEY_ID, TEST_SECRET, local_checkpoin
 
 def _checkpoint(run: Path, step: int, spec) -> Path:
     """A real checkpoint folder as the train loop writes it (without Ray), marker last."""
-    from rayganx.train import GANTask
+    from rayganx.tasks import GANTask
 
     torch.manual_seed(step)
     task = GANTask(spec, None, torch.device("cpu"), distributed=False)

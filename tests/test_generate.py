@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cgan_ckpt(tmp_path_factory):
     """An (untrained) conditional generator's checkpoint, as a run writes it."""
-    from rayganx.train import GANTask
+    from rayganx.tasks import GANTask
 
     spec = jobspec.load(JOBS / "cgan_digits.yaml", ["model.ngf=8", "model.ndf=8"])
     torch.manual_seed(0)
@@ -84,7 +84,7 @@ def test_bad_labels_fail_in_one_line(cgan_ckpt, tmp_path):
 
 
 def test_unconditional_generator_labels_minus_one(tmp_path):
-    from rayganx.train import GANTask
+    from rayganx.tasks import GANTask
 
     spec = jobspec.load(JOBS / "dcgan_digits.yaml", ["model.ngf=8", "model.ndf=8"])
     task = GANTask(spec, None, torch.device("cpu"), distributed=False)

@@ -163,7 +163,7 @@ def test_ema_ramp_up_follows_stylegan2_ada():
 
 def test_ema_generator_of_a_short_run_is_not_its_initial_weights():
     from rayganx.spec import from_dict
-    from rayganx.train import GANTask
+    from rayganx.tasks import GANTask
 
     spec = from_dict({"name": "x", "model": {"kind": "mlp_gan", "hidden": [16]}, "data": {"image_size": 8},
                       "train": {"steps": 30, "batch_size": 16, "ema_decay": 0.999,
@@ -209,7 +209,7 @@ def test_diffaugment_cutout_and_color():
 
 def test_diffaugment_applies_the_same_policy_to_real_and_fake():
     from rayganx.spec import from_dict
-    from rayganx.train import GANTask
+    from rayganx.tasks import GANTask
 
     spec = from_dict({"name": "x", "model": {"ngf": 8, "ndf": 8}, "train": {"steps": 1, "diffaug": ["cutout"]},
                       "scaling": {"num_workers": 1}})
@@ -221,7 +221,7 @@ def test_diffaugment_applies_the_same_policy_to_real_and_fake():
 def test_gradient_penalty_interpolates_the_augmented_inputs_d_trains_on():
     # DiffAugment: D only ever sees augmented images, so that is where its gradient is constrained.
     from rayganx.spec import from_dict
-    from rayganx.train import GANTask
+    from rayganx.tasks import GANTask
 
     spec = from_dict({"name": "x", "model": {"kind": "dcgan", "ngf": 8, "ndf": 8, "d_batchnorm": False},
                       "train": {"steps": 1, "loss": "wasserstein", "gp_lambda": 10.0,

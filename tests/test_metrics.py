@@ -20,7 +20,7 @@ def digits(size=32):
 @pytest.fixture(scope="module")
 def classifier_ckpt(tmp_path_factory):
     """A digits CNN trained in-process by rayganx's own classifier task, saved as a checkpoint."""
-    from rayganx.train import ClassifierTask
+    from rayganx.tasks import ClassifierTask
 
     spec = from_dict({"name": "cnn", "model": {"kind": "cnn", "ndf": 16}, "data": {"labels": True},
                       "train": {"steps": 300, "batch_size": 64}, "scaling": {"num_workers": 1}})
@@ -221,7 +221,7 @@ def dcgan_checkpoint(storage) -> str:
     """A digits DCGAN checkpoint whose job stores into `storage`; untrained (scores need not be good)."""
     import yaml
 
-    from rayganx.train import GANTask
+    from rayganx.tasks import GANTask
     from tests.conftest import JOBS
 
     raw = yaml.safe_load((JOBS / "dcgan_digits.yaml").read_text())

@@ -12,7 +12,7 @@ from rayganx import data as rdata
 from rayganx import losses, models
 from rayganx import metrics as m
 from rayganx import spec as jobspec
-from rayganx.train import GANTask
+from rayganx.tasks import GANTask
 from tests.conftest import local_checkpoint, rayganx
 
 

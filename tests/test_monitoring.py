@@ -127,11 +127,11 @@ def test_grafana_dashboard_json_queries_the_exported_metrics():
     assert board == grafana.dashboard()
     titles = [p["title"] for p in board["panels"]]
     assert titles == ["Losses", "Images/s", "Step time", "Step", "FID / KID", "Checkpoint age", "Rollbacks"]
-    from rayganx.train import _Telemetry
+    from rayganx.tracking import Telemetry
 
     queried = grafana.queried_metrics(board)
     # Every metric a panel queries is one the workers export (Ray adds the ray_ prefix).
-    assert set(queried) <= {f"ray_rayganx_{k}" for k in _Telemetry.EXPORTED}
+    assert set(queried) <= {f"ray_rayganx_{k}" for k in Telemetry.EXPORTED}
     assert {"ray_rayganx_rollbacks", "ray_rayganx_last_checkpoint_time", "ray_rayganx_fid"} <= set(queried)
     assert all({"job", "rank", "SessionName"} <= labels for name, labels in queried.items()
                if name != "ray_rayganx_step")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from rayganx import data as rdata, models, runner, spec as jobspec
 from rayganx.storage import Store, list_checkpoints, load_state, read_metrics
-from rayganx.train import GANTask
+from rayganx.tasks import GANTask
 from tests.conftest import JOBS, tiny, write_job
 
 
@@ -128,7 +128,7 @@ def _penalties_under_ddp(config):
     from the same weights and the same noise per row; the largest differences."""
     import ray.train
 
-    from rayganx.train import _unwrap
+    from rayganx.tasks import unwrap
 
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     result = {}
@@ -154,7 +154,7 @@ def _penalties_under_ddp(config):
             torch.manual_seed(0)
             task = SameNoisePerRow(spec, None, torch.device("cpu"), distributed)
             flat = lambda attr: torch.cat([getattr(p, attr).detach().flatten()  # noqa: E731
-                                           for net in (task.d, task.g) for p in _unwrap(net).parameters()])
+                                           for net in (task.d, task.g) for p in unwrap(net).parameters()])
             task.lo, grads, start = lo, [], flat("data").clone()
             for it in range(steps):  # d_steps 1: D and G step every time, D's gradient includes the penalty
                 task.it = it
@@ -193,7 +193,7 @@ def test_gradient_penalty_and_r1_under_ddp_match_one_worker_with_the_whole_batch
 def _sync_batchnorm_networks(config):
     import ray.train
 
-    from rayganx.train import _unwrap
+    from rayganx.tasks import unwrap
 
     result = {}
     for sync in (False, True):
@@ -203,7 +203,7 @@ def _sync_batchnorm_networks(config):
         except ValueError as e:  # DDP on CPU refuses SyncBatchNorm: it was converted before the wrap
             result[str(sync)] = str(e)
             continue
-        result[str(sync)] = {k: [type(net).__name__] + sorted({type(m).__name__ for m in _unwrap(net).modules()
+        result[str(sync)] = {k: [type(net).__name__] + sorted({type(m).__name__ for m in unwrap(net).modules()
                                                                if "BatchNorm" in type(m).__name__})
                              for k, net in (("g", task.g), ("d", task.d))}
     if ray.train.get_context().get_world_rank() == 0:
