@@ -132,7 +132,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from rayganx import cluster, metrics, models, runner, spec as jobspec
     from rayganx.data import mixture_geometry
-    from rayganx.storage import load_state
+    from rayganx.runs import load_state
 
     cluster.init_ray()
     rows = []

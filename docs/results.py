@@ -26,7 +26,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from rayganx import cluster, models, runner, spec as jobspec
     from rayganx.metrics import evaluate_generator
-    from rayganx.storage import load_state
+    from rayganx.runs import load_state
 
     cluster.init_ray()
     overrides = [f"storage.path={STORAGE}"]

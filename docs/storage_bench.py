@@ -129,7 +129,8 @@ def cmd_input(files: list[int], endpoint: str | None) -> None:
 
 def cmd_checkpoint(endpoint: str | None) -> None:
     from rayganx import runner, spec as jobspec
-    from rayganx.storage import Store, read_metrics
+    from rayganx.runs import read_metrics
+    from rayganx.storage import Store
 
     server, endpoint, s3 = moto(endpoint)
     out = []

@@ -17,7 +17,8 @@ from rayganx import data as rdata
 from rayganx import runner
 from rayganx.cluster import init_ray
 from rayganx.spec import JobSpec
-from rayganx.storage import Store, read_metrics
+from rayganx.runs import read_metrics
+from rayganx.storage import Store
 
 
 def _spread(values: list[float]) -> dict:

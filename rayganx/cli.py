@@ -188,7 +188,8 @@ def _warn(text: str) -> None:
 
 def _run_here(spec: jobspec.JobSpec, force: bool = False) -> None:
     from rayganx import runner
-    from rayganx.storage import Store, list_checkpoints
+    from rayganx.runs import list_checkpoints
+    from rayganx.storage import Store
 
     display = _Display(spec.name)
     t0 = time.monotonic()
@@ -513,7 +514,8 @@ def _run_location(run: str, endpoint_url: str | None) -> tuple[str, str | None]:
 def runs_list(storage: str = typer.Argument(..., help="storage location (path or URL)"),
               endpoint_url: Optional[str] = EndpointOpt):
     """A table of the runs found in a storage location."""
-    from rayganx.storage import Store, list_runs
+    from rayganx.runs import list_runs
+    from rayganx.storage import Store
 
     runs = list_runs(Store(storage, endpoint_url))
     table = Table(title=f"runs in {storage}")
@@ -603,7 +605,8 @@ def runs_show(run: str = typer.Argument(..., help="run URL or path, or the job Y
 def checkpoints_list(run: str = typer.Argument(..., help="run URL, or the job YAML"),
                      endpoint_url: Optional[str] = EndpointOpt):
     """A table of a run's checkpoints."""
-    from rayganx.storage import Store, list_checkpoints
+    from rayganx.runs import list_checkpoints
+    from rayganx.storage import Store
 
     url, endpoint = _run_location(run, endpoint_url)
     ckpts = list_checkpoints(Store(url, endpoint))
@@ -627,7 +630,8 @@ def checkpoints_pull(run: str = typer.Argument(..., help="run URL, or the job YA
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from rayganx.storage import Store, StorageError, download, list_checkpoints
+    from rayganx.runs import list_checkpoints
+    from rayganx.storage import Store, StorageError, download
 
     url, endpoint = _run_location(run, endpoint_url)
     ckpts = list_checkpoints(Store(url, endpoint))
@@ -726,7 +730,7 @@ def export(checkpoint: str = typer.Argument(..., help="checkpoint folder (local 
     import os
 
     from rayganx import models
-    from rayganx.storage import load_state
+    from rayganx.runs import load_state
 
     pt2 = os.path.splitext(out_path)[0] + ".pt2" if program else None
     models.export_generator(load_state(checkpoint, endpoint_url), out_path, pt2)
@@ -761,7 +765,7 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
 
     from rayganx import models
     from rayganx.metrics import evaluate_generator
-    from rayganx.storage import load_state
+    from rayganx.runs import load_state
 
     state = load_state(checkpoint, endpoint_url)
     g, spec, num_classes = models.generator_from_state(state)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from rayganx.spec import EVAL_RESULTS, METRIC_MODES, JobSpec
-from rayganx.storage import Store, StorageError, list_checkpoints, read_metrics
+from rayganx.runs import list_checkpoints, read_metrics
+from rayganx.storage import Store, StorageError
 
 FIGSIZE, DPI = (12, 8), 100  # the PNG is 1200 x 800 pixels
 SUMMARY = ("loss_d", "loss_g", "loss", "images_per_s", "step_time", "fid", "kid", "is", "precision", "recall",

@@ -162,7 +162,7 @@ def load_extractor(ev: EvalSpec, channels: int, endpoint_url: str | None = None)
             _check_pinned(url, data, ev.extractor_sha256)
             return TorchScriptFeatures(torch.jit.load(io.BytesIO(data), map_location="cpu"))
         from rayganx.models import build
-        from rayganx.storage import load_state
+        from rayganx.runs import load_state
 
         state = load_state(url, endpoint_url)
         spec = from_dict(state["spec"], url)

@@ -398,7 +398,7 @@ def open_generator(source: str, endpoint_url: str | None = None) -> tuple[nn.Mod
     URL); weights only either way."""
     import os
 
-    from rayganx.storage import load_state
+    from rayganx.runs import load_state
 
     if source.endswith(".pt") and os.path.isfile(source):
         return load_generator(source)

@@ -355,7 +355,7 @@ def monitor_skipped(monitor) -> list[str] | None:
 
 
 def last_step(spec: JobSpec) -> int:
-    from rayganx.storage import list_checkpoints
+    from rayganx.runs import list_checkpoints
 
     ckpts = list_checkpoints(Store(spec.run_url, spec.storage.endpoint_url))
     return ckpts[-1]["step"] if ckpts else 0
@@ -377,7 +377,7 @@ def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None]
 
     The run folder is locked for the whole run (force: take over a live lock); notify hears the
     messages a user should see (a lock taken over)."""
-    from rayganx.storage import RunLock, list_checkpoints, read_metrics
+    from rayganx.runs import RunLock, list_checkpoints, read_metrics
 
     spec = resolve_paths(spec)
     p = plan(spec)

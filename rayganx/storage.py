@@ -1,15 +1,7 @@
-"""Where runs and data live: local paths and fsspec URLs (s3://, gs://, ...).
+"""Where runs and data live: local paths and fsspec URLs (s3://, gs://, ...), the filesystems
+Ray reads and writes them through, and errors phrased for the user.
 
-Run layout (stable, documented in docs/storage.md):
-
-    <storage>/<job name>/spec.yaml                resolved spec, ${VAR} placeholders, no secrets
-    <storage>/<job name>/metrics/part_XXXXXXXXX.jsonl   metrics, appended as whole parts
-    <storage>/<job name>/samples/step_XXXXXX.png  sample grids from fixed noise
-    <storage>/<job name>/checkpoint_XXXXXX/       Ray Train checkpoints: state.pt, meta.json,
-                                                  spec.yaml, and complete.json written last
-    <storage>/<job name>/lock.json                the run lock (owner, host, heartbeat)
-    <storage>/<job name>/checkpoint_manager_snapshot.json   Ray's own bookkeeping
-
+What a run keeps in its store, and how it is read and written whole, is `rayganx.runs`.
 Credentials are never taken from a job file: fsspec/botocore read them from the environment,
 profiles or instance roles.
 """
@@ -17,20 +9,12 @@ profiles or instance roles.
 from __future__ import annotations
 
 import contextlib
-import getpass
-import hashlib
 import io
-import json
 import logging
 import os
 import pickle
 import posixpath
-import re
-import socket
 import tempfile
-import threading
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,12 +22,6 @@ import fsspec
 from fsspec.core import split_protocol
 
 from rayganx.errors import UserError
-
-CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
-MARKER = "complete.json"  # written last into a checkpoint folder: without it the folder is partial
-METRICS_DIR = "metrics"
-PART_RE = re.compile(r"^part_(\d+)\.jsonl$")
-LOCK = "lock.json"
 
 log = logging.getLogger("rayganx")
 
@@ -235,266 +213,6 @@ class Store:
             raise StorageError(f"{self.url}: the bucket does not exist") from None
 
 
-# --------------------------------------------------------------------------- run contents
-
-
-def _parts(run: Store) -> list[tuple[int, str]]:
-    out = []
-    for entry in run.listdir(METRICS_DIR):
-        m = PART_RE.match(posixpath.basename(entry["name"]))
-        if m and entry.get("type") == "file":
-            out.append((int(m.group(1)), posixpath.basename(entry["name"])))
-    return sorted(out)
-
-
-def _parse_lines(text: str, where: str) -> list[dict]:
-    rows, bad = [], 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(row, dict) and (isinstance(row.get("step"), int) or isinstance(row.get("restart_from"), int)):
-            rows.append(row)
-        else:
-            bad += 1
-    if bad:
-        log.warning("%s: skipped %d unreadable metrics line(s)", where, bad)
-    return rows
-
-
-def read_metrics(run: Store, last_only: bool = False) -> list[dict]:
-    """A run's metrics rows in the order they were logged. A part that begins with
-    {"restart_from": S} (a resumed attempt, or a divergence rollback) supersedes the rows after
-    step S that the abandoned attempt logged. An unreadable line is skipped, never fatal."""
-    parts = _parts(run)
-    if last_only:  # the newest part that holds a row
-        for _, name in reversed(parts):
-            rows = [r for r in _parse_lines(_read_part(run, name), run.url) if "step" in r]
-            if rows:
-                return rows[-1:]
-        return []
-    rows: list[dict] = []
-    for _, name in parts:
-        for row in _parse_lines(_read_part(run, name), f"{run.url}/{METRICS_DIR}/{name}"):
-            if "restart_from" in row:
-                rows = [r for r in rows if r["step"] <= row["restart_from"]]
-            else:
-                rows.append(row)
-    return rows
-
-
-def _read_part(run: Store, name: str) -> str:
-    try:
-        return run.read_text(METRICS_DIR, name)
-    except FileNotFoundError:
-        return ""
-
-
-class MetricsLog:
-    """Appends a run's metrics as whole numbered part files: nothing is ever rewritten, a reader
-    never sees half a file, and a crash loses at most the rows not yet flushed (the resumed run
-    logs those steps again). Object-storage traffic stays linear in the run: one small PUT per
-    flush, at checkpoints and at most every `flush_every_s` seconds between them."""
-
-    def __init__(self, run: Store, start_step: int, flush_every_s: float = 30.0):
-        self.run, self.flush_every_s = run, flush_every_s
-        parts = _parts(run)
-        self.seq = parts[-1][0] + 1 if parts else 0
-        # An attempt that resumes from a checkpoint at step S supersedes what was logged after S.
-        self.pending: list[dict] = [{"restart_from": start_step}] if parts else []
-        self.last_flush = time.monotonic()
-
-    def append(self, row: dict, force: bool = False) -> None:
-        self.pending.append(row)
-        if force or time.monotonic() - self.last_flush >= self.flush_every_s:
-            self.flush()
-
-    def rollback(self, event: dict) -> None:
-        """Divergence: what was logged after event["step"] is superseded; the event is kept."""
-        self.append({"restart_from": event["step"]})
-        self.append(event, force=True)
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        text = "".join(json.dumps(r) + "\n" for r in self.pending)
-        self.run.write_text(text, METRICS_DIR, f"part_{self.seq:06d}.jsonl")
-        self.seq, self.pending, self.last_flush = self.seq + 1, [], time.monotonic()
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_manifest(local_dir: str, step: int) -> dict:
-    """The completion marker of a checkpoint folder: every file with its size and SHA-256."""
-    files = {}
-    for name in sorted(os.listdir(local_dir)):
-        path = os.path.join(local_dir, name)
-        if os.path.isfile(path) and name != MARKER:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            files[name] = {"size": os.path.getsize(path), "sha256": h.hexdigest()}
-    return {"format": 1, "step": step, "time": time.time(), "files": files}
-
-
-def _incomplete_reason(run: Store, name: str, listing: list[dict]) -> tuple[str | None, dict]:
-    sizes = {posixpath.basename(f["name"]): f.get("size") for f in listing if f.get("type") == "file"}
-    if MARKER not in sizes:
-        return "no completion marker (cut off while being written?)", {}
-    try:
-        manifest = json.loads(run.read_text(name, MARKER))
-        files = {str(f): int(info["size"]) for f, info in manifest["files"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return "unreadable completion marker", {}
-    for fname, size in files.items():
-        if fname not in sizes:
-            return f"{fname} is missing", {}
-        if sizes[fname] is not None and sizes[fname] != size:
-            return f"{fname} has {sizes[fname]} bytes, the marker says {size}", {}
-    return None, manifest
-
-
-def scan_checkpoints(run: Store) -> tuple[list[dict], list[dict]]:
-    """(complete, incomplete) checkpoints of a run, oldest first. Complete ones carry step, name,
-    url, size, time and the metrics saved with them; incomplete ones say why."""
-    complete, incomplete = [], []
-    for entry in run.listdir():
-        name = posixpath.basename(entry["name"].rstrip("/"))
-        m = CHECKPOINT_RE.match(name)
-        if not m or entry.get("type") != "directory":
-            continue
-        files = run.listdir(name)
-        url = run.url.rstrip("/") + "/" + name
-        why, manifest = _incomplete_reason(run, name, files)
-        if why:
-            incomplete.append({"step": int(m.group(1)), "name": name, "url": url, "reason": why})
-            continue
-        meta: dict = {}
-        if "meta.json" in manifest["files"]:
-            with contextlib.suppress(ValueError):  # the listing columns are optional; the state is not
-                meta = json.loads(run.read_text(name, "meta.json"))
-        complete.append({
-            "step": int(m.group(1)), "name": name, "url": url,
-            "size": sum(f.get("size") or 0 for f in files), "time": meta.get("time", manifest.get("time")),
-            "metrics": meta.get("metrics", {}), "sha256": manifest["files"].get("state.pt", {}).get("sha256"),
-        })
-    return sorted(complete, key=lambda c: c["step"]), sorted(incomplete, key=lambda c: c["step"])
-
-
-def list_checkpoints(run: Store, warn: bool = True) -> list[dict]:
-    """The complete checkpoints of a run, oldest first; incomplete ones are logged and left out."""
-    complete, incomplete = scan_checkpoints(run)
-    if warn:
-        for c in incomplete:
-            log.warning("ignoring incomplete checkpoint %s: %s", c["url"], c["reason"])
-    return complete
-
-
-def list_runs(root: Store) -> list[dict]:
-    import yaml
-
-    if not root.exists():
-        raise StorageError(f"{root.url}: does not exist")
-    runs = []
-    for entry in root.listdir():
-        if entry.get("type") != "directory":
-            continue
-        name = posixpath.basename(entry["name"].rstrip("/"))
-        run = root.child(name)
-        if not run.exists("spec.yaml"):
-            continue
-        spec = yaml.safe_load(run.read_text("spec.yaml")) or {}
-        metrics = read_metrics(run, last_only=True)
-        last = metrics[-1] if metrics else {}
-        runs.append({"name": name, "model": spec.get("model", {}).get("kind", "?"),
-                     "step": last.get("step"), "time": last.get("time"), "metrics": last})
-    return sorted(runs, key=lambda r: r["name"])
-
-
-class RunLockedError(StorageError):
-    """Another live process holds the run."""
-
-
-class RunLock:
-    """One writer per run: lock.json in the run folder names the owner, host and process, and a
-    heartbeat thread refreshes it. A lock whose heartbeat is older than `stale_after` seconds
-    belongs to a process that died without releasing it, and is taken over."""
-
-    def __init__(self, run: Store, heartbeat_s: float = 10.0, stale_after: float = 60.0):
-        self.run, self.heartbeat_s, self.stale_after = run, heartbeat_s, stale_after
-        self.token = uuid.uuid4().hex
-        self.info = {"owner": getpass.getuser(), "host": socket.gethostname(), "pid": os.getpid(),
-                     "token": self.token, "started": time.time()}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def holder(self) -> dict | None:
-        try:
-            return json.loads(self.run.read_text(LOCK))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}  # a torn lock file: treated as stale
-
-    def _write(self) -> None:
-        self.run.write_text(json.dumps(self.info | {"heartbeat": time.time()}), LOCK)
-
-    def acquire(self, force: bool = False) -> str | None:
-        """Take the lock; returns a message when a stale (or, with force, a live) lock was taken over."""
-        held, note = self.holder(), None
-        if held is not None:
-            age = time.time() - float(held.get("heartbeat") or 0)
-            who = f"{held.get('owner', '?')}@{held.get('host', '?')} (pid {held.get('pid', '?')})"
-            if age < self.stale_after and not force:
-                raise RunLockedError(
-                    f"{self.run.url}: in use by {who}, last heartbeat {age:.0f} s ago; wait for it to end or stop "
-                    f"it, or pass --force to take the run over")
-            note = (f"took over the run lock of {who}" +
-                    (f" (no heartbeat for {age:.0f} s)" if age >= self.stale_after else " (--force)"))
-        self._write()
-        time.sleep(0.2)  # two takers at once: the later write wins, the other backs off
-        if (self.holder() or {}).get("token") != self.token:
-            raise RunLockedError(f"{self.run.url}: another process took the run lock at the same moment")
-        self._thread = threading.Thread(target=self._beat, name="rayganx-run-lock", daemon=True)
-        self._thread.start()
-        return note
-
-    def _beat(self) -> None:
-        lost = False
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                held = self.holder() or {}
-                if held.get("token") == self.token:
-                    self._write()
-                elif not lost:  # taken over (--force, or our heartbeats failed for too long)
-                    lost = True
-                    log.warning("%s: the run lock was taken over by %s@%s (pid %s); this run no longer holds it",
-                                self.run.url, held.get("owner", "?"), held.get("host", "?"), held.get("pid", "?"))
-            except Exception:  # a store outage is the run's to report, not the heartbeat's
-                pass
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread:
-            # Wait out a heartbeat write in flight: removed first, it would put the lock back.
-            self._thread.join()
-        with contextlib.suppress(Exception):
-            if (self.holder() or {}).get("token") == self.token:
-                self.run.remove(LOCK)
-
-
-def split_checkpoint_url(url: str) -> tuple[str, str]:
-    """(run URL, checkpoint folder name) of a checkpoint URL."""
-    url = url.rstrip("/")
-    return url.rsplit("/", 1)[0], url.rsplit("/", 1)[1]
-
-
 def load_bytes(data: bytes, where: str, map_location="cpu"):
     """torch.load of tensors, dicts, lists and numbers only: nothing in the file is executed."""
     import torch
@@ -508,29 +226,6 @@ def load_bytes(data: bytes, where: str, map_location="cpu"):
                            f"loading it could run code" + (f" ({detail.strip()[:160]})" if detail else "")) from None
     except (RuntimeError, EOFError, ValueError) as e:
         raise StorageError(f"{where}: not a readable PyTorch file ({str(e).splitlines()[0][:160]})") from None
-
-
-def load_state(url: str, endpoint_url: str | None = None, map_location="cpu") -> dict:
-    """The state.pt of a complete checkpoint folder (or a .pt file), local or remote; no Ray needed.
-    A folder without its completion marker, or whose state.pt does not match it, is refused."""
-    store = Store(url, endpoint_url)
-    if url.endswith(".pt"):
-        try:
-            return load_bytes(store._call(store.fs.cat_file, store.root), url, map_location)
-        except FileNotFoundError:
-            raise StorageError(f"{url}: no such file") from None
-    listing = store.listdir()
-    if not any(posixpath.basename(f["name"]) == "state.pt" for f in listing):
-        raise StorageError(f"{url}: not a rayganx checkpoint (no state.pt)")
-    parent, name = split_checkpoint_url(url)
-    why, manifest = _incomplete_reason(Store(parent, endpoint_url), name, listing)
-    if why:
-        raise StorageError(f"{url}: incomplete checkpoint: {why}")
-    data = store.read_bytes("state.pt")
-    expected = manifest["files"].get("state.pt", {}).get("sha256")
-    if expected and hashlib.sha256(data).hexdigest() != expected:
-        raise StorageError(f"{url}: incomplete checkpoint: state.pt does not match its checksum")
-    return load_bytes(data, f"{url}/state.pt", map_location)
 
 
 def download(url: str, to: str, endpoint_url: str | None = None, progress=None) -> list[str]:

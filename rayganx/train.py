@@ -24,8 +24,8 @@ from rayganx import data as rdata
 from rayganx import tracking
 from rayganx.errors import UserError
 from rayganx.spec import JobSpec
-from rayganx.storage import (MARKER, MetricsLog, Store, StorageError, checkpoint_manifest, list_checkpoints,
-                              load_state)
+from rayganx.runs import MARKER, MetricsLog, checkpoint_manifest, list_checkpoints, load_state
+from rayganx.storage import Store, StorageError
 from rayganx.tasks import TASKS, ClassifierTask, Task, all_reduce
 
 

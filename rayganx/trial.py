@@ -43,7 +43,7 @@ def _restore_point(spec: JobSpec, restored) -> str | None:
     pause, another trial's for a PBT exploit. Its own run resumes from its newest checkpoint. A
     donor's named checkpoint may have been pruned since (storage.keep), or not be complete yet:
     then the donor's newest complete one."""
-    from rayganx.storage import list_checkpoints
+    from rayganx.runs import list_checkpoints
 
     if not restored:
         return None

@@ -75,7 +75,7 @@ def local_checkpoint(path: Path, task, step: int, num_classes=None) -> Path:
 
     import torch
 
-    from rayganx.storage import MARKER, checkpoint_manifest
+    from rayganx.runs import MARKER, checkpoint_manifest
     from rayganx.train import save_checkpoint
 
     path.mkdir(parents=True, exist_ok=True)

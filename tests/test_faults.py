@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from rayganx import runner, spec as jobspec
-from rayganx.storage import (MARKER, MetricsLog, RunLock, RunLockedError, Store, StorageError, checkpoint_manifest,
-                             list_checkpoints, load_state, read_metrics, scan_checkpoints)
+from rayganx.runs import (MARKER, MetricsLog, RunLock, RunLockedError, checkpoint_manifest, list_checkpoints,
+                          load_state, read_metrics, scan_checkpoints)
+from rayganx.storage import Store, StorageError
 from tests.conftest import JOBS, ROOT, TEST_KEY_ID, TEST_SECRET, local_checkpoint, rayganx, tiny, write_job
 
 

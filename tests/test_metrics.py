@@ -140,7 +140,8 @@ def test_training_evaluates_keeps_best_and_cli_matches_the_two_worker_value(ray_
     import json
 
     from rayganx import runner, spec as jobspec
-    from rayganx.storage import Store, list_checkpoints, read_metrics
+    from rayganx.runs import list_checkpoints, read_metrics
+    from rayganx.storage import Store
     from tests.conftest import JOBS, rayganx, tiny, write_job
 
     job = write_job(tmp_path / "ev.yaml", "dcgan_digits.yaml", **tiny("ev", tmp_path / "runs", steps=4),

@@ -240,7 +240,8 @@ def test_ring_recipe_covers_most_modes_within_a_thousand_steps(ray_session, tmp_
     shipped ring recipe, cut to 1,000 steps, already covers at least 6 of 8 modes, scored in
     training by the eval loop (modes, hq, kl in the metrics log at each eval step)."""
     from rayganx import runner
-    from rayganx.storage import Store, read_metrics
+    from rayganx.runs import read_metrics
+    from rayganx.storage import Store
     from tests.conftest import tiny, write_job
 
     job = write_job(tmp_path / "ring.yaml", "pacgan_ring.yaml",

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from rayganx import grafana, runner, spec as jobspec
-from rayganx.storage import Store, read_metrics
+from rayganx.runs import read_metrics
+from rayganx.storage import Store
 from rayganx.tracking import sync_events
 from tests.conftest import ROOT, rayganx, tiny, write_job
 

@@ -150,7 +150,8 @@ def s3(s3_server):
 
 def rows(name: str, s3_server: str) -> list[dict]:
     """The run's metrics rows as rayganx reads them (listings always fresh), events left out."""
-    from rayganx.storage import Store, read_metrics
+    from rayganx.runs import read_metrics
+    from rayganx.storage import Store
 
     return [r for r in read_metrics(Store(f"s3://rayganx-test/multinode/{name}", s3_server)) if "event" not in r]
 

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from rayganx import runner, spec as jobspec
-from rayganx.storage import Store, list_checkpoints, load_state, read_metrics
+from rayganx.runs import list_checkpoints, load_state, read_metrics
+from rayganx.storage import Store
 from rayganx.models import sample_inputs
 from tests.conftest import JOBS, tiny, write_job
 

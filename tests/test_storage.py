@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from rayganx import models, runner, spec as jobspec
-from rayganx.storage import Store, list_checkpoints, load_state, read_metrics
+from rayganx.runs import list_checkpoints, load_state, read_metrics
+from rayganx.storage import Store
 from tests.conftest import JOBS, TEST_KEY_ID, TEST_SECRET, rayganx, write_job
 
 BUCKET = "s3://rayganx-test"

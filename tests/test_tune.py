@@ -8,7 +8,8 @@ import yaml
 
 from rayganx import runner, spec as jobspec, sweep as sweeps, tune
 from rayganx.spec import SpecError
-from rayganx.storage import Store, read_metrics
+from rayganx.runs import read_metrics
+from rayganx.storage import Store
 from tests.conftest import JOBS, rayganx
 
 # The sweeps here test Tune's bookkeeping, not the networks: small ones keep each trial short.
