@@ -196,11 +196,11 @@ def test_metrics_raise_no_library_warnings(random_feats):
 def test_cli_shows_library_warnings_only_with_verbose(monkeypatch, capsys):
     import warnings
 
-    from rayganx import cli
+    from rayganx.cli import base as cli
     from torchmetrics.image.kid import KernelInceptionDistance
 
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
-    cli._route_library_warnings()
+    cli.route_library_warnings()
     warnings.simplefilter("always")
     seen = {}
     for verbose in (False, True):

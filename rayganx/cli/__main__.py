@@ -1,0 +1,3 @@
+from rayganx.cli import main
+
+main()

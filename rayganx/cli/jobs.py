@@ -1,0 +1,191 @@
+"""Jobs: validate, run here, submit to a cluster (Ray Jobs API), follow, list and stop them;
+the built-in datasets."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from rayganx import spec as jobspec
+from rayganx.cli.base import AddressOpt, ForceOpt, OnClusterOpt, STATE, SetOpt, app, command, data_app, err, out, warn
+from rayganx.cli.display import RunDisplay, fmt_metrics, when
+
+
+@app.command()
+@command
+def validate(job: str, set_: Optional[list[str]] = SetOpt):
+    """Check a job file and print the fully resolved spec (defaults filled in)."""
+    spec = jobspec.load(job, set_)
+    sys.stdout.write(spec.to_yaml())
+
+
+def _run_here(spec: jobspec.JobSpec, force: bool = False) -> None:
+    from rayganx import runner
+    from rayganx.runs import list_checkpoints
+    from rayganx.storage import Store
+
+    display = RunDisplay(spec.name)
+    t0 = time.monotonic()
+    try:
+        result = runner.run(spec, verbose=STATE["verbose"], printer=display.update, on_start=display.start,
+                            force=force, notify=warn)
+    except KeyboardInterrupt:
+        display.stop()
+        ckpts = list_checkpoints(Store(runner.resolve_paths(spec).run_url, spec.storage.endpoint_url), warn=False)
+        where = f"step {ckpts[-1]['step']}" if ckpts else "the start (no checkpoint yet)"
+        err.print(f"[yellow]interrupted[/yellow]: {spec.name} stopped; submit the same job again to continue "
+                  f"from {where}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
+    finally:
+        display.stop()
+    rows = [("run", result.run_url)]
+    if result.checkpoints:
+        rows.append(("checkpoints", ", ".join(c["name"] for c in result.checkpoints)))
+        rows.append(("latest checkpoint", result.checkpoints[-1]["url"]))
+    if result.samples:
+        rows.append(("sample grids", f"{result.run_url}/samples/ (latest {result.samples[-1].rsplit('/', 1)[-1]})"))
+    if result.metrics:
+        rows.append(("final metrics", fmt_metrics(result.metrics)))
+    if result.rollbacks:
+        rows.append(("divergence rollbacks", f"{len(result.rollbacks)} (learning rates now "
+                                             f"x{result.rollbacks[-1]['lr_scale']:g})"))
+    if result.skipped_images is None:
+        rows.append(("skipped corrupt images", "unknown (the run's monitor was lost with its node)"))
+    elif result.skipped_images:
+        rows.append(("skipped corrupt images", f"{len(result.skipped_images)} (first: {result.skipped_images[0]})"))
+    out.print(f"[bold green]done[/bold green] {spec.name}: {result.steps} steps in {time.monotonic() - t0:.0f} s")
+    for key, value in rows:
+        out.print(f"  [bold]{key}[/bold]: {value}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@command
+def submit(job: str, set_: Optional[list[str]] = SetOpt,
+           address: Optional[str] = AddressOpt,
+           follow: bool = typer.Option(False, "--follow", "-f", help="stream logs until the job ends"),
+           paths_on_cluster: bool = OnClusterOpt, force: bool = ForceOpt):
+    """Run a job: on an embedded local Ray, or on a cluster through the Jobs API with --address
+    (the job travels with every --set applied; datasets never do)."""
+    spec = jobspec.load(job, set_)
+    address = address or jobs_address_from_env()
+    if address:
+        from rayganx import remote
+
+        job_id = remote.submit(spec, address, paths_on_cluster, force)
+        out.print(f"submitted {job_id} to {address}", highlight=False)
+        if not follow:
+            out.print(f"follow it with: rayganx logs {job_id} --follow --address {address}", highlight=False)
+            return
+        follow(address, job_id)
+        return
+    _run_here(spec, force)
+
+
+def follow(address: str, job_id: str) -> None:
+    from rayganx import remote
+
+    state = remote.follow(address, job_id, lambda chunk: (sys.stdout.write(chunk), sys.stdout.flush()))
+    (out if state == "SUCCEEDED" else err).print(f"{job_id}: {state}", highlight=False)
+    if state != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+def jobs_address_from_env() -> str | None:
+    import os
+
+    addr = os.environ.get("RAY_ADDRESS", "")
+    return addr if addr.startswith(("http://", "https://")) else None
+
+
+def need_address(address: str | None) -> str:
+    address = address or jobs_address_from_env()
+    if not address:
+        raise jobspec.SpecError("--address: no cluster given (or set RAY_API_SERVER_ADDRESS / RAY_ADDRESS)")
+    return address
+
+
+@app.command()
+@command
+def status(job_id: Optional[str] = typer.Argument(None, help="submission id (default: the newest rayganx job)"),
+           address: Optional[str] = AddressOpt):
+    """The state of a job on a cluster."""
+    from rayganx import remote
+
+    address = need_address(address)
+    if job_id is None:
+        jobs = remote.list_jobs(address)
+        if not jobs:
+            out.print(f"no rayganx jobs on {address}")
+            return
+        job_id = jobs[0].submission_id
+    info = remote.info(address, job_id)
+    out.print(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""), highlight=False)
+
+
+@app.command()
+@command
+def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"), address: Optional[str] = AddressOpt):
+    """A job's logs; --follow streams them until the job ends."""
+    from rayganx import remote
+
+    address = need_address(address)
+    if follow:
+        follow(address, job_id)
+    else:
+        sys.stdout.write(remote.logs(address, job_id))
+
+
+@app.command()
+@command
+def stop(job_id: str, address: Optional[str] = AddressOpt):
+    """Stop a running job."""
+    from rayganx import remote
+
+    address = need_address(address)
+    remote.stop(address, job_id)
+    out.print(f"stop requested for {job_id}", highlight=False)
+
+
+@app.command("list")
+@command
+def list_cmd(address: Optional[str] = AddressOpt):
+    """A table of the rayganx jobs on a cluster."""
+    from rayganx import remote
+
+    address = need_address(address)
+    table = Table(title=f"rayganx jobs on {address}")
+    for col in ("submission id", "job", "status", "started", "duration"):
+        table.add_column(col)
+    for j in remote.list_jobs(address):
+        start, end = (j.start_time or 0) / 1000, (j.end_time or 0) / 1000
+        dur = (end or time.time()) - start if start else 0
+        table.add_row(j.submission_id, j.metadata.get("rayganx_job", ""), j.status.value, when(start),
+                      f"{dur:.0f} s")
+    out.print(table)
+
+
+@app.command("run")
+@command
+def run_cmd(job: str, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
+    """Run a job in this process on the Ray cluster it is started in (the Jobs API entrypoint)."""
+    _run_here(jobspec.load(job, set_), force)
+
+
+@data_app.command("prepare")
+@command
+def data_prepare(dataset: str = typer.Argument(..., help="built-in dataset: digits"),
+                 out_dir: str = typer.Option(..., "--out", help="directory or URL to write"),
+                 fmt: str = typer.Option("folder", "--format", help="folder | parquet"),
+                 size: int = typer.Option(32, "--size", help="image size in pixels"),
+                 endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url")):
+    """Write a built-in dataset in the on-disk formats users have."""
+    from rayganx.data import DataError, prepare_digits
+
+    if dataset != "digits":
+        raise DataError(f"unknown dataset {dataset!r}; built in: digits")
+    n = prepare_digits(out_dir, fmt, size, endpoint_url)
+    out.print(f"wrote {n} digits images ({fmt}, {size}x{size}) to {out_dir}")
