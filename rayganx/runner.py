@@ -122,7 +122,7 @@ def plan(spec: JobSpec) -> Plan:
     total = spec.train.steps or steps_for_epochs(spec, rows)
     # A missing or unreadable extractor fails here, before Ray starts (2-D jobs use none).
     if spec.eval.every and spec.data.source != "gaussian_mixture":
-        from rayganx.metrics import load_extractor
+        from rayganx.extractors import load_extractor
 
         load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url)
     return Plan(num_classes, total, split, rows)
@@ -134,7 +134,8 @@ def prepare_eval(spec: JobSpec, p: Plan) -> None:
     They travel in the train loop's config, not as a file: rank 0 may run on another node."""
     if spec.data.source == "gaussian_mixture":  # 2-D points are scored against the mixture's known modes
         return
-    from rayganx.metrics import load_extractor, real_features
+    from rayganx.extractors import load_extractor
+    from rayganx.metrics import real_features
 
     p.real_features = real_features(spec, load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url),
                                     spec.eval.num_samples)

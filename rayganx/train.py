@@ -9,12 +9,8 @@ updates are in `rayganx.tasks`.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import resource
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -22,10 +18,11 @@ import torch
 
 from rayganx import data as rdata
 from rayganx import tracking
+from rayganx.checkpointing import report_checkpoint, restore, rng_state, set_rng_state, to_cpu
 from rayganx.errors import UserError
+from rayganx.runs import MetricsLog
 from rayganx.spec import JobSpec
-from rayganx.runs import MARKER, MetricsLog, checkpoint_manifest, list_checkpoints, load_state
-from rayganx.storage import Store, StorageError
+from rayganx.storage import Store
 from rayganx.tasks import TASKS, ClassifierTask, Task, all_reduce
 
 
@@ -45,78 +42,6 @@ def describe_divergence(mean: dict, step: int, max_grad_norm: float) -> str:
     what = ", ".join(f"{k}={v:.4g}" for k, v in (bad or big).items()) or "a single step's values"
     kind = "non-finite values" if bad else f"gradient norm above train.max_grad_norm={max_grad_norm:g}"
     return f"training diverged by step {step}: {kind} ({what})"
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(path: str, task: Task, step: int, metrics: dict, num_classes: int | None,
-                    rng: list, lineage: str | None) -> None:
-    """state.pt (tensors and plain data only: it loads with weights_only=True), spec.yaml, meta.json."""
-    state = task.state_dict() | {"step": step, "num_classes": num_classes, "spec": task.spec.to_dict(),
-                                 "rng": rng, "lineage": lineage}
-    torch.save(state, os.path.join(path, "state.pt"))
-    with open(os.path.join(path, "spec.yaml"), "w") as f:
-        f.write(task.spec.to_yaml())
-    with open(os.path.join(path, "meta.json"), "w") as f:
-        json.dump({"step": step, "time": time.time(), "metrics": metrics}, f)
-
-
-def upload_with_marker(checkpoint, dir_name: str):
-    """Ray's own upload, then the completion marker, last: a folder without it was cut off."""
-    import ray.train
-
-    local = checkpoint.path
-    manifest = checkpoint_manifest(local, int(dir_name.rsplit("_", 1)[-1]))
-    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
-    with persisted.filesystem.open_output_stream(f"{persisted.path}/{MARKER}") as f:
-        f.write(json.dumps(manifest).encode())
-    return persisted
-
-
-def restore(spec: JobSpec, checkpoint, init_from: str | None, device) -> tuple[dict | None, str | None, bool]:
-    """The state a worker starts from, a note when it is not the one Ray offered, and whether it
-    is a PBT donor's.
-
-    Ray offers the run's last reported checkpoint. It is used when complete (an incomplete one
-    falls back to the newest complete checkpoint). `init_from` (a PBT donor) wins over Ray's unless
-    that checkpoint was itself written after restoring from the same donor (a worker restart)."""
-    state, note = None, None
-    if checkpoint is not None:
-        name = os.path.basename(checkpoint.path.rstrip("/"))
-        try:
-            state = load_state(f"{spec.run_url}/{name}", spec.storage.endpoint_url, map_location=device)
-        except StorageError as e:
-            if "incomplete" not in str(e):
-                raise
-            ckpts = list_checkpoints(Store(spec.run_url, spec.storage.endpoint_url), warn=False)
-            note = f"{name} is incomplete; " + (f"resumed from {ckpts[-1]['name']}" if ckpts else "started afresh")
-            state = load_state(ckpts[-1]["url"], spec.storage.endpoint_url, map_location=device) if ckpts else None
-    if init_from and (state is None or state.get("lineage") != init_from):
-        state = load_state(init_from, spec.storage.endpoint_url, map_location=device)
-        state["lineage"] = init_from
-        return state, None, True
-    return state, note, False
 
 
 def _faults(config: dict) -> dict:
@@ -227,7 +152,7 @@ class Worker:
                 self.restored = {"restored_from": self.lineage, "restored_step": step}
         rng = state.get("rng") if state and not from_donor else None
         if isinstance(rng, list) and len(rng) == self.world:
-            _set_rng_state(rng[rank])  # each rank continues its own noise stream
+            set_rng_state(rng[rank])  # each rank continues its own noise stream
         else:
             torch.manual_seed(spec.train.seed + 1000 * rank + step)
         del state
@@ -237,7 +162,7 @@ class Worker:
                 self.log.append({"step": step, "event": "resume", "note": note}, force=True)
             self.tb = tracking.open_log(spec.run_url, spec.storage.endpoint_url, step, spec.to_yaml())
         # The state rollbacks return to: where this attempt starts, then each checkpoint.
-        self.good = {"state": _to_cpu(self.task.state_dict()), "step": step, "rng": _rng_state()}
+        self.good = {"state": to_cpu(self.task.state_dict()), "step": step, "rng": rng_state()}
         # Where each rank runs, in the first row after every (re)start: placement is visible in the run.
         self.placed = {"node_ids": _node_ids(self.world)}
         return step
@@ -268,10 +193,10 @@ class Worker:
             raise DivergenceError(f"{why}; gave up after train.max_rollbacks={t.max_rollbacks} "
                                   f"rollback(s); the last good checkpoint is kept")
         scale = task.lr_scale * t.rollback_lr_factor  # compounds over repeated rollbacks
-        task.load_state_dict(_to_cpu(self.good["state"]))
+        task.load_state_dict(to_cpu(self.good["state"]))
         task.set_lr_scale(scale)
         task.rollbacks = rollbacks
-        _set_rng_state(self.good["rng"])
+        set_rng_state(self.good["rng"])
         event = {"step": self.good["step"], "event": "rollback", "rollback": rollbacks, "diverged_at": step,
                  "lr_scale": task.lr_scale, "reason": why, "time": time.time()}
         if self.log:
@@ -316,12 +241,12 @@ class Worker:
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.all_gather_object(rng, _rng_state())
+            dist.all_gather_object(rng, rng_state())
         else:
-            rng = [_rng_state()]
+            rng = [rng_state()]
         report_checkpoint(self.task, step, metrics, self.num_classes, rng, self.lineage, self.rank)
         self.telemetry.checkpointed()
-        self.good = {"state": _to_cpu(self.task.state_dict()), "step": step, "rng": _rng_state()}
+        self.good = {"state": to_cpu(self.task.state_dict()), "step": step, "rng": rng_state()}
 
     def flush(self) -> None:
         for pending in (self.log, self.tb):
@@ -387,76 +312,19 @@ def train_loop(config: dict) -> None:
         w.flush()
 
 
-CKPT_PREFIX = "rayganx_ckpt_"
-
-
-def sweep_stale_copies(tmp: str | None = None) -> list[str]:
-    """Remove local checkpoint copies left by dead processes on this node.
-
-    Ray deletes a copy once it is uploaded; a worker killed before that (node drain, Ctrl-C,
-    OOM) leaves its state file behind, one per checkpoint in flight, and /tmp fills up over a
-    day of restarts. A copy's name carries its writer's pid: a live writer's copies are never
-    touched, even by another run on the same node."""
-    import glob
-
-    removed = []
-    for path in glob.glob(os.path.join(tmp or tempfile.gettempdir(), f"{CKPT_PREFIX}*_*")):
-        pid = os.path.basename(path)[len(CKPT_PREFIX):].split("_", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def report_checkpoint(task: Task, step: int, metrics: dict, num_classes, rng: list, lineage, rank: int) -> None:
-    """Every rank reports (a barrier); rank 0's folder is uploaded, its marker written last."""
-    import ray.train
-    from ray.train import Checkpoint, CheckpointUploadMode
-
-    # ray.train.report is a barrier whose queue the controller drains on its own poll interval:
-    # reporting every log step stalled training by half. Logs go to the metrics log and Ray's
-    # metrics; Ray Train hears from us at checkpoints.
-    checkpoint = None
-    if rank == 0:
-        sweep_stale_copies()
-        local = tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{os.getpid()}_")  # removed by Ray once uploaded
-        try:
-            save_checkpoint(local, task, step, metrics, num_classes, rng, lineage)
-        except BaseException:
-            shutil.rmtree(local, ignore_errors=True)
-            raise
-        checkpoint = Checkpoint.from_directory(local)
-    # Asynchronous: the upload (and its marker, written last) runs in a background thread while
-    # training goes on; a failed upload fails the run at the next step.
-    mode = CheckpointUploadMode.ASYNC if task.spec.storage.async_upload else CheckpointUploadMode.SYNC
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}",
-                     checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=checkpoint is not None,
-                     checkpoint_upload_fn=upload_with_marker if checkpoint is not None else None)
-
-
 class Evaluator:
     """Sample-quality metrics during training: every worker generates and extracts its share."""
 
     def __init__(self, spec: JobSpec, config: dict, rank: int, world: int, device):
         from rayganx import metrics as m
+        from rayganx.extractors import load_extractor
 
         self.m, self.spec, self.rank, self.world, self.device = m, spec, rank, world, device
         self.num_classes = config["num_classes"]
         self.points = spec.data.source == "gaussian_mixture"
         if self.points:  # scored against the mixture's known modes: no extractor, no real features
             return
-        self.extractor = m.load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url).to(device)
+        self.extractor = load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url).to(device)
         import ray
 
         # Put in Ray's object store once by the driver; only rank 0 fetches it.

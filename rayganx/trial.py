@@ -56,7 +56,7 @@ def _restore_point(spec: JobSpec, restored) -> str | None:
     ckpts = list_checkpoints(Store(run_url, spec.storage.endpoint_url))
     if not any(c["url"].rstrip("/") == url.rstrip("/") for c in ckpts) and ckpts:
         url = ckpts[-1]["url"]
-    # Ray Train still offers the trial's own newest checkpoint; train.restore prefers this one
+    # Ray Train still offers the trial's own newest checkpoint; checkpointing.restore prefers this one
     # unless Ray's was written after restoring from it (see its lineage).
     return url
 

@@ -76,7 +76,7 @@ def local_checkpoint(path: Path, task, step: int, num_classes=None) -> Path:
     import torch
 
     from rayganx.runs import MARKER, checkpoint_manifest
-    from rayganx.train import save_checkpoint
+    from rayganx.checkpointing import save_checkpoint
 
     path.mkdir(parents=True, exist_ok=True)
     save_checkpoint(str(path), task, step, {"step": step}, num_classes, [{"torch": torch.get_rng_state()}], None)

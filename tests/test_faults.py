@@ -131,7 +131,7 @@ def test_metrics_log_appends_parts_and_the_reader_survives_torn_lines(tmp_path):
 
 
 def test_local_checkpoint_copies_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
-    from rayganx.train import CKPT_PREFIX, sweep_stale_copies
+    from rayganx.checkpointing import CKPT_PREFIX, sweep_stale_copies
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
@@ -235,7 +235,7 @@ def test_worker_killed_mid_run_resumes_from_the_last_checkpoint(ray_session, tmp
     print(f"FIGURE worker-kill: killed after step {killed['step']} was logged, resumed from step {resumed_from}, "
           f"run finished in {time.monotonic() - t0:.0f} s")
     # the killed worker's local copies are gone: the next rank 0 swept them at its checkpoint
-    from rayganx.train import sweep_stale_copies
+    from rayganx.checkpointing import sweep_stale_copies
 
     assert sweep_stale_copies() == []
     # the ${VAR} placeholder, not its value, is what the run stores

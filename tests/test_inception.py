@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rayganx import inception
+from rayganx import extractors as ex
 from rayganx import metrics as m
 from rayganx.spec import EvalSpec
 
@@ -198,7 +199,7 @@ def stand_in_weights(tmp_path_factory):
 def test_inception_features_and_logits_from_a_given_file(stand_in_weights, cache, monkeypatch):
     path, sha = stand_in_weights
     monkeypatch.setenv("RAYGANX_INCEPTION_SHA256", sha)
-    ext = m.load_extractor(EvalSpec(features="inception", inception_path=str(path)), channels=1)
+    ext = ex.load_extractor(EvalSpec(features="inception", inception_path=str(path)), channels=1)
     x = torch.rand(3, 1, 32, 32) * 2 - 1
     feats, logits = m.features_of(ext, x)
     assert feats.shape == (3, 2048) and logits.shape == (3, 1008) and torch.isfinite(feats).all()
@@ -215,6 +216,6 @@ def test_pickled_code_in_a_weights_file_never_runs(tmp_path, cache, monkeypatch)
     torch.save({"fc.weight": _Payload(str(marker))}, evil)  # torch.save's format, with a hostile object inside
     monkeypatch.setenv("RAYGANX_INCEPTION_SHA256", hashlib.sha256(evil.read_bytes()).hexdigest())
     with pytest.raises(m.EvalError, match="the weights do not load into the FID Inception network"):
-        m.load_extractor(EvalSpec(features="inception", inception_path=str(evil)), channels=1)
+        ex.load_extractor(EvalSpec(features="inception", inception_path=str(evil)), channels=1)
     assert not marker.exists()
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rayganx import data as rdata
+from rayganx import extractors as ex
 from rayganx import metrics as m
 from rayganx.spec import EvalSpec, from_dict
 from tests.conftest import local_checkpoint
@@ -36,12 +37,12 @@ def classifier_ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def random_feats():
     x, _ = digits()
-    return m.features_of(m.RandomCNN(1), x)[0]
+    return m.features_of(ex.RandomCNN(1), x)[0]
 
 
 def test_fid_kid_real_vs_real_near_zero_and_far_below_noised(random_feats):
     x, _ = digits()
-    ext = m.RandomCNN(1)
+    ext = ex.RandomCNN(1)
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(x), generator=gen)
     a, b = random_feats[perm[:898]], random_feats[perm[898:1796]]
@@ -54,7 +55,7 @@ def test_fid_kid_real_vs_real_near_zero_and_far_below_noised(random_feats):
 
 def test_fid_grows_with_noise(random_feats):
     x, _ = digits()
-    ext = m.RandomCNN(1)
+    ext = ex.RandomCNN(1)
     gen = torch.Generator().manual_seed(1)
     noise = torch.randn(x.shape, generator=gen)
     scores = [m.fid(random_feats, m.features_of(ext, (x + s * noise).clamp(-1, 1))[0]) for s in (0.05, 0.2, 0.5, 1.0)]
@@ -62,7 +63,7 @@ def test_fid_grows_with_noise(random_feats):
 
 
 def test_inception_score_with_the_digits_classifier(classifier_ckpt):
-    ext = m.load_extractor(EvalSpec(features="classifier", extractor=classifier_ckpt), channels=1)
+    ext = ex.load_extractor(EvalSpec(features="classifier", extractor=classifier_ckpt), channels=1)
     x, _ = digits()
     _, logits = m.features_of(ext, x)
     assert (logits.argmax(1) == digits()[1]).float().mean() > 0.95  # a working classifier
@@ -75,7 +76,7 @@ def test_precision_recall_of_a_collapsed_generator(random_feats):
     x, labels = digits()
     real = random_feats[:900]
     # a generator collapsed to one mode: the same realistic image every time
-    collapsed = m.features_of(m.RandomCNN(1), x[3:4].repeat(200, 1, 1, 1))[0]
+    collapsed = m.features_of(ex.RandomCNN(1), x[3:4].repeat(200, 1, 1, 1))[0]
     p, r = m.precision_recall(real, collapsed)
     assert p > 0.9 and r < 0.1, (p, r)
     p_all, r_all = m.precision_recall(real, random_feats[900:1800])  # a held-out real set covers the data
@@ -84,11 +85,11 @@ def test_precision_recall_of_a_collapsed_generator(random_feats):
 
 def test_missing_or_unreadable_extractor(tmp_path):
     with pytest.raises(m.EvalError, match="eval.extractor: .*does not exist"):
-        m.load_extractor(EvalSpec(features="classifier", extractor=str(tmp_path / "nope")), 1)
+        ex.load_extractor(EvalSpec(features="classifier", extractor=str(tmp_path / "nope")), 1)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not torchscript")
     with pytest.raises(m.EvalError, match="eval.extractor: cannot load"):
-        m.load_extractor(EvalSpec(features="torchscript", extractor=str(bad), extractor_sha256=sha256(bad)), 1)
+        ex.load_extractor(EvalSpec(features="torchscript", extractor=str(bad), extractor_sha256=sha256(bad)), 1)
 
 
 def sha256(path) -> str:
@@ -106,7 +107,7 @@ def test_torchscript_extractor_follows_the_stylegan_calling_convention(tmp_path)
 
     path = tmp_path / "detector.pt"
     torch.jit.script(Detector()).save(str(path))
-    ext = m.load_extractor(EvalSpec(features="torchscript", extractor=str(path), extractor_sha256=sha256(path)), 1)
+    ext = ex.load_extractor(EvalSpec(features="torchscript", extractor=str(path), extractor_sha256=sha256(path)), 1)
     feats = ext(torch.zeros(2, 1, 8, 8))
     assert feats.shape == (2, 3) and torch.allclose(feats, torch.full((2, 3), 128.0))
 
@@ -119,9 +120,9 @@ def test_a_torchscript_extractor_loads_only_when_its_checksum_is_pinned(tmp_path
     path = tmp_path / "detector.pt"
     torch.jit.script(Detector()).save(str(path))
     with pytest.raises(m.EvalError, match=f"eval.extractor_sha256: required .* has SHA-256 {sha256(path)}"):
-        m.load_extractor(EvalSpec(features="torchscript", extractor=str(path)), 1)
+        ex.load_extractor(EvalSpec(features="torchscript", extractor=str(path)), 1)
     with pytest.raises(m.EvalError, match=f"has SHA-256 {sha256(path)}, expected 0{{64}}"):
-        m.load_extractor(EvalSpec(features="torchscript", extractor=str(path), extractor_sha256="0" * 64), 1)
+        ex.load_extractor(EvalSpec(features="torchscript", extractor=str(path), extractor_sha256="0" * 64), 1)
 
 
 def test_chunks_split_across_workers_reassemble_to_the_single_process_set():
@@ -129,7 +130,7 @@ def test_chunks_split_across_workers_reassemble_to_the_single_process_set():
     from rayganx.models import build
 
     g = build(spec)["g"].eval()
-    ext = m.RandomCNN(1)
+    ext = ex.RandomCNN(1)
     one = m.assemble([m.generated_features(g, spec, None, ext, 600, seed=0)])[0]
     two = m.assemble([m.generated_features(g, spec, None, ext, 600, seed=0, rank=r, world=2) for r in (0, 1)])[0]
     assert one.shape == (600, 256) and torch.equal(one, two)

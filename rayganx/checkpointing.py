@@ -1,0 +1,148 @@
+"""A training worker's checkpoints: what a checkpoint holds, how rank 0's folder reaches the run
+store (Ray's upload, then the completion marker, last), and where a (re)started worker resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from rayganx.runs import MARKER, checkpoint_manifest, list_checkpoints, load_state
+from rayganx.spec import JobSpec
+from rayganx.storage import Store, StorageError
+from rayganx.tasks import Task
+
+
+def to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(path: str, task: Task, step: int, metrics: dict, num_classes: int | None,
+                    rng: list, lineage: str | None) -> None:
+    """state.pt (tensors and plain data only: it loads with weights_only=True), spec.yaml, meta.json."""
+    state = task.state_dict() | {"step": step, "num_classes": num_classes, "spec": task.spec.to_dict(),
+                                 "rng": rng, "lineage": lineage}
+    torch.save(state, os.path.join(path, "state.pt"))
+    with open(os.path.join(path, "spec.yaml"), "w") as f:
+        f.write(task.spec.to_yaml())
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump({"step": step, "time": time.time(), "metrics": metrics}, f)
+
+
+def upload_with_marker(checkpoint, dir_name: str):
+    """Ray's own upload, then the completion marker, last: a folder without it was cut off."""
+    import ray.train
+
+    local = checkpoint.path
+    manifest = checkpoint_manifest(local, int(dir_name.rsplit("_", 1)[-1]))
+    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+    with persisted.filesystem.open_output_stream(f"{persisted.path}/{MARKER}") as f:
+        f.write(json.dumps(manifest).encode())
+    return persisted
+
+
+def restore(spec: JobSpec, checkpoint, init_from: str | None, device) -> tuple[dict | None, str | None, bool]:
+    """The state a worker starts from, a note when it is not the one Ray offered, and whether it
+    is a PBT donor's.
+
+    Ray offers the run's last reported checkpoint. It is used when complete (an incomplete one
+    falls back to the newest complete checkpoint). `init_from` (a PBT donor) wins over Ray's unless
+    that checkpoint was itself written after restoring from the same donor (a worker restart)."""
+    state, note = None, None
+    if checkpoint is not None:
+        name = os.path.basename(checkpoint.path.rstrip("/"))
+        try:
+            state = load_state(f"{spec.run_url}/{name}", spec.storage.endpoint_url, map_location=device)
+        except StorageError as e:
+            if "incomplete" not in str(e):
+                raise
+            ckpts = list_checkpoints(Store(spec.run_url, spec.storage.endpoint_url), warn=False)
+            note = f"{name} is incomplete; " + (f"resumed from {ckpts[-1]['name']}" if ckpts else "started afresh")
+            state = load_state(ckpts[-1]["url"], spec.storage.endpoint_url, map_location=device) if ckpts else None
+    if init_from and (state is None or state.get("lineage") != init_from):
+        state = load_state(init_from, spec.storage.endpoint_url, map_location=device)
+        state["lineage"] = init_from
+        return state, None, True
+    return state, note, False
+
+
+CKPT_PREFIX = "rayganx_ckpt_"
+
+
+def sweep_stale_copies(tmp: str | None = None) -> list[str]:
+    """Remove local checkpoint copies left by dead processes on this node.
+
+    Ray deletes a copy once it is uploaded; a worker killed before that (node drain, Ctrl-C,
+    OOM) leaves its state file behind, one per checkpoint in flight, and /tmp fills up over a
+    day of restarts. A copy's name carries its writer's pid: a live writer's copies are never
+    touched, even by another run on the same node."""
+    import glob
+
+    removed = []
+    for path in glob.glob(os.path.join(tmp or tempfile.gettempdir(), f"{CKPT_PREFIX}*_*")):
+        pid = os.path.basename(path)[len(CKPT_PREFIX):].split("_", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def report_checkpoint(task: Task, step: int, metrics: dict, num_classes, rng: list, lineage, rank: int) -> None:
+    """Every rank reports (a barrier); rank 0's folder is uploaded, its marker written last."""
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    # ray.train.report is a barrier whose queue the controller drains on its own poll interval:
+    # reporting every log step stalled training by half. Logs go to the metrics log and Ray's
+    # metrics; Ray Train hears from us at checkpoints.
+    checkpoint = None
+    if rank == 0:
+        sweep_stale_copies()
+        local = tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{os.getpid()}_")  # removed by Ray once uploaded
+        try:
+            save_checkpoint(local, task, step, metrics, num_classes, rng, lineage)
+        except BaseException:
+            shutil.rmtree(local, ignore_errors=True)
+            raise
+        checkpoint = Checkpoint.from_directory(local)
+    # Asynchronous: the upload (and its marker, written last) runs in a background thread while
+    # training goes on; a failed upload fails the run at the next step.
+    mode = CheckpointUploadMode.ASYNC if task.spec.storage.async_upload else CheckpointUploadMode.SYNC
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}",
+                     checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=checkpoint is not None,
+                     checkpoint_upload_fn=upload_with_marker if checkpoint is not None else None)
