@@ -18,7 +18,8 @@ import yaml
 from rayganx.crds import Schemas
 from rayganx.errors import UserError
 from rayganx.cluster import DATA_CPUS
-from rayganx.spec import ENV_REF, SECRET_ENV, JobSpec
+from rayganx.config import ENV_REF, SECRET_ENV
+from rayganx.spec import JobSpec
 from rayganx.storage import is_remote
 
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
@@ -319,10 +320,11 @@ def render_sweep(sweep, image: str, namespace: str = "default", secret: str | No
     import copy
 
     from rayganx import spec as jobspec
+    from rayganx.config import parse_overrides, set_dotted
 
     job = copy.deepcopy(sweep.base_raw)
-    for key, value in jobspec.parse_overrides(gpu_sets):
-        jobspec.set_dotted(job, key, value)
+    for key, value in parse_overrides(gpu_sets):
+        set_dotted(job, key, value)
     base = jobspec.from_dict(job, sweep.source)
     trials = sweep.spec.max_concurrent_trials or 2
     workers = trials * sweep.workers_per_trial

@@ -110,7 +110,7 @@ def path_problems(spec: JobSpec, paths_on_cluster: bool, storage: str | None = N
 def job_env(*specs: JobSpec) -> dict[str, str]:
     """This machine's values of the variables the job's ${VAR} placeholders name: the cluster
     resolves the placeholders to what was checked here (credential variables never get this far)."""
-    from rayganx.spec import ENV_REF, SECRET_ENV
+    from rayganx.config import ENV_REF, SECRET_ENV
 
     names = {var for s in specs for t in s._templates.values() for var, _ in ENV_REF.findall(t)}
     return {n: os.environ[n] for n in sorted(names) if n in os.environ and not SECRET_ENV.search(n)}

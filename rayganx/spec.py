@@ -7,8 +7,6 @@ unknown key, the closest valid one.
 
 from __future__ import annotations
 
-import difflib
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,14 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from rayganx.errors import UserError
+from rayganx.config import SpecError, describe_error, expand_env, load_yaml, parse_overrides, set_dotted
 
 GAN_KINDS = ("mlp_gan", "dcgan", "resnet_gan")
-# Environment variables that hold credentials. A job file may not reference them: their values
-# would end up in spec.yaml, checkpoints and logs. Credentials reach fsspec/botocore from the
-# environment, a profile or an instance role (and on Kubernetes from a Secret).
-SECRET_ENV = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?|API_KEY)", re.I)
-ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 # user:password@ in a URL (s3://key:secret@bucket, http://user:pass@minio:9000)
 URL_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
 # Metric names a run can be ranked by; "min" metrics are better when lower.
@@ -52,15 +45,11 @@ def metric_reporting(result: str, points: bool) -> str | None:
 PATH_SOURCES = ("image_folder", "parquet", "celeba")
 
 
-class SpecError(UserError, ValueError):
-    """A job spec problem, already phrased for the user (file, key, what was expected)."""
-
-
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelSpec(_Section):
+class ModelSpec(Section):
     kind: Literal["mlp_gan", "dcgan", "resnet_gan", "cnn", "vae"] = "dcgan"
     latent_dim: int = Field(100, ge=1)
     ngf: int = Field(64, ge=1, description="generator width (DCGAN/ResNet/VAE decoder)")
@@ -74,7 +63,7 @@ class ModelSpec(_Section):
                                            "along channels (images) or features (points)")
 
 
-class DataSpec(_Section):
+class DataSpec(Section):
     source: Literal["image_folder", "parquet", "celeba", "digits", "gaussian_mixture"] = "digits"
     path: str | None = Field(None, description="local path or fsspec URL (s3://, gs://, ...)")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, ...)")
@@ -93,13 +82,13 @@ class DataSpec(_Section):
                             "take at most a quarter of it")
 
 
-class OptimSpec(_Section):
+class OptimSpec(Section):
     lr: float = Field(2e-4, gt=0)
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = Field(0.0, ge=0)
 
 
-class TrainSpec(_Section):
+class TrainSpec(Section):
     batch_size: int = Field(128, ge=1, description="global batch, split across workers")
     steps: int | None = Field(None, ge=1, description="generator (or optimiser) steps")
     epochs: int | None = Field(None, ge=1, description="passes over the data (a GAN's generator step takes d_steps batches)")
@@ -131,7 +120,7 @@ class TrainSpec(_Section):
     log_every: int = Field(10, ge=1)
 
 
-class ScalingSpec(_Section):
+class ScalingSpec(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
@@ -142,7 +131,7 @@ class ScalingSpec(_Section):
         "PACK", description="how Ray places the workers on nodes; STRICT_SPREAD: each on its own node")
 
 
-class StorageSpec(_Section):
+class StorageSpec(Section):
     path: str = Field("runs", description="local directory or fsspec URL of the run store")
     endpoint_url: str | None = None
     checkpoint_every: int = Field(200, ge=1)
@@ -151,7 +140,7 @@ class StorageSpec(_Section):
     async_upload: bool = Field(True, description="upload checkpoints in the background while training goes on")
 
 
-class SamplesSpec(_Section):
+class SamplesSpec(Section):
     every: int = Field(200, ge=1)
     n: int = Field(64, ge=1, description="images in the grid")
     seed: int = 1234
@@ -163,7 +152,7 @@ IS_NEEDS_LOGITS = ("eval.metrics: 'is' (Inception Score) needs class logits, whi
                    "use features inception, or classifier with a rayganx CNN checkpoint as the extractor")
 
 
-class EvalSpec(_Section):
+class EvalSpec(Section):
     every: int | None = Field(None, ge=1, description="evaluate every N steps (off by default)")
     num_samples: int = Field(1000, ge=2, description="generated samples (per set for 2-D jobs; their default: 2500)")
     metrics: list[Literal[tuple(EVAL_METRICS)]] = Field(  # type: ignore[valid-type]
@@ -178,7 +167,7 @@ class EvalSpec(_Section):
                                                          "(local or URL); downloaded once into the cache without it")
 
 
-class JobSpec(_Section):
+class JobSpec(Section):
     # dotted key -> the string as written, with its ${VAR} placeholders (see to_dict)
     _templates: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -238,117 +227,6 @@ class JobSpec(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def _keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Valid keys of the section a pydantic error location points into."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
-
-
-def job_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
-    """Every settable dotted key of a job (train.optim_g.lr, ...)."""
-    out = []
-    for name, field in (model or JobSpec).model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out += job_keys(ann, f"{prefix}{name}.")
-        else:
-            out.append(prefix + name)
-    return out
-
-
-def describe_error(err: dict, model: type[BaseModel] = None) -> str:
-    """One pydantic error as 'dotted.key: what was expected, got what'."""
-    model = model or JobSpec
-    loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        valid = _keys_at(model, loc)
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
-        return f"{key}: unknown key ({hint})"
-    if err["type"] == "missing":
-        return f"{key}: required key is missing"
-    msg = err["msg"].replace("Input should be", "expected").replace("String should", "expected to")
-    return f"{key}: {msg}, got {err.get('input')!r}"
-
-
-def set_dotted(raw: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = raw
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise SpecError(f"--set {dotted}: '{p}' is a value, not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
-    out = []
-    for item in overrides or []:
-        if "=" not in item:
-            raise SpecError(f"--set {item!r}: expected key.path=value")
-        key, value = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(value) if value.strip() else None))
-    return out
-
-
-def _expand_env(obj: Any, templates: dict[str, str] | None = None, where: str = "") -> Any:
-    """${VAR} and ${VAR:-default} in string values, so a path can come from the environment.
-
-    The strings as written are recorded in `templates` by dotted key. Credential variables are
-    refused: a job file is stored, printed and shipped, and must never carry a secret."""
-    if isinstance(obj, dict):
-        return {k: _expand_env(v, templates, f"{where}.{k}" if where else str(k)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_expand_env(v, None, where) for v in obj]
-    if isinstance(obj, str):
-        refs = ENV_REF.findall(obj)
-        for var, _ in refs:
-            if SECRET_ENV.search(var):
-                raise SpecError(f"{where or 'value'}: ${{{var}}} looks like a credential; credentials are read "
-                                f"from the environment, a profile or an instance role, never from the job file")
-        if not refs:
-            return obj
-        if templates is not None:
-            templates[where] = obj
-        return ENV_REF.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), obj)
-    return obj
-
-
-def expand_env(raw: dict) -> dict:
-    """A raw job with its ${VAR} placeholders resolved from this environment."""
-    return _expand_env(raw)
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such job file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(f"{path}:{where}: malformed YAML: {problem}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
-    return raw
-
-
 def from_dict(raw: dict, source: str = "<job>", overrides: list[str] | None = None) -> JobSpec:
     import copy
 
@@ -357,13 +235,13 @@ def from_dict(raw: dict, source: str = "<job>", overrides: list[str] | None = No
         set_dotted(raw, key, value)
     templates: dict[str, str] = {}
     try:
-        raw = _expand_env(raw, templates)
+        raw = expand_env(raw, templates)
     except SpecError as e:
         raise SpecError(f"{source}: {e}") from None
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:
-        lines = [describe_error(err) for err in e.errors()]
+        lines = [describe_error(err, JobSpec) for err in e.errors()]
         raise SpecError(f"{source}: " + f"\n{source}: ".join(lines)) from None
     spec._templates = templates
     problems = check(spec)

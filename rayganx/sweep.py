@@ -19,7 +19,8 @@ import yaml
 from pydantic import Field, ValidationError
 
 from rayganx import spec as jobspec
-from rayganx.spec import EVAL_RESULTS, METRIC_MODES, JobSpec, SpecError, _Section
+from rayganx.config import describe_error, job_keys, load_yaml, parse_overrides, set_dotted
+from rayganx.spec import EVAL_RESULTS, METRIC_MODES, JobSpec, SpecError, Section
 
 # Values a sweep can sample. Anything else in `space` is a constant for every trial.
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -59,7 +60,7 @@ train.seed: {randint: [0, 10000]}
 """}
 
 
-class SchedulerSpec(_Section):
+class SchedulerSpec(Section):
     kind: Literal["fifo", "asha", "pbt"] = "asha"
     max_steps: int | None = Field(None, ge=1, description="steps of a full trial (default: the job's train.steps)")
     grace_period: int = Field(100, ge=1, description="ASHA: steps before a trial can be stopped")
@@ -73,7 +74,7 @@ class SchedulerSpec(_Section):
                                                                 "(default: the sampled keys of `space`)")
 
 
-class SweepSpec(_Section):
+class SweepSpec(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     job: str | dict = Field(description="the base job: a job YAML path (relative to the sweep file) or inline")
     include: list[Literal[tuple(DEFAULT_SPACES)]] = Field(default_factory=list)  # type: ignore[valid-type]
@@ -134,25 +135,25 @@ class Sweep:
         recipe = {k: v for k, v in config.items() if k.startswith("recipe.")}
         for key, value in config.items():
             if not key.startswith("recipe."):
-                jobspec.set_dotted(raw, key, value)
+                set_dotted(raw, key, value)
         _apply_recipe(raw, recipe)
         every = self.spec.report_every
-        jobspec.set_dotted(raw, "name", trial)
-        jobspec.set_dotted(raw, "storage.path", self.root)
-        jobspec.set_dotted(raw, "storage.checkpoint_every", every)
-        jobspec.set_dotted(raw, "train.steps", self.max_steps)
-        jobspec.set_dotted(raw, "train.epochs", None)
+        set_dotted(raw, "name", trial)
+        set_dotted(raw, "storage.path", self.root)
+        set_dotted(raw, "storage.checkpoint_every", every)
+        set_dotted(raw, "train.steps", self.max_steps)
+        set_dotted(raw, "train.epochs", None)
         name = self.eval_metric
         if name:
-            jobspec.set_dotted(raw, "eval.every", every)
+            set_dotted(raw, "eval.every", every)
             metrics = raw.get("eval", {}).get("metrics") or list(self.base.eval.metrics)
-            jobspec.set_dotted(raw, "eval.metrics", metrics if name in metrics else [*metrics, name])
+            set_dotted(raw, "eval.metrics", metrics if name in metrics else [*metrics, name])
         if self.metric in METRIC_MODES and METRIC_MODES[self.metric] == self.mode:
-            jobspec.set_dotted(raw, "storage.keep_best_by", self.metric)  # keeps the best checkpoint
+            set_dotted(raw, "storage.keep_best_by", self.metric)  # keeps the best checkpoint
         if self.spec.scheduler.kind == "pbt":
             # A donor's checkpoint must outlive the time its exploiter takes to start.
             keep = raw.get("storage", {}).get("keep") or 2
-            jobspec.set_dotted(raw, "storage.keep", max(keep, 4))
+            set_dotted(raw, "storage.keep", max(keep, 4))
         return jobspec.from_dict(raw, f"{self.source} ({trial})")
 
 
@@ -168,7 +169,7 @@ def default_metric(base: JobSpec) -> str:
 def _apply_recipe(raw: dict, recipe: dict) -> None:
     if not recipe:
         return
-    sd = lambda k, v: jobspec.set_dotted(raw, k, v)  # noqa: E731
+    sd = lambda k, v: set_dotted(raw, k, v)  # noqa: E731
     try:  # the job's current values, defaults included, to change one part of them
         cur = JobSpec.model_validate(raw)
     except ValidationError:
@@ -234,7 +235,7 @@ def distribution_values(where: str, v: Any) -> list:
 
 
 def _check_key(where: str, key: str) -> None:
-    valid = jobspec.job_keys() + list(RECIPE)
+    valid = job_keys(JobSpec) + list(RECIPE)
     if key in valid:
         return
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
@@ -245,9 +246,9 @@ def _check_key(where: str, key: str) -> None:
 def load(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Read and check a sweep before any trial starts: its keys, its values against the job spec."""
     path = Path(path)
-    raw = jobspec.load_yaml(path)
-    for key, value in jobspec.parse_overrides(overrides):
-        jobspec.set_dotted(raw, key, value)
+    raw = load_yaml(path)
+    for key, value in parse_overrides(overrides):
+        set_dotted(raw, key, value)
     return from_dict(raw, str(path), path.parent)
 
 
@@ -255,7 +256,7 @@ def from_dict(raw: dict, source: str = "<sweep>", base_dir: Path | None = None) 
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:
-        raise SpecError("\n".join(f"{source}: {jobspec.describe_error(err, SweepSpec)}" for err in e.errors())) from None
+        raise SpecError("\n".join(f"{source}: {describe_error(err, SweepSpec)}" for err in e.errors())) from None
     if isinstance(spec.job, str):
         candidates = [Path(spec.job)] if Path(spec.job).is_absolute() else [
             (base_dir or Path.cwd()) / spec.job, Path(spec.job)]
@@ -263,7 +264,7 @@ def from_dict(raw: dict, source: str = "<sweep>", base_dir: Path | None = None) 
         if not found:
             raise SpecError(f"{source}: job: no such job file {spec.job!r} (looked in "
                             f"{', '.join(sorted({str(c.parent.resolve()) for c in candidates}))})")
-        base_raw, base_source = jobspec.load_yaml(found), str(found)
+        base_raw, base_source = load_yaml(found), str(found)
     else:
         base_raw, base_source = spec.job, f"{source} (job)"
     base = jobspec.from_dict(base_raw, base_source)
@@ -347,12 +348,12 @@ def _probe(sw: Sweep, corners: dict[str, list]) -> list[str]:
         probes = [first | {k: value} for k in keys for value in corners[k]]
     for mkey, v in sw.mutations.items():
         probes += [probes[0] | {mkey: value} for value in distribution_values(mkey, v)]
-    for config in probes:
+    for point in probes:
         try:
-            sw.trial_spec(config, "probe")
+            sw.trial_spec(point, "probe")
         except SpecError as e:
             detail = str(e).split(": ", 1)[-1].replace("(probe): ", "")
-            varied = ", ".join(f"space.{k}={v!r}" for k, v in config.items() if len(corners.get(k, [0, 0])) > 1)
+            varied = ", ".join(f"space.{k}={v!r}" for k, v in point.items() if len(corners.get(k, [0, 0])) > 1)
             return [f"{varied or 'space'}: the job spec rejects this trial: {detail}"]
     return []
 

@@ -17,7 +17,7 @@ import os
 import threading
 from typing import Any, Callable
 
-from rayganx import spec as jobspec
+from rayganx.config import set_dotted
 from rayganx.leaderboard import best_job_yaml, leaderboard
 from rayganx.cluster import DATA_CPUS, init_ray
 from rayganx.storage import Store, absolute, is_remote
@@ -144,7 +144,7 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
     base_raw = copy.deepcopy(sw.base_raw)
     for key, value in sw.base.paths().items():
         if key != "storage.path":  # the sweep's own storage holds the trials
-            jobspec.set_dotted(base_raw, key, absolute(value))
+            set_dotted(base_raw, key, absolute(value))
     raw = sw.spec.model_dump(mode="json") | {"job": base_raw}
     trainable = tune.with_parameters(run_trial, sweep_raw=raw, source=sw.source)
     # The trial driver only waits on its TorchTrainer: the workers hold the CPUs and GPUs, and a

@@ -84,7 +84,7 @@ def test_corrupt_image_fails_naming_the_file(ray_session, tmp_path):
 
 def test_corrupt_image_skipped_and_counted(ray_session, tmp_path):
     folder, bad = _folder_with_corrupt(tmp_path)
-    from rayganx.runner import run_monitor
+    from rayganx.progress import run_monitor
 
     counter = run_monitor()
     try:

@@ -8,11 +8,12 @@ import typer
 from rich.table import Table
 
 from rayganx import spec as jobspec
+from rayganx.config import load_yaml
 from rayganx.cli.base import CrdsOpt, SetOpt, app, command, emit, err, k8s_app, out
 
 
 def is_sweep(path: str) -> bool:
-    raw = jobspec.load_yaml(path)
+    raw = load_yaml(path)
     return "job" in raw and "model" not in raw
 
 
