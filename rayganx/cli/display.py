@@ -156,3 +156,25 @@ def compare_table(views, title: str, diff: list) -> Table:
     for key in compare.summary_keys(views):
         table.add_row(key, *(compare.metric_cell(v, key) for v in views))
     return table
+
+
+def print_run_summary(name: str, result, seconds: float) -> None:
+    """What a finished run left, and where: checkpoints, samples, final metrics, rollbacks, skipped files."""
+    rows = [("run", result.run_url)]
+    if result.checkpoints:
+        rows.append(("checkpoints", ", ".join(c["name"] for c in result.checkpoints)))
+        rows.append(("latest checkpoint", result.checkpoints[-1]["url"]))
+    if result.samples:
+        rows.append(("sample grids", f"{result.run_url}/samples/ (latest {result.samples[-1].rsplit('/', 1)[-1]})"))
+    if result.metrics:
+        rows.append(("final metrics", fmt_metrics(result.metrics)))
+    if result.rollbacks:
+        rows.append(("divergence rollbacks", f"{len(result.rollbacks)} (learning rates now "
+                                             f"x{result.rollbacks[-1]['lr_scale']:g})"))
+    if result.skipped_images is None:
+        rows.append(("skipped corrupt images", "unknown (the run's monitor was lost with its node)"))
+    elif result.skipped_images:
+        rows.append(("skipped corrupt images", f"{len(result.skipped_images)} (first: {result.skipped_images[0]})"))
+    out.print(f"[bold green]done[/bold green] {name}: {result.steps} steps in {seconds:.0f} s")
+    for key, value in rows:
+        out.print(f"  [bold]{key}[/bold]: {value}", highlight=False, soft_wrap=True)

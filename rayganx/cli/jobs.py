@@ -12,7 +12,7 @@ from rich.table import Table
 
 from rayganx import spec as jobspec
 from rayganx.cli.base import AddressOpt, ForceOpt, OnClusterOpt, STATE, SetOpt, app, command, data_app, err, out, warn
-from rayganx.cli.display import RunDisplay, fmt_metrics, when
+from rayganx.cli.display import RunDisplay, print_run_summary, when
 
 
 @app.command()
@@ -42,24 +42,7 @@ def _run_here(spec: jobspec.JobSpec, force: bool = False) -> None:
         raise typer.Exit(130)
     finally:
         display.stop()
-    rows = [("run", result.run_url)]
-    if result.checkpoints:
-        rows.append(("checkpoints", ", ".join(c["name"] for c in result.checkpoints)))
-        rows.append(("latest checkpoint", result.checkpoints[-1]["url"]))
-    if result.samples:
-        rows.append(("sample grids", f"{result.run_url}/samples/ (latest {result.samples[-1].rsplit('/', 1)[-1]})"))
-    if result.metrics:
-        rows.append(("final metrics", fmt_metrics(result.metrics)))
-    if result.rollbacks:
-        rows.append(("divergence rollbacks", f"{len(result.rollbacks)} (learning rates now "
-                                             f"x{result.rollbacks[-1]['lr_scale']:g})"))
-    if result.skipped_images is None:
-        rows.append(("skipped corrupt images", "unknown (the run's monitor was lost with its node)"))
-    elif result.skipped_images:
-        rows.append(("skipped corrupt images", f"{len(result.skipped_images)} (first: {result.skipped_images[0]})"))
-    out.print(f"[bold green]done[/bold green] {spec.name}: {result.steps} steps in {time.monotonic() - t0:.0f} s")
-    for key, value in rows:
-        out.print(f"  [bold]{key}[/bold]: {value}", highlight=False, soft_wrap=True)
+    print_run_summary(spec.name, result, time.monotonic() - t0)
 
 
 @app.command()
