@@ -157,7 +157,7 @@ def load_model(checkpoint: str, endpoint_url: str | None = None) -> Model:
 
     if checkpoint.endswith(".pt") and os.path.isfile(checkpoint):
         g, spec, num_classes = models.load_generator(checkpoint)
-        return Model(g, spec, num_classes)
+        return Model(g.requires_grad_(False), spec, num_classes)
     state = load_state(checkpoint, endpoint_url)
     g, spec, num_classes = models.generator_from_state(state)
     d = None
@@ -209,20 +209,20 @@ def fill_gan(model: Model, x, known, seeds: list[int], search: Search):
     """The generated image of the best latent (and class) per image, and the class (or None).
 
     Every image starts `restarts` latents per class (its own seed). A quarter of the steps screens
-    them all; the best `restarts` candidates of each image then take the remaining steps."""
+    them all; the best `restarts` (at least 2) of each image then take the remaining steps."""
     n, dim = x.shape[0], model.spec.model.latent_dim
     classes = model.num_classes if model.conditional else 1
     k = classes * search.restarts
     z = torch.stack([torch.randn(k, dim, generator=torch.Generator().manual_seed(s)) for s in seeds])  # n, k, dim
     y = torch.arange(classes).repeat_interleave(search.restarts).expand(n, k) if model.conditional else None
     xs, ks = x.repeat_interleave(k, 0), known.repeat_interleave(k, 0)
-    screen = max(1, search.steps // 4) if k > search.restarts else 0
+    screen = max(1, search.steps // 4) if k > max(2, search.restarts) else 0
     if screen:
         zf, loss, _ = _adam(model, z.reshape(n * k, dim), None if y is None else y.reshape(-1), xs, ks, search, screen)
-        keep = loss.view(n, k).topk(search.restarts, dim=1, largest=False).indices  # n, restarts
-        z = zf.view(n, k, dim).gather(1, keep[..., None].expand(-1, -1, dim))
+        k = min(k, max(2, search.restarts))  # two at least: a close second class gets its chance
+        keep = loss.view(n, -1).topk(k, dim=1, largest=False).indices  # n, k
+        z = zf.view(n, -1, dim).gather(1, keep[..., None].expand(-1, -1, dim))
         y = None if y is None else y.gather(1, keep)
-        k = search.restarts
         xs, ks = x.repeat_interleave(k, 0), known.repeat_interleave(k, 0)
     zf, loss, out = _adam(model, z.reshape(n * k, dim), None if y is None else y.reshape(-1), xs, ks, search,
                           search.steps - screen)
