@@ -221,7 +221,7 @@ def test_complete_local_folder_then_a_rerun(short_run, tmp_path):
     done = np.asarray(Image.open(io.BytesIO(first)))
     assert (done[:8] == original[:8]).all() and (done[8:24, 8:24] != original[8:24, 8:24]).any()
     grid = Image.open(out / "grid.png")
-    assert grid.size == (2 + 3 * 34, 2 + 6 * 34)  # rows: input with hole, completion, original
+    assert grid.size == (2 + 3 * 34, 2 + 4 * 34)  # the first task's 4 images: input with hole, completion, original
     manifest = json.loads((out / "complete.json").read_text())
     assert manifest["settings"]["mask"] == "center" and manifest["summary"]["images"] == 6
     # The same command again is safe and gives the same images (each image has its own seed).
