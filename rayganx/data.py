@@ -34,7 +34,7 @@ class DataError(UserError, ValueError):
 # --------------------------------------------------------------------------- pixel work
 
 
-def _to_array(img, size: int, channels: int, crop: int | None) -> np.ndarray:
+def to_array(img, size: int, channels: int, crop: int | None) -> np.ndarray:
     from PIL import Image
 
     img = img.convert("L" if channels == 1 else "RGB")
@@ -77,7 +77,7 @@ def _decode_batch(batch, *, size, channels, crop, on_corrupt, classes, root, spl
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                arr = _to_array(img, size, channels, crop)
+                arr = to_array(img, size, channels, crop)
         except Exception as e:  # PIL raises several types for bad files
             if on_corrupt == "fail":
                 raise DataError(f"corrupt image {name}: {type(e).__name__}: {e} "
@@ -106,7 +106,7 @@ def _resize_digits(batch, *, size, channels, split, val_fraction):
         if not _in_split(str(key).encode(), split, val_fraction):
             continue
         img = Image.fromarray(raw.astype(np.uint8), mode="L")
-        images.append(_to_array(img, size, channels, None))
+        images.append(to_array(img, size, channels, None))
         labels.append(int(label))
     stacked = np.stack(images) if images else np.zeros((0, channels, size, size), np.uint8)
     return {"image": stacked, "label": np.asarray(labels, dtype=np.int64)}

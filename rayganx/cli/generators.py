@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import typer
@@ -79,6 +80,53 @@ def generate_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (
                               on_part=lambda done, total: bar.update(task, completed=done))
     out.print(f"{result['images']} images in {result['parts']} parts at {result['out']} "
               f"({result['written']} written now, {result['skipped']} already there)", soft_wrap=True)
+
+
+@app.command("complete")
+@command
+def complete_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (local or URL) or exported .pt"),
+                 input_url: str = typer.Option(..., "--input", help="folder of images or Parquet (image column), "
+                                                                    "local or URL"),
+                 mask: str = typer.Option(..., "--mask", help="center | random[:fraction] | box:x,y,w,h | a folder of "
+                                                              "mask images (white = hole) named like the inputs"),
+                 out_url: str = typer.Option(..., "--out", help="folder or URL for the completed PNGs and grid.png"),
+                 method: str = typer.Option("model", "--method", help="model (GAN latent search, VAE encode-decode) "
+                                                                      "| mean | nearest"),
+                 steps: int = typer.Option(100, "--steps", help="latent search: Adam steps"),
+                 restarts: int = typer.Option(2, "--restarts", help="latent search: starts per image (per class for "
+                                                                    "a conditional model)"),
+                 prior: float = typer.Option(0.01, "--prior", help="latent search: weight of the realism prior"),
+                 blend: str = typer.Option("poisson", "--blend", help="poisson | feather | none"),
+                 seed: int = typer.Option(0, "--seed", help="random masks and latent starts (per image)"),
+                 batch_size: int = typer.Option(64, "--batch-size", help="images per task"),
+                 workers: int = typer.Option(2, "--workers", help="model copies working at once"),
+                 threads: int = typer.Option(1, "--threads", help="CPUs (torch threads) per worker"),
+                 gpu: bool = typer.Option(False, "--gpu", help="one GPU per worker"),
+                 address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS",
+                                                       help="Ray cluster (what ray.init takes); default: embedded"),
+                 endpoint_url: Optional[str] = EndpointOpt):
+    """Fill a hole in each input image: GAN latent search (Yeh et al. 2017), VAE, or the mean / nearest baselines."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from rayganx import complete
+    from rayganx.cluster import init_ray
+
+    if address and address.startswith("http"):
+        raise jobspec.SpecError(f"--address {address}: complete joins a Ray cluster (host:6379 or ray://host:10001), "
+                                f"not the Jobs API")
+    t0 = time.monotonic()
+    # The mask is parsed for size 1 << 16 first (syntax only); prepare checks a box against the model's size.
+    job = complete.Job(checkpoint, input_url, complete.parse_mask(mask, 1 << 16, endpoint_url), out_url, method,
+                       complete.Search(steps, restarts, prior), blend, seed, batch_size, endpoint_url)
+    complete.prepare(job)  # bad input fails here, before Ray starts or anything is written
+    init_ray(address=address)
+    with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=out,
+                  disable=not out.is_terminal) as bar:
+        task = bar.add_task("completing", total=len(job.items))
+        summary = complete.run(job, workers, threads, gpu, on_chunk=lambda done, total: bar.update(task, completed=done))
+    psnr = f"; hole PSNR {summary['hole_psnr_db']:.2f} dB against the inputs" if "hole_psnr_db" in summary else ""
+    out.print(f"completed {summary['images']} images ({method}) in {time.monotonic() - t0:.0f} s into {summary['out']} "
+              f"(grid.png, complete.json){psnr}", soft_wrap=True, highlight=False)
 
 
 @app.command()

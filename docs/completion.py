@@ -1,0 +1,272 @@
+"""The image-completion benchmark: train a conditional digits GAN on the training split only, and
+the digits CNN, then complete the held-out split with centre and random masks by the GAN (latent
+search), the mean fill and the nearest training image, all through `rayganx complete`; write the
+"Image completion" section of docs/results.md and a picture under docs/img/.
+
+    python docs/completion.py            # trains, then completes; runs go to results_runs/
+    python docs/completion.py --reuse    # keep the runs and completions already made
+
+Held out: the images the CNN job holds out (data.val_fraction 0.15 of digits, the same rows), so
+neither the GAN, nor the nearest-image baseline, nor the CNN has seen them. The GAN trains on a
+folder of the other images (class sub-folders), written here first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+STORAGE = Path(os.environ.get("RAYGANX_RESULTS_STORAGE", str(ROOT / "results_runs")))
+WORK = STORAGE / "completion"
+SECTION = "## Image completion"
+GAN_JOB, CNN_JOB = "cgan_digits", "cnn_digits"
+MASKS = ("center", "random")
+METHODS = ("gan", "mean", "nearest")
+
+
+def split_digits(val_fraction: float) -> tuple[int, int]:
+    """train/<label>/<i>.png and heldout/<label>/<i>.png at 32 px, split as the CNN job splits."""
+    from PIL import Image
+
+    from rayganx.data import _in_split, digits_arrays
+
+    images, labels = digits_arrays()
+    counts = {"train": 0, "heldout": 0}
+    for i, (im, label) in enumerate(zip(images, labels)):
+        part = "heldout" if _in_split(str(i).encode(), "val", val_fraction) else "train"
+        path = WORK / part / str(label) / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im, mode="L").resize((32, 32), Image.BICUBIC).save(path)
+        counts[part] += 1
+    return counts["train"], counts["heldout"]
+
+
+def train(job: str, overrides: list[str], reuse: bool) -> tuple[str, float]:
+    """The job's final checkpoint (trained now, or the one there with --reuse) and the seconds it took."""
+    from rayganx import cluster, runner, spec as jobspec
+    from rayganx.runs import list_checkpoints
+    from rayganx.storage import Store
+
+    spec = runner.resolve_paths(jobspec.load(ROOT / "jobs" / f"{job}.yaml", overrides))
+    ckpts = list_checkpoints(Store(spec.run_url), warn=False)
+    timing = WORK / f"train_{spec.name}.json"
+    if reuse and ckpts and ckpts[-1]["step"] >= spec.train.steps:
+        return ckpts[-1]["url"], json.loads(timing.read_text())["seconds"] if timing.exists() else float("nan")
+    t0 = time.time()
+    cluster.init_ray()
+    result = runner.run(spec)
+    timing.write_text(json.dumps({"seconds": time.time() - t0}))
+    return result.checkpoints[-1]["url"], time.time() - t0
+
+
+def complete_all(gan: str, masks, methods, reuse: bool, steps: int, restarts: int, workers: int,
+                 only=None) -> dict:
+    """Run `rayganx complete` (its functions, in this process: one Ray start) for every mask and
+    method; {(mask, method): (summary, seconds, command line)}. Masks not in `only` are taken
+    from finished completions (--reuse) or left out."""
+    from rayganx import cluster, complete
+    from rayganx.storage import Store
+
+    done = {}
+    for mask in masks:
+        for method in methods:
+            name, blend = (method, "poisson") if method != "mean-flat" else ("mean", "none")
+            out = WORK / "out" / f"{mask}-{method}"
+            flags = [] if name != "model" else ["--steps", str(steps), "--restarts", str(restarts)]
+            flags += [] if blend == "poisson" else ["--blend", blend]
+            rel = functools.partial(os.path.relpath, start=ROOT)
+            cmd = (f"rayganx complete {rel(gan)} --input {rel(WORK / 'heldout')} --mask {mask} --method {name} "
+                   f"{' '.join(flags)} --out {rel(out)}").replace("  ", " ")
+            manifest = out / complete.MANIFEST
+            if reuse and manifest.exists() and "summary" in json.loads(manifest.read_text()):
+                m = json.loads(manifest.read_text())
+                done[(mask, method)] = (m["summary"], m.get("seconds", 0.0), cmd)
+                continue
+            if only is not None and mask not in only:
+                continue
+            t0 = time.time()
+            cluster.init_ray()  # once, and only when something is left to complete
+            job = complete.Job(gan, str(WORK / "heldout"), complete.parse_mask(mask, 32), str(out), name,
+                               complete.Search(steps, restarts), blend, 0, 32)
+            summary = complete.run(complete.prepare(job), workers=workers, threads=1)
+            secs = time.time() - t0
+            m = json.loads(manifest.read_text()) | {"seconds": secs}
+            Store(str(out)).write_text(json.dumps(m, indent=2), complete.MANIFEST)
+            done[(mask, method)] = (summary, secs, cmd)
+            print(mask, method, summary, f"{secs:.0f} s", flush=True)
+    return done
+
+
+def load_folder(folder: Path) -> tuple[dict, dict]:
+    """{key: uint8 CHW}, {key: label} of a folder written like heldout/ (label/index.png)."""
+    from PIL import Image
+
+    images, labels = {}, {}
+    for p in sorted(folder.rglob("*.png")):
+        if p.name == "grid.png":
+            continue
+        key = p.relative_to(folder).with_suffix("").as_posix()
+        images[key] = np.asarray(Image.open(p).convert("L"))[None]
+        labels[key] = int(key.split("/")[0])
+    return images, labels
+
+
+def accuracy(cnn: str, images: dict, labels: dict) -> float:
+    import torch
+
+    from rayganx import models
+    from rayganx.data import model_input
+    from rayganx.spec import from_dict
+    from rayganx.runs import load_state
+
+    state = load_state(cnn)
+    spec = from_dict(state["spec"], cnn)
+    net = models.build(spec, state.get("num_classes"))["net"]
+    net.load_state_dict(state["models"]["net"])
+    net.eval()
+    keys = sorted(images)
+    with torch.no_grad():
+        x = model_input(torch.from_numpy(np.stack([images[k] for k in keys])))
+        pred = net(x).argmax(1).numpy()
+    return float((pred == np.asarray([labels[k] for k in keys])).mean())
+
+
+def picture(masks, methods, path: Path, n: int = 8) -> None:
+    """n held-out digits: per mask, the input with its hole, each method's completion, the original."""
+    import torch
+
+    from rayganx.complete import synthetic_hole, parse_mask
+
+    originals, _ = load_folder(WORK / "heldout")
+    outs = {(mask, method): load_folder(WORK / "out" / f"{mask}-{method}")[0] for mask in masks for method in methods}
+    keys = sorted(originals)[:: max(1, len(originals) // n)][:n]
+    tiles = []
+    for key in keys:
+        for mask in masks:
+            hole = synthetic_hole(parse_mask(mask, 32), 32, 0, key)
+            orig = originals[key].astype(np.float32) / 127.5 - 1
+            tiles.append(orig * (1 - hole))
+            tiles += [outs[(mask, method)][key].astype(np.float32) / 127.5 - 1 for method in methods]
+            tiles.append(orig)
+    from rayganx.data import grid_png
+
+    path.write_bytes(grid_png(torch.from_numpy(np.stack(tiles)), len(masks) * (len(methods) + 2)))
+
+
+def write_section(rows, reference: float, info: dict, no_write: bool) -> None:
+    names = {"model": f"GAN latent search ({GAN_JOB} on the training split, D prior)",
+             "mean": "mean fill (Poisson-blended)", "mean-flat": "mean fill (flat, no blending)",
+             "nearest": "nearest training image (Poisson-blended)"}
+    lines = [
+        SECTION,
+        "",
+        f"Produced by `python docs/completion.py` on {datetime.date.today()} ({platform.machine()}, "
+        f"{os.cpu_count()} CPU cores; {info['workers']} Ray Data workers of 1 thread; training: the CNN "
+        f"{info['cnn_secs']:.0f} s, the GAN {info['gan_secs']:.0f} s on 2 Ray Train workers; each completion's "
+        f"wall time is in the table, the first one's with Ray start-up). The held-out split is the {info['heldout']} digits "
+        f"that `jobs/cnn_digits.yaml` holds out (`data.val_fraction: 0.15`); `{GAN_JOB}` "
+        f"({info['gan_steps']} steps) was trained on the other {info['train']} only (a folder of them), and "
+        "`nearest` searches those same training images. Each completion is one `rayganx complete` over the "
+        "held-out folder; masks: `center` (the central 16x16 of 32x32, a quarter of the area) and `random` "
+        "(80% of the pixels missing, Yeh et al.'s random pattern, drawn per image from `--seed 0`). "
+        f"The GAN searches {info['restarts']} latent(s) per class for a quarter of {info['steps']} Adam steps, "
+        "then the best two (class, latent) candidates of each image take the rest; prior weight 0.01 on "
+        "D's non-saturating loss. Every "
+        "method's fill is Poisson-blended into the hole (known pixels kept exactly) unless marked flat.",
+        "",
+        "PSNR is over the hole's pixels only (0-255, pooled over the images). Accuracy is the "
+        f"`jobs/cnn_digits.yaml` classifier's on the completed images; on the unmasked originals it is "
+        f"**{reference:.4f}**.",
+        "",
+        "| mask | method | hole PSNR (dB) | CNN accuracy | wall time |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for mask, method, psnr, acc, secs in rows:
+        lines.append(f"| {mask} | {names[method]} | {psnr:.2f} | {acc:.4f} | {secs:.0f} s |")
+    for mask in dict.fromkeys(r[0] for r in rows):
+        acc = {method: a for m, method, _, a, _ in rows if m == mask}
+        beaten = [b for b in ("mean", "mean-flat", "nearest") if acc["model"] > acc[b]]
+        lost = [b for b in ("mean", "mean-flat", "nearest") if b not in beaten]
+        lines += ["", f"{mask}: the GAN's completions are classified "
+                      f"{'better than every baseline' if not lost else 'worse than ' + ', '.join(lost)}"
+                      f"{' (better than ' + ', '.join(beaten) + ')' if lost and beaten else ''}."]
+    if info["missing"]:
+        lines += ["", f"(Partial: the {', '.join(info['missing'])} mask not measured yet; "
+                      f"`python docs/completion.py --reuse` adds it.)"]
+    lines += ["", "Commands (from the repository root, after the training above):", "", "```bash"]
+    lines += info["commands"] + ["```", "",
+              "Columns per mask: the input with its hole (grey), GAN, mean, nearest, the original:", "",
+              "![completion](img/completion.png)"]
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if no_write:
+        return
+    results = ROOT / "docs" / "results.md"
+    text = results.read_text()
+    if SECTION in text:  # replace this section only, up to the next one
+        head, rest = text.split(SECTION, 1)
+        tail = rest[rest.index("\n## ") + 1:] if "\n## " in rest else ""
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    results.write_text(text)
+    print("wrote the image-completion section of docs/results.md")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reuse", action="store_true", help="keep trained runs and finished completions")
+    ap.add_argument("--steps", type=int, default=100, help="latent search steps")
+    ap.add_argument("--restarts", type=int, default=1, help="latent starts per class")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--masks", default=",".join(MASKS), help="complete with these masks only (with --reuse, "
+                                                             "the others' finished completions are kept)")
+    ap.add_argument("--no-write", action="store_true", help="print the section, leave docs/ alone")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    t0 = time.time()
+    n_train, n_heldout = split_digits(0.15)
+    overrides = [f"storage.path={STORAGE}"]
+    cnn, cnn_secs = train(CNN_JOB, overrides, args.reuse)
+    gan_overrides = overrides + [f"name=complete_{GAN_JOB}", "data.source=image_folder",
+                                 f"data.path={WORK / 'train'}", "data.val_fraction=0"]
+    gan, gan_secs = train(GAN_JOB, gan_overrides, args.reuse)
+    methods = ("model", "mean", "mean-flat", "nearest")
+    now = [m for m in args.masks.split(",") if m]
+    done = complete_all(gan, MASKS, methods, args.reuse, args.steps, args.restarts, args.workers, only=now)
+    finished = [m for m in MASKS if all((m, method) in done for method in methods)]
+    originals, labels = load_folder(WORK / "heldout")
+    rows = []
+    for mask in finished:
+        for method in methods:
+            summary, secs, _ = done[(mask, method)]
+            images, _ = load_folder(WORK / "out" / f"{mask}-{method}")
+            assert images.keys() == originals.keys(), (mask, method)
+            rows.append((mask, method, summary["hole_psnr_db"], accuracy(cnn, images, labels), secs))
+    (ROOT / "docs" / "img").mkdir(exist_ok=True)
+    picture(finished, ("model", "mean", "nearest"), ROOT / "docs" / "img" / "completion.png")
+    from rayganx.runs import load_state
+
+    info = {"workers": args.workers, "wall": time.time() - t0, "cnn_secs": cnn_secs, "gan_secs": gan_secs, "heldout": n_heldout, "train": n_train,
+            "gan_steps": load_state(gan).get("step"), "steps": args.steps, "restarts": args.restarts,
+            "commands": [f"rayganx submit jobs/{CNN_JOB}.yaml --set storage.path=results_runs",
+                         f"rayganx submit jobs/{GAN_JOB}.yaml --set name=complete_{GAN_JOB} "
+                         f"--set data.source=image_folder --set data.path=results_runs/completion/train "
+                         f"--set data.val_fraction=0 --set storage.path=results_runs"]
+                        + [c for _, _, c in done.values()],
+            "missing": [m for m in MASKS if m not in finished]}
+    write_section(rows, accuracy(cnn, originals, labels), info, args.no_write)
+
+
+if __name__ == "__main__":
+    main()
