@@ -210,7 +210,8 @@ def path_problems(spec: JobSpec, pods: int, pvc: tuple[str, str] | None, storage
                    f"(--set storage.path=s3://BUCKET/runs) or {vol}")
     d = spec.data
     for key, value in (("data.path", d.path if d.source in ("image_folder", "parquet", "celeba") else None),
-                       ("eval.extractor", spec.eval.extractor if spec.eval.every else None)):
+                       ("eval.extractor", spec.eval.extractor if spec.eval.every else None),
+                       ("data.synthetic.generator", d.synthetic.generator if d.synthetic else None)):
         if value and not is_remote(value) and not (mount and _under(value, mount)):
             out.append(f"{key}: {value!r} is a path on this machine, not in the pods; put it in object "
                        f"storage (--set {key}=s3://BUCKET/...) or on {vol}")

@@ -97,6 +97,7 @@ def path_problems(spec: JobSpec, paths_on_cluster: bool, storage: str | None = N
     d = spec.data
     for key, value in (("data.path", d.path if d.source in ("image_folder", "parquet", "celeba") else None),
                        ("eval.extractor", spec.eval.extractor),
+                       ("data.synthetic.generator", d.synthetic.generator if d.synthetic else None),
                        ("storage.path", storage or spec.storage.path)):
         if not value or is_remote(value):
             continue

@@ -27,12 +27,12 @@ ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 URL_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
 METRIC_MODES = {"fid": "min", "kid": "min", "is": "max", "precision": "max", "recall": "max",
                 "modes": "max", "hq": "max", "kl": "min",
-                "val_accuracy": "max", "loss_g": "min", "loss_d": "min", "elbo": "max"}
+                "cas": "max", "val_accuracy": "max", "loss_g": "min", "loss_d": "min", "elbo": "max"}
 # Evaluation metrics by what they score: images (through a feature extractor) or 2-D points
 # (the mode-coverage protocol of the mode-collapse papers).
-IMAGE_METRICS = ("fid", "kid", "is", "pr")
+IMAGE_METRICS = ("fid", "kid", "is", "pr", "cas")
 MODE_METRICS = ("modes", "hq", "kl")
-EVAL_RESULTS = ("fid", "kid", "is", "precision", "recall", "modes", "hq", "kl")  # what they report
+EVAL_RESULTS = ("fid", "kid", "is", "precision", "recall", "modes", "hq", "kl", "cas")  # what they report
 
 
 class SpecError(ValueError):
@@ -57,6 +57,12 @@ class ModelSpec(_Section):
                                            "along channels (images) or features (points)")
 
 
+class SyntheticSpec(_Section):
+    generator: str = Field(description="a conditional generator (checkpoint folder, exported .pt, local or URL) or "
+                                       "a folder of `rayganx generate` output")
+    fraction: float = Field(gt=0.0, lt=1.0, description="share of the training rows that are generated")
+
+
 class DataSpec(_Section):
     source: Literal["image_folder", "parquet", "celeba", "digits", "gaussian_mixture"] = "digits"
     path: str | None = Field(None, description="local path or fsspec URL (s3://, gs://, ...)")
@@ -74,6 +80,10 @@ class DataSpec(_Section):
     cache: bool | Literal["auto"] = Field(
         "auto", description="keep decoded images in Ray's object store after one pass; auto: when they "
                             "take at most a quarter of it")
+    per_class: int | None = Field(None, ge=1, description="train on the first k images of each class of the "
+                                                          "training split only (low-data runs; GANs too)")
+    synthetic: SyntheticSpec | None = Field(None, description="classifiers: mix generated labelled images into "
+                                                              "the training rows")
 
 
 class OptimSpec(_Section):
@@ -149,7 +159,7 @@ IS_NEEDS_LOGITS = ("eval.metrics: 'is' (Inception Score) needs class logits, whi
 class EvalSpec(_Section):
     every: int | None = Field(None, ge=1, description="evaluate every N steps (off by default)")
     num_samples: int = Field(1000, ge=2, description="generated samples (per set for 2-D jobs; their default: 2500)")
-    metrics: list[Literal["fid", "kid", "is", "pr", "modes", "hq", "kl"]] = Field(
+    metrics: list[Literal["fid", "kid", "is", "pr", "modes", "hq", "kl", "cas"]] = Field(
         default_factory=lambda: ["fid", "kid"], description="2-D jobs' default: modes, hq, kl")
     sample_sets: int = Field(5, ge=1, description="2-D jobs: independent sample sets the mode metrics average over")
     features: Literal["classifier", "torchscript", "random", "inception"] = "random"
@@ -358,6 +368,9 @@ def supported_sizes(kind: str) -> tuple[int, ...] | None:
     return {"dcgan": (32, 64), "resnet_gan": (32, 64), "vae": (32, 64)}.get(kind)
 
 
+PER_CLASS_SOURCES = ("digits", "image_folder")
+
+
 def check(spec: JobSpec) -> list[str]:
     """Rules between keys that pydantic's per-field types cannot state."""
     p: list[str] = []
@@ -382,6 +395,19 @@ def check(spec: JobSpec) -> list[str]:
             p.append("model.conditional: needs data.labels: true")
         if m.kind not in ("dcgan", "resnet_gan"):
             p.append(f"model.conditional: supported by dcgan and resnet_gan, not {m.kind}")
+    if d.per_class and d.source not in PER_CLASS_SOURCES:
+        p.append(f"data.per_class: supported for {' and '.join(PER_CLASS_SOURCES)} data, not {d.source}")
+    if d.per_class and not d.labels:
+        p.append("data.per_class: picks images by class; needs data.labels: true")
+    if d.synthetic:
+        if m.kind != "cnn":
+            p.append(f"data.synthetic: generated labelled images train classifiers (model.kind: cnn), not {m.kind}")
+        if URL_CREDENTIALS.match(d.synthetic.generator):
+            p.append("data.synthetic.generator: the URL carries credentials (user:password@); remove them and let "
+                     "the environment, a profile or an instance role supply them")
+    if "cas" in spec.eval.metrics and spec.eval.every and not m.conditional:
+        p.append("eval.metrics: cas (Classification Accuracy Score) needs a class-conditional generator "
+                 "(model.conditional: true)")
     if m.sync_batchnorm and s.num_workers > 1 and not s.use_gpu:
         p.append("model.sync_batchnorm: PyTorch synchronises BatchNorm on GPUs only "
                  "(set scaling.use_gpu: true, or leave it off on CPU workers)")

@@ -487,6 +487,9 @@ def train_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if isinstance(task, ClassifierTask) else None
     sums, bad, count, images, it = None, torch.zeros((), device=device), 0, 0, 0
+    # data.synthetic: generated rows seen since the last report, so each report says what share of
+    # the batches was generated (the rows carry the mark from the data pipeline).
+    mixing, generated = spec.data.synthetic is not None, torch.zeros((), device=device)
     grad_mask = torch.tensor([n.startswith("grad_norm") for n in task.names], device=device)
     t_last, first_step_at, last_report = time.perf_counter(), None, step
     try:
@@ -495,6 +498,8 @@ def train_loop(config: dict) -> None:
             for batch in epoch_batches(shard, spec, device):
                 batches += 1
                 x = rdata.model_input(batch["image"])
+                if mixing:
+                    generated += batch["synthetic"].sum()
                 if t.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 first_step_at = first_step_at or time.time()  # the first batch enters training
@@ -521,9 +526,13 @@ def train_loop(config: dict) -> None:
                 if not (step % t.log_every == 0 or do_ckpt or do_sample or do_eval):
                     continue
                 # One all-reduce carries the interval's means and whether any rank diverged.
-                reduced = _all_reduce(torch.cat([sums / count, bad.reshape(1)]))
+                share = [(generated / (count * spec.per_worker_batch)).reshape(1)] if mixing else []
+                reduced = _all_reduce(torch.cat([sums / count, *share, bad.reshape(1)]))
                 values = reduced.tolist()
-                mean = dict(zip(task.names, values[:-1]))
+                mean = dict(zip(task.names, values))
+                if mixing:
+                    mean["synthetic_share"] = values[len(task.names)]
+                generated.zero_()
                 if values[-1] > 0:
                     # Counted across restarts too (it is in the checkpoint): a retry after giving
                     # up starts with the rollbacks already spent.
@@ -633,9 +642,10 @@ class Evaluator:
         self.extractor = m.load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url).to(device)
         import ray
 
-        # Put in Ray's object store once by the driver; only rank 0 fetches it.
-        ref = config["real_features"]
-        self.real = (ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref) if rank == 0 else None
+        # Put in Ray's object store once by the driver; only rank 0 fetches them.
+        fetch = lambda ref: (ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref) if rank == 0 else None  # noqa: E731
+        self.real, self.cas_data = fetch(config.get("real_features")), fetch(config.get("cas_data"))
+        self.feature_metrics = [n for n in spec.eval.metrics if n != "cas"]
 
     def __call__(self, task) -> dict:
         import torch.distributed as dist
@@ -648,6 +658,13 @@ class Evaluator:
             e = self.spec.eval
             scores = self.m.mode_metrics(g.eval(), self.spec, e.metrics, e.num_samples, e.sample_sets, device=self.device)
             g.train(was_training)
+            return scores
+        scores = {}
+        if self.cas_data is not None and self.rank == 0:
+            # Rank 0 alone trains the CAS classifiers (seconds on digits); the others wait at the gather.
+            scores = self.m.classification_accuracy_score(g, self.spec, self.num_classes, self.cas_data,
+                                                          device=self.device)
+        if not self.feature_metrics:
             return scores
         was_training = g.training
         g.eval()
@@ -662,7 +679,7 @@ class Evaluator:
         if self.rank != 0:
             return {}
         fake, logits = self.m.assemble(parts)
-        return self.m.compute(self.spec.eval.metrics, self.real, fake, logits)
+        return scores | self.m.compute(self.feature_metrics, self.real, fake, logits)
 
 
 class _Telemetry:

@@ -590,6 +590,9 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
         value = getattr(getattr(sw.base, section), key)
         if value and not is_remote(value):
             jobspec.set_dotted(base_raw, f"{section}.{key}", os.path.abspath(os.path.expanduser(value)))
+    syn = sw.base.data.synthetic
+    if syn and not is_remote(syn.generator):
+        jobspec.set_dotted(base_raw, "data.synthetic.generator", os.path.abspath(os.path.expanduser(syn.generator)))
     raw = sw.spec.model_dump(mode="json") | {"job": base_raw}
     trainable = tune.with_parameters(_trial, sweep_raw=raw, source=sw.source)
     # The trial driver only waits on its TorchTrainer: the workers hold the CPUs and GPUs, and a
