@@ -764,6 +764,8 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
                  None, "--inception-path", help="--features inception: the FID Inception weights file (else fetched "
                                                 "once into the cache)"),
              seed: int = typer.Option(0, "--seed"),
+             cas_steps: int = typer.Option(400, "--cas-steps", min=1,
+                                           help="cas: steps of each classifier (jobs/cnn_digits.yaml's recipe: 400)"),
              json_out: Optional[str] = typer.Option(None, "--json", help="also write the results here"),
              endpoint_url: Optional[str] = EndpointOpt):
     """Score a checkpoint's generator against its job's data (FID, KID, IS, precision/recall, and for
@@ -801,7 +803,8 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
         if spec.is_gan and not spec.data.per_class:
             _warn("cas: this generator trained on every image, the held-out ones the score tests on included "
                   "(GAN jobs read data.val_fraction's split only with data.per_class); the score is optimistic")
-    results = evaluate_generator(g, spec, num_classes, names, num_samples, seed, verbose=STATE["verbose"])
+    results = evaluate_generator(g, spec, num_classes, names, num_samples, seed, verbose=STATE["verbose"],
+                                 cas_steps=cas_steps)
     what = f"{sample_sets} sets of {num_samples} samples" if points else f"{num_samples} samples, {spec.eval.features} features"
     table = Table(title=f"{checkpoint} (step {state.get('step')}, {what})")
     table.add_column("metric")

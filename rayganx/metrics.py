@@ -426,8 +426,9 @@ def real_features(spec: JobSpec, extractor: Extractor, limit: int, verbose: bool
 
 
 def evaluate_generator(g, spec: JobSpec, num_classes, metrics: list[str], num_samples: int, seed: int = 0,
-                       verbose: bool = False) -> dict:
-    """Single-process evaluation of a generator against the job's data (the CLI path)."""
+                       verbose: bool = False, cas_steps: int | None = None) -> dict:
+    """Single-process evaluation of a generator against the job's data (the CLI path). cas_steps:
+    the CAS classifiers' steps (default CAS_RECIPE's)."""
     if spec.data.source == "gaussian_mixture":
         return mode_metrics(g, spec, metrics, num_samples, spec.eval.sample_sets, seed)
     check_request(metrics, spec.eval)
@@ -440,7 +441,8 @@ def evaluate_generator(g, spec: JobSpec, num_classes, metrics: list[str], num_sa
         fake, logits = assemble([generated_features(g, spec, num_classes, extractor, num_samples, seed)])
         out = compute(metrics, real, fake, logits)
     if "cas" in metrics:
-        out |= classification_accuracy_score(g, spec, num_classes, real_splits(spec, verbose), seed=seed)
+        out |= classification_accuracy_score(g, spec, num_classes, real_splits(spec, verbose), seed=seed,
+                                             steps=cas_steps)
     return out
 
 

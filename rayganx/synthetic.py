@@ -161,8 +161,8 @@ def dataset(spec: JobSpec, src: Source):
     files = [store.path(generate.part_name(p)) for p in range(math.ceil(src.rows / src.part_size))]
     decode = dict(size=d.image_size, channels=d.channels, crop=None, on_corrupt="fail", classes=None, root="",
                   split="all", val_fraction=0.0, image_col="image", label_col="label")
-    ds = ray.data.read_parquet(files, filesystem=pyarrow_filesystem(store.url, store.endpoint_url),
-                               columns=["image", "label", "seed"])
+    ds = ray.data.read_parquet(files, filesystem=pyarrow_filesystem(store.url, store.endpoint_url)
+                               ).select_columns(["image", "label", "seed"])
     return ds.map_batches(functools.partial(_decode, n=src.rows, decode=decode), batch_format="numpy")
 
 

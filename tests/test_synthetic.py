@@ -163,7 +163,7 @@ def test_cas_on_a_tiny_conditional_run_from_the_cli(tmp_path, ray_session):
                     scaling={"num_workers": 1})
     result = runner.run(jobspec.load(job))
     ckpt = result.checkpoints[-1]["url"]
-    r = rayganx("eval", ckpt, "--metrics", "cas", "--json", tmp_path / "cas.json")
+    r = rayganx("eval", ckpt, "--metrics", "cas", "--cas-steps", "150", "--json", tmp_path / "cas.json")
     assert r.returncode == 0, r.stderr
     scores = json.loads((tmp_path / "cas.json").read_text())
     assert 0.0 <= scores["cas"] <= 1.0 and 0.0 <= scores["cas_real"] <= 1.0
