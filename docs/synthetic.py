@@ -196,9 +196,12 @@ def verdict(low: dict) -> str:
     for k, rows in low.items():
         diff = [r["syn"]["val_accuracy"] - r["real"]["val_accuracy"] for r in rows]
         d = 100 * statistics.mean(diff)
-        s = 100 * statistics.stdev(diff) if len(diff) > 1 else float("inf")
+        if len(diff) < 2:
+            said.append(f"at k={k} one seed only ({d:+.1f} points), no spread to judge it by")
+            continue
+        s = 100 * statistics.stdev(diff)
         what = ("helped" if d > 0 else "hurt") if abs(d) > s else "made no difference beyond the seed-to-seed spread"
-        said.append(f"at k={k} the synthetic rows {what} ({d:+.1f} ± {s:.1f} points)")
+        said.append(f"at k={k} the synthetic rows {what} ({d:+.1f} ± {s:.1f} points over {len(diff)} seeds)")
     if not said:
         return ""
     return ("Does it help? By the rule \"a mean difference larger than its std over seeds\": "
