@@ -204,6 +204,11 @@ def verdict(low: dict) -> str:
         said.append(f"at k={k} the synthetic rows {what} ({d:+.1f} ± {s:.1f} points over {len(diff)} seeds)")
     if not said:
         return ""
+    cas = [r["gan"]["cas"] for rows in low.values() for r in rows if r["gan"].get("cas") is not None]
+    if cas and statistics.mean(cas) < 0.2:  # 10 classes: chance is 10%
+        said.append(f"the low-data cGANs' CAS ({100 * statistics.mean(cas):.1f}%) is near chance (10%): at these "
+                    f"steps their samples carry little class information, so their rows act as label noise; "
+                    f"this measures short cGAN runs, not what a well-trained generator would add")
     return ("Does it help? By the rule \"a mean difference larger than its std over seeds\": "
             + "; ".join(said) + ".")
 
