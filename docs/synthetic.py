@@ -3,6 +3,7 @@
     python docs/synthetic.py                  # k 10 and 50 per class x 3 seeds, plus the full-data CAS
     python docs/synthetic.py --reuse          # after an interruption: keep the runs already finished
     python docs/synthetic.py --reuse --stop-after 360   # start no new run after 6 minutes (then rerun)
+    python docs/synthetic.py --from-records   # no Ray, no training: the section from the finished runs
 
 Low-data regime: for k labelled digits per class (data.per_class: k, the first k of each class of
 the training split) and each seed, three rayganx runs: the conditional GAN of jobs/cgan_digits.yaml
@@ -50,7 +51,8 @@ class Bench:
         from rayganx import runner
 
         self.args, self.runner, self.t0 = args, runner, time.time()
-        runner.init_ray()
+        if not args.from_records:
+            runner.init_ray()
 
     def job(self, base: str, name: str, sets: list[str]):
         from rayganx import spec as jobspec
@@ -60,8 +62,10 @@ class Bench:
     def run(self, spec, score=None) -> dict:
         """One run (or its record, with --reuse): {wall_s, checkpoint, val_accuracy, ...score}."""
         record = Path(STORAGE) / spec.name / "result.json"
-        if self.args.reuse and record.exists():
+        if (self.args.reuse or self.args.from_records) and record.exists():
             return json.loads(record.read_text())
+        if self.args.from_records:
+            raise OutOfTime(spec.name)
         if self.args.stop_after and time.time() - self.t0 > self.args.stop_after:
             raise OutOfTime(spec.name)
         shutil.rmtree(Path(STORAGE) / spec.name, ignore_errors=True)  # a run of the same name would resume
@@ -117,7 +121,8 @@ def cas_cell(values: list) -> str:
 
 
 def write_section(args, low: dict, full: dict | None, complete: bool, took: float) -> None:
-    cmd = "python docs/synthetic.py" + (" --reuse" if args.reuse else "")
+    cmd = "python docs/synthetic.py" + (" --reuse" if args.reuse else "") + (
+        " --from-records" if args.from_records else "")
     lines = [
         SECTION,
         "",
@@ -225,6 +230,8 @@ def main() -> None:
     ap.add_argument("--stop-after", type=float, default=0, help="start no new run after this many seconds")
     ap.add_argument("--no-low-cas", action="store_true",
                     help="skip the CAS of the low-data cGANs trained from now on (it costs about half a cGAN run)")
+    ap.add_argument("--from-records", action="store_true",
+                    help="train nothing, start no Ray: write the section from the finished runs' result.json")
     ap.add_argument("--no-write", action="store_true", help="print the section, leave docs/ alone")
     args = ap.parse_args()
     t0 = time.time()
