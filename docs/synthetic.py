@@ -128,7 +128,8 @@ def write_section(args, low: dict, full: dict | None, complete: bool, took: floa
         "",
         f"Produced by `{cmd}` on {datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPU cores shared "
         f"with other work; one Ray Train worker of 2 CPUs per run). Every number is a rayganx run's; the script "
-        f"trains them all (wall time of this invocation: {took / 60:.0f} min; the runs' own times are below).",
+        f"trains them all ({'this section was written from the finished runs; ' if args.from_records else ''}"
+        f"wall time of this invocation: {took / 60:.0f} min; the runs' own times are below).",
         "",
         "**Classification Accuracy Score** (Ravuri & Vinyals 2019): the CNN of `jobs/cnn_digits.yaml` "
         "(width 32, Adam 1e-3, batch 64, 400 steps) trained on generated digits only, as many per class as "
