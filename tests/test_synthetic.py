@@ -80,6 +80,18 @@ def test_per_class_is_the_first_k_of_each_class_of_the_training_split():
     assert set(keys) <= set(rdata._digits_subset(d.model_copy(update={"per_class": 50})))
 
 
+def test_per_class_on_an_image_folder(tmp_path):
+    rdata.prepare_digits(str(tmp_path / "digits"), "folder", size=8)
+    d = jobspec.from_dict({"name": "f", "model": {"kind": "cnn"}, "train": {"steps": 1},
+                           "data": {"source": "image_folder", "path": str(tmp_path / "digits"), "labels": True,
+                                    "image_size": 8, "per_class": 5}}).data
+    store = rdata._image_store(d)
+    files = rdata._folder_subset(d, store, rdata._list_images(store))
+    assert rdata.count_rows(d, "train") == len(files) == 50
+    assert sorted({f.split("/")[-2] for f in files}) == [str(c) for c in range(10)]
+    assert not any(rdata._in_split(f.encode(), "val", d.val_fraction) for f in files)
+
+
 def test_missing_unconditional_or_mismatched_generators_fail_in_one_line(tmp_path, cgan_ckpt):
     dcgan = _ckpt(tmp_path / "dcgan" / "checkpoint_000001", "dcgan_digits.yaml")
     cases = [
