@@ -214,7 +214,10 @@ def build(data: DataSpec, split: str = "all", seed: int | None = 0, counter=None
     if data.source == "digits":
         images, labels = digits_arrays()
         items = [{"raw": im, "label": int(lb), "key": i} for i, (im, lb) in enumerate(zip(images, labels))]
-        ds = ray.data.from_items(items, override_num_blocks=4)
+        if data.per_class and split != "val":
+            keep = set(_digits_subset(data))
+            items = [it for it in items if it["key"] in keep]
+        ds = ray.data.from_items(items, override_num_blocks=min(4, len(items)))
         ds = ds.map_batches(functools.partial(_resize_digits, **decode), batch_format="numpy")
         return ds if seed is None else shuffled(ds, seed)
 
@@ -259,10 +262,41 @@ def build(data: DataSpec, split: str = "all", seed: int | None = 0, counter=None
     from ray.data import FileShuffleConfig
 
     order = None if seed is None else FileShuffleConfig(seed=seed, reseed_after_execution=True)
-    ds = ray.data.read_binary_files(store.root, filesystem=pyarrow_filesystem(store.url, store.endpoint_url),
+    where = store.root
+    if data.per_class and split != "val":
+        where = files = _folder_subset(data, store, files)
+    ds = ray.data.read_binary_files(where, filesystem=pyarrow_filesystem(store.url, store.endpoint_url),
                                     include_paths=True, shuffle=order,
                                     file_extensions=list(IMAGE_EXTENSIONS), override_num_blocks=min(len(files), 64))
     return ds.map_batches(functools.partial(_decode_batch, **opts), batch_format="numpy")
+
+
+def first_per_class(keys, labels, k: int) -> list:
+    """The first k keys of each label, in the given order: the low-data subset (data.per_class)."""
+    seen: dict = {}
+    out = []
+    for key, label in zip(keys, labels):
+        if seen.get(label, 0) < k:
+            seen[label] = seen.get(label, 0) + 1
+            out.append(key)
+    return out
+
+
+def _digits_subset(data: DataSpec) -> list[int]:
+    """data.per_class on digits: the first k of each class among the training split's rows (in
+    the dataset's own order), whether a classifier or a GAN trains on them, so a GAN and a
+    classifier with the same k see the same images and neither sees the held-out ones."""
+    _, labels = digits_arrays()
+    train = [i for i in range(len(labels)) if _in_split(str(i).encode(), "train", data.val_fraction)]
+    return first_per_class(train, [int(labels[i]) for i in train], data.per_class)
+
+
+def _folder_subset(data: DataSpec, store: Store, files) -> list[str]:
+    """data.per_class on an image folder: the first k files (by path) of each class sub-folder
+    among the training split's files."""
+    train = sorted(f for f in files if _in_split(f.encode(), "train", data.val_fraction)
+                   and "/" in posixpath.relpath(f, store.root))
+    return first_per_class(train, [posixpath.relpath(f, store.root).split("/")[0] for f in train], data.per_class)
 
 
 def num_classes(data: DataSpec) -> int:
@@ -318,6 +352,11 @@ def prepare_digits(out: str, fmt: str, size: int = 32, endpoint_url: str | None 
 
 def count_rows(data: DataSpec, split: str = "all") -> int:
     """Rows one epoch yields, without decoding anything (epochs are converted to steps)."""
+    if data.per_class and split != "val":
+        if data.source == "digits":
+            return len(_digits_subset(data))
+        store = _image_store(data)
+        return len(_folder_subset(data, store, _list_images(store)))
     if data.source == "digits":
         return sum(_in_split(str(i).encode(), split, data.val_fraction) for i in range(1797))
     if data.source == "gaussian_mixture":

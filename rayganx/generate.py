@@ -74,15 +74,12 @@ def labels_for(plan: Plan, rows: range, num_classes: int | None) -> np.ndarray |
 
 
 @torch.no_grad()
-def make_part(g, spec, plan: Plan, part: int, num_classes: int | None, device: str = "cpu") -> bytes:
-    """One part's Parquet bytes: columns image (PNG), label (-1 when unconditional), seed."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from rayganx.data import png_bytes, to_uint8
+def make_images(g, spec, plan: Plan, rows: range, num_classes: int | None, device: str = "cpu"):
+    """Images `rows` of a plan as uint8 NCHW, their labels (-1 when unconditional) and seeds.
+    data.synthetic makes its rows with this too, so they are the images `rayganx generate` writes."""
+    from rayganx.data import to_uint8
     from rayganx.models import generate
 
-    rows = plan.rows(part)
     seeds = np.asarray([plan.seed * 2 ** 32 + i for i in rows], dtype=np.int64)
     z = torch.stack([torch.randn(spec.model.latent_dim, generator=torch.Generator().manual_seed(int(s)))
                      for s in seeds])
@@ -91,8 +88,19 @@ def make_part(g, spec, plan: Plan, part: int, num_classes: int | None, device: s
     for k in range(0, len(rows), 256):
         yb = torch.from_numpy(y[k:k + 256]).to(device) if y is not None else None
         images.append(to_uint8(generate(g, z[k:k + 256].to(device), yb)))
-    pngs = [png_bytes(im) for im in np.concatenate(images)]
     label = y if y is not None else np.full(len(rows), -1, dtype=np.int64)
+    return np.concatenate(images), label, seeds
+
+
+def make_part(g, spec, plan: Plan, part: int, num_classes: int | None, device: str = "cpu") -> bytes:
+    """One part's Parquet bytes: columns image (PNG), label (-1 when unconditional), seed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayganx.data import png_bytes
+
+    images, label, seeds = make_images(g, spec, plan, plan.rows(part), num_classes, device)
+    pngs = [png_bytes(im) for im in images]
     table = pa.table({"image": pa.array(pngs, pa.binary()), "label": label, "seed": seeds})
     buf = io.BytesIO()
     pq.write_table(table, buf)

@@ -17,10 +17,12 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rayganx.extractors import EvalError, Extractor, features_of, load_extractor
-from rayganx.spec import FEATURES_WITH_LOGITS, IMAGE_METRICS, IS_NEEDS_LOGITS, MODE_METRICS, EvalSpec, JobSpec
+from rayganx.spec import (FEATURES_WITH_LOGITS, IMAGE_METRICS, IS_NEEDS_LOGITS, MODE_METRICS, EvalSpec, JobSpec,
+                          from_dict)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -118,6 +120,8 @@ def compute(names: list[str], real: torch.Tensor, fake: torch.Tensor, fake_logit
             out["is"] = inception_score(fake_logits)
         elif name == "pr":
             out["precision"], out["recall"] = precision_recall(real, fake)
+        elif name == "cas":  # not a feature metric: classification_accuracy_score trains a classifier
+            continue
         else:
             raise EvalError(f"eval.metrics: unknown metric {name!r}")
     return out
@@ -257,12 +261,133 @@ def real_features(spec: JobSpec, extractor: Extractor, limit: int, verbose: bool
 
 
 def evaluate_generator(g, spec: JobSpec, num_classes, metrics: list[str], num_samples: int, seed: int = 0,
-                       verbose: bool = False) -> dict:
-    """Single-process evaluation of a generator against the job's data (the CLI path)."""
+                       verbose: bool = False, cas_steps: int | None = None) -> dict:
+    """Single-process evaluation of a generator against the job's data (the CLI path). cas_steps:
+    the CAS classifiers' steps (default CAS_RECIPE's)."""
     if spec.data.source == "gaussian_mixture":
         return mode_metrics(g, spec, metrics, num_samples, spec.eval.sample_sets, seed)
     check_request(metrics, spec.eval)
-    extractor = load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url)
-    real = real_features(spec, extractor, max(num_samples, 2), verbose)
-    fake, logits = assemble([generated_features(g, spec, num_classes, extractor, num_samples, seed)])
-    return compute(metrics, real, fake, logits)
+    out = {}
+    if "cas" in metrics:
+        check_cas(spec, num_classes)  # refused before any feature is extracted
+    if any(n != "cas" for n in metrics):
+        extractor = load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url)
+        real = real_features(spec, extractor, max(num_samples, 2), verbose)
+        fake, logits = assemble([generated_features(g, spec, num_classes, extractor, num_samples, seed)])
+        out = compute(metrics, real, fake, logits)
+    if "cas" in metrics:
+        out |= classification_accuracy_score(g, spec, num_classes, real_splits(spec, verbose), seed=seed,
+                                             steps=cas_steps)
+    return out
+
+
+# --------------------------------------------------------------------------- Classification Accuracy Score
+# Ravuri & Vinyals 2019: train a classifier on generated images only, as many per class as the real
+# training set has, and test it on real held-out images; the same classifier trained on the real
+# training set is the reference (ImageNet 256 px, ResNet-50: real 73.1% top-1, BigGAN-deep 42.7%,
+# VQ-VAE-2 54.8%). Here the classifier is the project's CNN with the recipe of jobs/cnn_digits.yaml
+# (width 32, Adam 1e-3, batch 64, 400 steps), trained in this process: a few seconds on digits.
+
+CAS_RECIPE = {"model": {"kind": "cnn", "ndf": 32},
+              "train": {"batch_size": 64, "steps": 400, "optim": {"lr": 1e-3, "betas": [0.9, 0.999]}}}
+
+
+def check_cas(spec: JobSpec, num_classes) -> None:
+    """CAS needs labelled images from a class-conditional generator: refused in one line otherwise."""
+    if spec.data.source == "gaussian_mixture":
+        raise EvalError("eval.metrics: cas scores class-conditional image generators; this job's are 2-D points")
+    if not (spec.model.conditional and num_classes):
+        raise EvalError("eval.metrics: cas (Classification Accuracy Score) needs a class-conditional generator "
+                        "(model.conditional: true); this one draws no labels")
+
+
+def real_splits(spec: JobSpec, verbose: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The job's real labelled images as uint8 tensors: "train" (its training split, data.per_class
+    applied) and "val" (the held-out split, which no training here ever reads)."""
+    import ray
+
+    from rayganx import data as rdata
+
+    if not ray.is_initialized():
+        from rayganx.cluster import init_ray
+
+        init_ray(verbose=verbose)
+    out = {}
+    for split in ("train", "val"):
+        xs, ys = [], []
+        for batch in rdata.build(spec.data, split, seed=None).iter_torch_batches(batch_size=1024):
+            xs.append(batch["image"])
+            ys.append(batch["label"])
+        out[split] = (torch.cat(xs), torch.cat(ys))
+    return out
+
+
+def fit_classifier(images: torch.Tensor, labels: torch.Tensor, spec: JobSpec, num_classes: int,
+                   seed: int = 0, steps: int | None = None) -> nn.Module:
+    """The project's CNN trained with CAS_RECIPE on uint8 images, in this process, one epoch after
+    another in seeded orders; returned in eval mode."""
+    from rayganx.data import model_input
+    from rayganx.models import build
+
+    cnn = from_dict({"name": "cas", "data": spec.data.model_dump(mode="json") | {"synthetic": None}} | CAS_RECIPE,
+                    "cas")
+    t = cnn.train
+    torch.manual_seed(seed)
+    net = build(cnn, num_classes)["net"].train()
+    opt = torch.optim.Adam(net.parameters(), lr=t.optim.lr, betas=tuple(t.optim.betas))
+    gen = torch.Generator().manual_seed(seed)
+    n = len(images)
+    batch = min(t.batch_size, n)
+    order, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(steps or t.steps):
+        if pos + batch > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + batch]
+        pos += batch
+        loss = F.cross_entropy(net(model_input(images[idx])), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    from rayganx.data import model_input
+
+    correct = sum(int((net(model_input(images[i:i + 512])).argmax(1) == labels[i:i + 512]).sum())
+                  for i in range(0, len(images), 512))
+    return correct / max(1, len(images))
+
+
+@torch.no_grad()
+def generated_like(g, spec: JobSpec, labels: torch.Tensor, seed: int = 0, device="cpu") -> torch.Tensor:
+    """One generated image for each label in `labels` (so as many per class), as uint8: quantised as
+    saved images are, which is what the classifier of the protocol trains on."""
+    from rayganx.data import to_uint8
+    from rayganx.models import generate
+
+    gen = torch.Generator().manual_seed(seed * 100_003 + 7)
+    z = torch.randn(len(labels), spec.model.latent_dim, generator=gen)
+    was_training = g.training
+    g.eval()
+    out = [torch.from_numpy(to_uint8(generate(g, z[i:i + 256].to(device), labels[i:i + 256].to(device))))
+           for i in range(0, len(labels), 256)]
+    g.train(was_training)
+    return torch.cat(out)
+
+
+def classification_accuracy_score(g, spec: JobSpec, num_classes: int, real: dict, seed: int = 0,
+                                  steps: int | None = None, device="cpu") -> dict:
+    """cas: real held-out accuracy of the CNN trained on generated images only (as many per class
+    as the real training split holds); cas_real: the same CNN, same recipe, trained on that real
+    split: the reference row."""
+    check_cas(spec, num_classes)
+    (x_train, y_train), (x_val, y_val) = real["train"], real["val"]
+    if not len(x_val):
+        raise EvalError("eval.metrics: cas tests on the held-out split, and data.val_fraction leaves none")
+    fake = generated_like(g, spec, y_train, seed, device).cpu()
+    with torch.random.fork_rng(devices=[]):  # in training: the run's own noise streams go on untouched
+        on_fake = fit_classifier(fake, y_train, spec, num_classes, seed, steps)
+        on_real = fit_classifier(x_train, y_train, spec, num_classes, seed, steps)
+    return {"cas": accuracy(on_fake, x_val, y_val), "cas_real": accuracy(on_real, x_val, y_val)}

@@ -98,8 +98,10 @@ class Plan:
     num_classes: int | None
     total_steps: int
     split: str
-    rows: int = 0
+    rows: int = 0  # training rows of an epoch, generated ones (data.synthetic) included
     real_features: object = None  # real-data features (a tensor) for evaluation
+    synthetic: object = None  # a checked data.synthetic (rayganx.synthetic.Source)
+    cas_data: object = None  # eval.metrics cas: the real training and held-out images
 
 
 def steps_for_epochs(spec: JobSpec, rows: int) -> int:
@@ -118,6 +120,12 @@ def plan(spec: JobSpec) -> Plan:
     num_classes = rdata.num_classes(spec.data) if classifier or spec.model.conditional else None
     split = "train" if classifier else "all"
     rows = rdata.count_rows(spec.data, split)
+    synthetic = None
+    if spec.data.synthetic:  # before Ray starts: a generator that cannot serve fails in one line
+        from rayganx import synthetic as rsynthetic
+
+        synthetic = rsynthetic.check(spec, rows, num_classes)
+        rows += synthetic.rows
     if rows < spec.train.batch_size:
         raise RunError(f"data: {rows} images is fewer than one batch (train.batch_size={spec.train.batch_size})")
     total = spec.train.steps or steps_for_epochs(spec, rows)
@@ -126,7 +134,7 @@ def plan(spec: JobSpec) -> Plan:
         from rayganx.extractors import load_extractor
 
         load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url)
-    return Plan(num_classes, total, split, rows)
+    return Plan(num_classes, total, split, rows, synthetic=synthetic)
 
 
 def prepare_eval(spec: JobSpec, p: Plan) -> None:
@@ -136,10 +144,13 @@ def prepare_eval(spec: JobSpec, p: Plan) -> None:
     if spec.data.source == "gaussian_mixture":  # 2-D points are scored against the mixture's known modes
         return
     from rayganx.extractors import load_extractor
-    from rayganx.metrics import real_features
+    from rayganx.metrics import real_features, real_splits
 
-    p.real_features = real_features(spec, load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url),
-                                    spec.eval.num_samples)
+    if "cas" in spec.eval.metrics:
+        p.cas_data = real_splits(spec)
+    if any(n != "cas" for n in spec.eval.metrics):
+        p.real_features = real_features(spec, load_extractor(spec.eval, spec.data.channels,
+                                                             spec.storage.endpoint_url), spec.eval.num_samples)
 
 
 def cache_decoded(spec: JobSpec, rows: int) -> bool:
@@ -164,6 +175,11 @@ def train_datasets(spec: JobSpec, p: Plan, monitor=None) -> dict:
     """What the workers read: "train", in a new order every epoch that `train.seed` fixes, and
     for classifiers "val"."""
     seed = spec.train.seed
+    generated = None
+    if p.synthetic is not None:
+        from rayganx import synthetic
+
+        generated = synthetic.dataset(spec, p.synthetic)
     if cache_decoded(spec, p.rows):
         # Decoding once instead of every epoch: the decode tasks otherwise share the CPUs with
         # training (0.85 -> 1.0 of plain PyTorch at 64 px on 2 cores, docs/performance.md).
@@ -171,8 +187,14 @@ def train_datasets(spec: JobSpec, p: Plan, monitor=None) -> dict:
         # shuffle moves blocks x blocks pieces (1024 images at 64 px in the 64 blocks decoding
         # makes: 2.3 s an epoch on 2 cores; in 2 blocks: 0.1 s).
         blocks = max(2, -(-_decoded_bytes(spec, p.rows) // CACHE_BLOCK_BYTES))
-        decoded = rdata.build(spec.data, p.split, seed=None, counter=monitor).repartition(blocks)
-        train = rdata.shuffled(decoded.materialize(), seed)
+        decoded = rdata.build(spec.data, p.split, seed=None, counter=monitor)
+        if generated is not None:
+            decoded = synthetic.mixed(decoded, generated)
+        train = rdata.shuffled(decoded.repartition(blocks).materialize(), seed)
+    elif generated is not None:
+        # The generated rows join the decoded real ones, and one row shuffle mixes them every epoch.
+        train = rdata.shuffled(synthetic.mixed(rdata.build(spec.data, p.split, seed=None, counter=monitor),
+                                               generated), seed)
     else:
         train = rdata.build(spec.data, p.split, seed=seed, counter=monitor)
     datasets = {"train": train}
@@ -239,6 +261,7 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
                            "total_steps": p.total_steps,
                            # a reference, not the array: at Inception scale it is ~800 MB per worker
                            "real_features": ray.put(p.real_features) if p.real_features is not None else None,
+                           "cas_data": ray.put(p.cas_data) if p.cas_data is not None else None,
                            "init_from": init_from, "monitor": monitor,
                            "faults": {k: v for k, v in os.environ.items() if k.startswith("RAYGANX_FAULT_")}},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
@@ -287,8 +310,11 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
     """Absolute local paths: Ray workers run in their own working directories."""
     spec = spec.model_copy(deep=True)
     for key, value in spec.paths().items():
-        section, field = key.split(".")
-        setattr(getattr(spec, section), field, absolute(value))
+        *sections, field = key.split(".")
+        node = spec
+        for name in sections:
+            node = getattr(node, name)
+        setattr(node, field, absolute(value))
     return spec
 
 

@@ -22,13 +22,16 @@ URL_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
 # Metric names a run can be ranked by; "min" metrics are better when lower.
 METRIC_MODES = {"fid": "min", "kid": "min", "is": "max", "precision": "max", "recall": "max",
                 "modes": "max", "hq": "max", "kl": "min",
-                "val_accuracy": "max", "loss_g": "min", "loss_d": "min", "elbo": "max"}
+                "cas": "max", "val_accuracy": "max", "loss_g": "min", "loss_d": "min", "elbo": "max"}
 # Evaluation metrics by name: what each scores (images, through a feature extractor, or the 2-D
 # points of a gaussian_mixture job, by the mode-collapse papers' protocol) and the values it
 # reports. metrics.py computes them under these names; checks, sweeps and comparisons read them here.
 EVAL_METRICS = {"fid": ("images", ("fid",)), "kid": ("images", ("kid",)), "is": ("images", ("is",)),
                 "pr": ("images", ("precision", "recall")),
-                "modes": ("points", ("modes",)), "hq": ("points", ("hq",)), "kl": ("points", ("kl",))}
+                "modes": ("points", ("modes",)), "hq": ("points", ("hq",)), "kl": ("points", ("kl",)),
+                # Classification Accuracy Score: a classifier trained on conditional samples, and its
+                # reference trained on the real images (no feature extractor).
+                "cas": ("images", ("cas", "cas_real"))}
 IMAGE_METRICS = tuple(k for k, (scores, _) in EVAL_METRICS.items() if scores == "images")
 MODE_METRICS = tuple(k for k, (scores, _) in EVAL_METRICS.items() if scores == "points")
 EVAL_RESULTS = tuple(r for _, results in EVAL_METRICS.values() for r in results)
@@ -63,6 +66,12 @@ class ModelSpec(Section):
                                            "along channels (images) or features (points)")
 
 
+class SyntheticSpec(Section):
+    generator: str = Field(description="a conditional generator (checkpoint folder, exported .pt, local or URL) or "
+                                       "a folder of `rayganx generate` output")
+    fraction: float = Field(gt=0.0, lt=1.0, description="share of the training rows that are generated")
+
+
 class DataSpec(Section):
     source: Literal["image_folder", "parquet", "celeba", "digits", "gaussian_mixture"] = "digits"
     path: str | None = Field(None, description="local path or fsspec URL (s3://, gs://, ...)")
@@ -80,6 +89,10 @@ class DataSpec(Section):
     cache: bool | Literal["auto"] = Field(
         "auto", description="keep decoded images in Ray's object store after one pass; auto: when they "
                             "take at most a quarter of it")
+    per_class: int | None = Field(None, ge=1, description="train on the first k images of each class of the "
+                                                          "training split only (low-data runs; GANs too)")
+    synthetic: SyntheticSpec | None = Field(None, description="classifiers: mix generated labelled images into "
+                                                              "the training rows")
 
 
 class OptimSpec(Section):
@@ -195,7 +208,8 @@ class JobSpec(Section):
         absolute (they run in their own working directories), a remote cluster none of them."""
         d, e = self.data, self.eval
         named = {"data.path": d.path if d.source in PATH_SOURCES else None, "eval.extractor": e.extractor,
-                 "eval.inception_path": e.inception_path, "storage.path": self.storage.path}
+                 "eval.inception_path": e.inception_path, "storage.path": self.storage.path,
+                 "data.synthetic.generator": d.synthetic.generator if d.synthetic else None}
         return {k: v for k, v in named.items() if v}
 
     @property
@@ -262,6 +276,9 @@ def supported_sizes(kind: str) -> tuple[int, ...] | None:
     return {"dcgan": (32, 64), "resnet_gan": (32, 64), "vae": (32, 64)}.get(kind)
 
 
+PER_CLASS_SOURCES = ("digits", "image_folder")
+
+
 def check(spec: JobSpec) -> list[str]:
     """Rules between keys that pydantic's per-field types cannot state."""
     p: list[str] = []
@@ -286,6 +303,19 @@ def check(spec: JobSpec) -> list[str]:
             p.append("model.conditional: needs data.labels: true")
         if m.kind not in ("dcgan", "resnet_gan"):
             p.append(f"model.conditional: supported by dcgan and resnet_gan, not {m.kind}")
+    if d.per_class and d.source not in PER_CLASS_SOURCES:
+        p.append(f"data.per_class: supported for {' and '.join(PER_CLASS_SOURCES)} data, not {d.source}")
+    if d.per_class and not d.labels:
+        p.append("data.per_class: picks images by class; needs data.labels: true")
+    if d.synthetic:
+        if m.kind != "cnn":
+            p.append(f"data.synthetic: generated labelled images train classifiers (model.kind: cnn), not {m.kind}")
+        if URL_CREDENTIALS.match(d.synthetic.generator):
+            p.append("data.synthetic.generator: the URL carries credentials (user:password@); remove them and let "
+                     "the environment, a profile or an instance role supply them")
+    if "cas" in spec.eval.metrics and spec.eval.every and not m.conditional:
+        p.append("eval.metrics: cas (Classification Accuracy Score) needs a class-conditional generator "
+                 "(model.conditional: true)")
     if m.sync_batchnorm and s.num_workers > 1 and not s.use_gpu:
         p.append("model.sync_batchnorm: PyTorch synchronises BatchNorm on GPUs only "
                  "(set scaling.use_gpu: true, or leave it off on CPU workers)")

@@ -78,26 +78,37 @@ class Interval:
     the device: reading it back every step would make the host wait for the GPU each time), the
     images they took and their time."""
 
-    def __init__(self, task: Task, device, step: int):
+    def __init__(self, task: Task, device, step: int, mixing: bool = False):
         self.grad_mask = torch.tensor([n.startswith("grad_norm") for n in task.names], device=device)
         self.bad = torch.zeros((), device=device)
+        # data.synthetic: generated rows seen, so each report says what share of the batches was
+        # generated (the rows carry the mark from the data pipeline).
+        self.mixing, self.generated = mixing, torch.zeros((), device=device)
         self.reset(step)
 
     def reset(self, step: int) -> None:
-        self.sums, self.count, self.images = None, 0, 0
+        self.sums, self.count, self.images, self.rows = None, 0, 0, 0
         self.bad.zero_()
+        self.generated.zero_()
         self.start, self.t0 = step, time.perf_counter()
 
-    def add(self, stats: torch.Tensor, images: int, max_grad_norm: float) -> None:
+    def add(self, stats: torch.Tensor, images: int, max_grad_norm: float, batch: dict) -> None:
         self.sums = stats if self.sums is None else self.sums + stats
         self.bad = torch.maximum(self.bad, divergence(stats, self.grad_mask, max_grad_norm))
         self.count += 1
         self.images += images
+        self.rows += len(batch["label"])
+        if self.mixing:
+            self.generated += batch["synthetic"].sum()
 
     def reduce(self, names: tuple[str, ...]) -> tuple[dict, bool]:
         """The interval's means over every worker and whether any rank diverged: one all-reduce."""
-        values = all_reduce(torch.cat([self.sums / self.count, self.bad.reshape(1)])).tolist()
-        return dict(zip(names, values[:-1])), values[-1] > 0
+        share = [(self.generated / self.rows).reshape(1)] if self.mixing else []
+        values = all_reduce(torch.cat([self.sums / self.count, *share, self.bad.reshape(1)])).tolist()
+        mean = dict(zip(names, values))
+        if self.mixing:
+            mean["synthetic_share"] = values[len(names)]
+        return mean, values[-1] > 0
 
     def timing(self, step: int) -> dict:
         elapsed = time.perf_counter() - self.t0
@@ -256,7 +267,7 @@ class Worker:
 
 
 def batches(shard, spec: JobSpec, device):
-    """Model inputs and labels, epoch after epoch of the worker's shard, without end."""
+    """Model inputs and their batches (labels, marks), epoch after epoch of the worker's shard, without end."""
     while True:
         n = 0
         for batch in epoch_batches(shard, spec, device):
@@ -264,7 +275,7 @@ def batches(shard, spec: JobSpec, device):
             x = rdata.model_input(batch["image"])
             if spec.train.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, batch["label"]
+            yield x, batch
         if n == 0:
             raise rdata.DataError(f"data: a worker's shard yielded no full batch of {spec.per_worker_batch}; "
                                   f"the dataset is smaller than train.batch_size={spec.train.batch_size}")
@@ -280,15 +291,15 @@ def train_loop(config: dict) -> None:
     w = Worker(config, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
     task, t = w.task, w.spec.train
     step = w.start()
-    interval = Interval(task, w.device, step)
+    interval = Interval(task, w.device, step, mixing=w.spec.data.synthetic is not None)
     try:
         if step >= w.total:  # resumed at the end: nothing left to train
             return
-        for it, (x, labels) in enumerate(batches(ray.train.get_dataset_shard("train"), w.spec, w.device)):
+        for it, (x, batch) in enumerate(batches(ray.train.get_dataset_shard("train"), w.spec, w.device)):
             w.first_step_at = w.first_step_at or time.time()  # the first batch enters training
             task.schedule(step, w.total)
-            stepped, stats = task.step(x, labels, it, step, w.total)
-            interval.add(stats, x.shape[0] * w.world, t.max_grad_norm)
+            stepped, stats = task.step(x, batch["label"], it, step, w.total)
+            interval.add(stats, x.shape[0] * w.world, t.max_grad_norm, batch)
             if not stepped:  # a discriminator-only update (train.d_steps > 1)
                 continue
             step += 1
@@ -327,9 +338,10 @@ class Evaluator:
         self.extractor = load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url).to(device)
         import ray
 
-        # Put in Ray's object store once by the driver; only rank 0 fetches it.
-        ref = config["real_features"]
-        self.real = (ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref) if rank == 0 else None
+        # Put in Ray's object store once by the driver; only rank 0 fetches them.
+        fetch = lambda ref: (ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref) if rank == 0 else None  # noqa: E731
+        self.real, self.cas_data = fetch(config.get("real_features")), fetch(config.get("cas_data"))
+        self.feature_metrics = [n for n in spec.eval.metrics if n != "cas"]
 
     def __call__(self, task) -> dict:
         import torch.distributed as dist
@@ -342,6 +354,13 @@ class Evaluator:
             e = self.spec.eval
             scores = self.m.mode_metrics(g.eval(), self.spec, e.metrics, e.num_samples, e.sample_sets, device=self.device)
             g.train(was_training)
+            return scores
+        scores = {}
+        if self.cas_data is not None and self.rank == 0:
+            # Rank 0 alone trains the CAS classifiers (seconds on digits); the others wait at the gather.
+            scores = self.m.classification_accuracy_score(g, self.spec, self.num_classes, self.cas_data,
+                                                          device=self.device)
+        if not self.feature_metrics:
             return scores
         was_training = g.training
         g.eval()
@@ -356,4 +375,4 @@ class Evaluator:
         if self.rank != 0:
             return {}
         fake, logits = self.m.assemble(parts)
-        return self.m.compute(self.spec.eval.metrics, self.real, fake, logits)
+        return scores | self.m.compute(self.feature_metrics, self.real, fake, logits)

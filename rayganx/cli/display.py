@@ -11,7 +11,8 @@ from rayganx.cli.base import err, out
 
 
 def fmt_metrics(m: dict) -> str:
-    keys = ("loss_d", "loss_g", "loss", "accuracy", "val_accuracy", "elbo", "fid", "kid")
+    keys = ("loss_d", "loss_g", "loss", "accuracy", "val_accuracy", "elbo", "fid", "kid", "cas",
+            "synthetic_share")
     parts = [f"{k} {m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float))]
     if "images_per_s" in m:
         parts.append(f"{m['images_per_s']:.0f} img/s")

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from rayganx import spec as jobspec
-from rayganx.cli.base import EndpointOpt, STATE, app, command, out
+from rayganx.cli.base import EndpointOpt, STATE, app, command, out, warn
 
 
 @app.command()
@@ -153,8 +153,8 @@ def export(checkpoint: str = typer.Argument(..., help="checkpoint folder (local 
 @command
 def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (local or URL)"),
              metrics: Optional[str] = typer.Option(
-                 None, "--metrics", help="comma list of fid, kid, is, pr (images; default fid,kid) or modes, hq, kl "
-                                         "(2-D mixtures, their default)"),
+                 None, "--metrics", help="comma list of fid, kid, is, pr, cas (images; default fid,kid) or modes, "
+                                         "hq, kl (2-D mixtures, their default)"),
              num_samples: Optional[int] = typer.Option(
                  None, "--num-samples", help="default 1000; for 2-D mixtures 2500 per set (the papers' protocol)"),
              sample_sets: int = typer.Option(5, "--sample-sets", help="2-D mixtures: sets the mode metrics average over"),
@@ -167,10 +167,13 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
                  None, "--inception-path", help="--features inception: the FID Inception weights file (else fetched "
                                                 "once into the cache)"),
              seed: int = typer.Option(0, "--seed"),
+             cas_steps: int = typer.Option(400, "--cas-steps", min=1,
+                                           help="cas: steps of each classifier (jobs/cnn_digits.yaml's recipe: 400)"),
              json_out: Optional[str] = typer.Option(None, "--json", help="also write the results here"),
              endpoint_url: Optional[str] = EndpointOpt):
-    """Score a checkpoint's generator against its job's data (FID, KID, IS, precision/recall; for 2-D
-    mixtures the modes covered, the share of high-quality samples and the KL of their mode histogram)."""
+    """Score a checkpoint's generator against its job's data (FID, KID, IS, precision/recall, and for
+    conditional generators the Classification Accuracy Score; for 2-D mixtures the modes covered, the
+    share of high-quality samples and the KL of their mode histogram)."""
     import json
 
     from rayganx import models
@@ -194,7 +197,17 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
         raise jobspec.SpecError(f"--metrics: {problems[0].split(': ', 1)[1]}")
     if endpoint_url and not spec.storage.endpoint_url:
         spec.storage.endpoint_url = endpoint_url
-    results = evaluate_generator(g, spec, num_classes, names, num_samples, seed, verbose=STATE["verbose"])
+    if endpoint_url and not spec.data.endpoint_url:
+        spec.data.endpoint_url = endpoint_url
+    if "cas" in names:
+        from rayganx.metrics import check_cas
+
+        check_cas(spec, num_classes)  # one line, before Ray or any feature extraction starts
+        if spec.is_gan and not spec.data.per_class:
+            warn("cas: this generator trained on every image, the held-out ones the score tests on included "
+                 "(GAN jobs read data.val_fraction's split only with data.per_class); the score is optimistic")
+    results = evaluate_generator(g, spec, num_classes, names, num_samples, seed, verbose=STATE["verbose"],
+                                 cas_steps=cas_steps)
     what = f"{sample_sets} sets of {num_samples} samples" if points else f"{num_samples} samples, {spec.eval.features} features"
     table = Table(title=f"{checkpoint} (step {state.get('step')}, {what})")
     table.add_column("metric")
