@@ -74,7 +74,7 @@ def complete_all(gan: str, masks, methods, reuse: bool, steps: int, restarts: in
     """Run `rayganx complete` (its functions, in this process: one Ray start) for every mask and
     method; {(mask, method): (summary, seconds, command line)}. Masks not in `only` are taken
     from finished completions (--reuse) or left out."""
-    from rayganx import cluster, complete
+    from rayganx import cluster, complete, inpaint
     from rayganx.storage import Store
 
     done = {}
@@ -96,8 +96,8 @@ def complete_all(gan: str, masks, methods, reuse: bool, steps: int, restarts: in
                 continue
             t0 = time.time()
             cluster.init_ray()  # once, and only when something is left to complete
-            job = complete.Job(gan, str(WORK / "heldout"), complete.parse_mask(mask, 32), str(out), name,
-                               complete.Search(steps, restarts), blend, 0, 32)
+            job = complete.Job(gan, str(WORK / "heldout"), inpaint.parse_mask(mask, 32), str(out), name,
+                               inpaint.Search(steps, restarts), blend, 0, 32)
             summary = complete.run(complete.prepare(job), workers=workers, threads=1)
             secs = time.time() - t0
             m = json.loads(manifest.read_text()) | {"seconds": secs}
@@ -145,7 +145,7 @@ def picture(masks, methods, path: Path, n: int = 8) -> None:
     """n held-out digits: per mask, the input with its hole, each method's completion, the original."""
     import torch
 
-    from rayganx.complete import synthetic_hole, parse_mask
+    from rayganx.inpaint import parse_mask, synthetic_hole
 
     originals, _ = load_folder(WORK / "heldout")
     outs = {(mask, method): load_folder(WORK / "out" / f"{mask}-{method}")[0] for mask in masks for method in methods}

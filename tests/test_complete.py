@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rayganx import complete, models, spec as jobspec
+from rayganx import complete, inpaint, models, spec as jobspec
 from rayganx.spec import SpecError
 from tests.conftest import JOBS, local_checkpoint, rayganx
 
@@ -18,19 +18,19 @@ from tests.conftest import JOBS, local_checkpoint, rayganx
 
 
 def test_mask_parsing():
-    assert complete.parse_mask("center", 32) == complete.Mask("center")
-    assert complete.parse_mask("random", 32) == complete.Mask("random", fraction=0.8)
-    assert complete.parse_mask("random:0.5", 32).fraction == 0.5
-    assert complete.parse_mask("box:0,4,8,10", 32) == complete.Mask("box", box=(0, 4, 8, 10))
+    assert inpaint.parse_mask("center", 32) == inpaint.Mask("center")
+    assert inpaint.parse_mask("random", 32) == inpaint.Mask("random", fraction=0.8)
+    assert inpaint.parse_mask("random:0.5", 32).fraction == 0.5
+    assert inpaint.parse_mask("box:0,4,8,10", 32) == inpaint.Mask("box", box=(0, 4, 8, 10))
 
-    hole = complete.synthetic_hole(complete.Mask("center"), 32, 0, "a")
+    hole = inpaint.synthetic_hole(inpaint.Mask("center"), 32, 0, "a")
     assert hole.shape == (1, 32, 32) and hole.sum() == 16 * 16 and hole[0, 8:24, 8:24].all()
-    hole = complete.synthetic_hole(complete.Mask("box", box=(0, 4, 8, 10)), 32, 0, "a")
+    hole = inpaint.synthetic_hole(inpaint.Mask("box", box=(0, 4, 8, 10)), 32, 0, "a")
     assert hole.sum() == 80 and hole[0, 4:14, 0:8].all()
-    a = complete.synthetic_hole(complete.Mask("random"), 32, 0, "a")
+    a = inpaint.synthetic_hole(inpaint.Mask("random"), 32, 0, "a")
     assert 0.75 < a.mean() < 0.85
-    assert (a == complete.synthetic_hole(complete.Mask("random"), 32, 0, "a")).all()  # its own seed
-    assert (a != complete.synthetic_hole(complete.Mask("random"), 32, 0, "b")).any()
+    assert (a == inpaint.synthetic_hole(inpaint.Mask("random"), 32, 0, "a")).all()  # its own seed
+    assert (a != inpaint.synthetic_hole(inpaint.Mask("random"), 32, 0, "b")).any()
 
 
 @pytest.mark.parametrize("text,message", [
@@ -44,7 +44,7 @@ def test_mask_parsing():
 ])
 def test_bad_masks_are_refused(text, message):
     with pytest.raises(SpecError, match=message):
-        complete.parse_mask(text, 32)
+        inpaint.parse_mask(text, 32)
 
 
 def png(arr: np.ndarray) -> bytes:
@@ -56,15 +56,15 @@ def png(arr: np.ndarray) -> bytes:
 def test_mask_images_are_checked():
     m = np.zeros((32, 32))
     m[4:8, 4:8] = 255
-    assert complete.read_hole(png(m), 32, "m.png").sum() == 16
+    assert inpaint.read_hole(png(m), 32, "m.png").sum() == 16
     with pytest.raises(SpecError, match="m.png is 16x16, the images are 32x32"):
-        complete.read_hole(png(np.full((16, 16), 255)), 32, "m.png")
+        inpaint.read_hole(png(np.full((16, 16), 255)), 32, "m.png")
     with pytest.raises(SpecError, match="m.png has no hole"):
-        complete.read_hole(png(np.zeros((32, 32))), 32, "m.png")
+        inpaint.read_hole(png(np.zeros((32, 32))), 32, "m.png")
     with pytest.raises(SpecError, match="all hole"):
-        complete.read_hole(png(np.full((32, 32), 255)), 32, "m.png")
+        inpaint.read_hole(png(np.full((32, 32), 255)), 32, "m.png")
     with pytest.raises(SpecError, match="not an image"):
-        complete.read_hole(b"nope", 32, "m.png")
+        inpaint.read_hole(b"nope", 32, "m.png")
 
 
 # --------------------------------------------------------------------------- blending, baselines
@@ -76,14 +76,14 @@ def test_blend_keeps_known_pixels_and_leaves_no_seam():
     hole = torch.zeros(3, 1, 16, 16)
     hole[:, :, 4:12, 4:12] = 1
     # A fill that is right up to a brightness offset: Poisson blending removes the offset exactly.
-    for how in complete.BLENDS:
-        done = complete.blend(x - 0.3, x, 1 - hole, how)
+    for how in inpaint.BLENDS:
+        done = inpaint.blend(x - 0.3, x, 1 - hole, how)
         assert torch.equal(done[hole.expand_as(x) == 0], x[hole.expand_as(x) == 0]), how
-    done = complete.blend(x - 0.3, x, 1 - hole, "poisson")
+    done = inpaint.blend(x - 0.3, x, 1 - hole, "poisson")
     assert (done - x).abs().max() < 1e-3
-    feather = complete.blend(x - 0.3, x, 1 - hole, "feather")
+    feather = inpaint.blend(x - 0.3, x, 1 - hole, "feather")
     assert (feather - x).abs().max() < 0.05
-    assert (complete.blend(x - 0.3, x, 1 - hole, "none") - x).abs().max() > 0.29
+    assert (inpaint.blend(x - 0.3, x, 1 - hole, "none") - x).abs().max() > 0.29
 
 
 def test_baselines():
@@ -91,14 +91,14 @@ def test_baselines():
     ref = torch.cat([torch.rand(5, 1, 8, 8) * 2 - 1, x[2:3]])
     hole = torch.zeros(4, 1, 8, 8)
     hole[:, :, 2:6, 2:6] = 1
-    _, idx = complete.fill_nearest(x, 1 - hole, ref)
+    _, idx = inpaint.fill_nearest(x, 1 - hole, ref)
     assert idx[2] == 5
-    done, labels = complete.complete_batch(x, hole, "mean", how="none")  # the flat fill itself
+    done, labels = inpaint.complete_batch(x, hole, "mean", how="none")  # the flat fill itself
     known = (1 - hole).expand_as(x).bool()
     assert torch.equal(done[known], x[known]) and labels is None
     assert torch.allclose(done[0, 0, 3, 3], x[0][known[0]].mean(), atol=1e-5)
     with pytest.raises(SpecError, match="--method 'median': expected one of model, mean, nearest"):
-        complete.complete_batch(x, hole, "median")
+        inpaint.complete_batch(x, hole, "median")
 
 
 # --------------------------------------------------------------------------- a known case
@@ -134,15 +134,15 @@ def test_gan_completion_recovers_an_image_the_generator_made(short_run):
     torch.set_num_threads(1)
     ckpt, exported = short_run
     for source in (exported, ckpt):  # the export has no D (latent prior); the checkpoint has D
-        model = complete.load_model(source)
+        model = inpaint.load_model(source)
         assert (model.d is None) == (source == exported)
         with torch.no_grad():
             x = models.generate(model.g, torch.randn(8, model.spec.model.latent_dim,
                                                      generator=torch.Generator().manual_seed(123)))
-        hole = torch.from_numpy(complete.synthetic_hole(complete.Mask("center"), 32, 0, "k"))[None].expand(8, -1, -1, -1)
-        done, _ = complete.complete_batch(x, hole, "model", model=model, seeds=list(range(8)),
-                                          search=complete.Search(steps=150, restarts=3))
-        mean, _ = complete.complete_batch(x, hole, "mean")
+        hole = torch.from_numpy(inpaint.synthetic_hole(inpaint.Mask("center"), 32, 0, "k"))[None].expand(8, -1, -1, -1)
+        done, _ = inpaint.complete_batch(x, hole, "model", model=model, seeds=list(range(8)),
+                                          search=inpaint.Search(steps=150, restarts=3))
+        mean, _ = inpaint.complete_batch(x, hole, "mean")
         h = hole.expand_as(x).bool()
         err_gan, err_mean = ((done - x)[h] ** 2).mean(), ((mean - x)[h] ** 2).mean()
         assert torch.equal(done[~h], x[~h])
@@ -189,17 +189,17 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(untrained_ckpt, tmp_path
     for f in sorted(inp.rglob("*.png"))[:2]:
         (masks / f.parent.name).mkdir(parents=True, exist_ok=True)
         (masks / f.parent.name / f.name).write_bytes(png(m))
-    job = complete.Job(ckpt, str(inp), complete.parse_mask(str(masks), 32), str(out))
+    job = complete.Job(ckpt, str(inp), inpaint.parse_mask(str(masks), 32), str(out))
     with pytest.raises(SpecError, match="2 mask images for 3 input images"):
         complete.prepare(job)
     last = sorted(inp.rglob("*.png"))[2]
     (masks / last.parent.name).mkdir(parents=True, exist_ok=True)
     (masks / last.parent.name / last.name).write_bytes(png(np.zeros((32, 32))))
     with pytest.raises(SpecError, match="has no hole"):
-        complete.prepare(complete.Job(ckpt, str(inp), complete.parse_mask(str(masks), 32), str(out)))
+        complete.prepare(complete.Job(ckpt, str(inp), inpaint.parse_mask(str(masks), 32), str(out)))
     (masks / last.parent.name / last.name).write_bytes(png(np.full((8, 8), 255)))
     with pytest.raises(SpecError, match="is 8x8, the images are 32x32"):
-        complete.prepare(complete.Job(ckpt, str(inp), complete.parse_mask(str(masks), 32), str(out)))
+        complete.prepare(complete.Job(ckpt, str(inp), inpaint.parse_mask(str(masks), 32), str(out)))
     assert not out.exists()
 
 

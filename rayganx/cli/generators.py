@@ -108,7 +108,7 @@ def complete_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (
     """Fill a hole in each input image: GAN latent search (Yeh et al. 2017), VAE, or the mean / nearest baselines."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from rayganx import complete
+    from rayganx import complete, inpaint
     from rayganx.cluster import init_ray
 
     if address and address.startswith("http"):
@@ -116,8 +116,8 @@ def complete_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (
                                 f"not the Jobs API")
     t0 = time.monotonic()
     # The mask is parsed for size 1 << 16 first (syntax only); prepare checks a box against the model's size.
-    job = complete.Job(checkpoint, input_url, complete.parse_mask(mask, 1 << 16, endpoint_url), out_url, method,
-                       complete.Search(steps, restarts, prior), blend, seed, batch_size, endpoint_url)
+    job = complete.Job(checkpoint, input_url, inpaint.parse_mask(mask, 1 << 16, endpoint_url), out_url, method,
+                       inpaint.Search(steps, restarts, prior), blend, seed, batch_size, endpoint_url)
     complete.prepare(job)  # bad input fails here, before Ray starts or anything is written
     init_ray(address=address)
     with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=out,
