@@ -153,7 +153,7 @@ def write_section(args, low: dict, full: dict | None, complete: bool, took: floa
         "",
         f"**Low-data regime**: k real digits per class (`data.per_class: k`, the first k of each class of the "
         f"training split); the cGAN of `jobs/cgan_digits.yaml` trained on the same k per class for "
-        f"{args.gan_steps} steps (the job's default is 1200: cut to fit a CPU budget; seeds were not cut); the "
+        f"{args.gan_steps} steps (the job's default is 1200: cut to fit a CPU budget); the "
         f"CNN of `jobs/cnn_digits.yaml` ({args.cnn_steps} steps) on the k per class alone, and with "
         f"`data.synthetic: {{generator: <that seed's cGAN>, fraction: {args.fraction}}}` (as many generated rows "
         f"as real ones). Accuracy on the real held-out split (all of it), mean ± std over the seeds (planned: "
