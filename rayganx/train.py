@@ -9,6 +9,7 @@ updates are in `rayganx.tasks`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import resource
 import time
@@ -362,6 +363,13 @@ class Evaluator:
                                                           device=self.device)
         if not self.feature_metrics:
             return scores
+        if self.world > 1:
+            # Each worker's BatchNorm running statistics are its own (buffers are not broadcast in
+            # training); the score must be the checkpointed generator's, rank 0's, so every
+            # worker generates its share with a copy holding rank 0's buffers.
+            g = copy.deepcopy(g)
+            for buf in g.buffers():
+                dist.broadcast(buf, src=0)
         was_training = g.training
         g.eval()
         part = self.m.generated_features(g, self.spec, self.num_classes, self.extractor, self.spec.eval.num_samples,
