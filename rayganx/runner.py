@@ -306,6 +306,17 @@ def last_step(spec: JobSpec) -> int:
     return ckpts[-1]["step"] if ckpts else 0
 
 
+def shutdown_embedded_ray(timeout: float = 30.0) -> None:
+    """Stop this process's embedded Ray after Ctrl-C, waiting at most `timeout`: the interrupted
+    fit thread and the progress poller may still be inside Ray calls, and a shutdown racing them
+    must not turn a Ctrl-C into a hang (the embedded cluster's processes end with this one)."""
+    import ray
+
+    thread = threading.Thread(target=ray.shutdown, name="rayganx-shutdown", daemon=True)
+    thread.start()
+    thread.join(timeout)
+
+
 def resolve_paths(spec: JobSpec) -> JobSpec:
     """Absolute local paths: Ray workers run in their own working directories."""
     spec = spec.model_copy(deep=True)
@@ -352,9 +363,7 @@ def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None]
                 fit_interruptibly(trainer)
         except KeyboardInterrupt:
             if embedded:  # stop the workers before the lock goes: nothing may write after it
-                import ray
-
-                ray.shutdown()
+                shutdown_embedded_ray()
                 monitor = None
             raise
         except Exception as e:

@@ -3,6 +3,7 @@ the built-in datasets."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Optional
@@ -39,7 +40,11 @@ def _run_here(spec: jobspec.JobSpec, force: bool = False) -> None:
         where = f"step {ckpts[-1]['step']}" if ckpts else "the start (no checkpoint yet)"
         err.print(f"[yellow]interrupted[/yellow]: {spec.name} stopped; submit the same job again to continue "
                   f"from {where}", highlight=False, soft_wrap=True)
-        raise typer.Exit(130)
+        # Everything that must happen has: the workers are stopped, the lock released, the user
+        # told. Exit now rather than wait on threads Ray or Ray Train left behind at shutdown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     finally:
         display.stop()
     print_run_summary(spec.name, result, time.monotonic() - t0)
