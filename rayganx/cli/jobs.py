@@ -68,12 +68,12 @@ def submit(job: str, set_: Optional[list[str]] = SetOpt,
         if not follow:
             out.print(f"follow it with: rayganx logs {job_id} --follow --address {address}", highlight=False)
             return
-        follow(address, job_id)
+        follow_job(address, job_id)
         return
     _run_here(spec, force)
 
 
-def follow(address: str, job_id: str) -> None:
+def follow_job(address: str, job_id: str) -> None:
     from rayganx import remote
 
     state = remote.follow(address, job_id, lambda chunk: (sys.stdout.write(chunk), sys.stdout.flush()))
@@ -122,7 +122,7 @@ def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"), addr
 
     address = need_address(address)
     if follow:
-        follow(address, job_id)
+        follow_job(address, job_id)
     else:
         sys.stdout.write(remote.logs(address, job_id))
 

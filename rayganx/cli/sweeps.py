@@ -11,7 +11,7 @@ import typer
 from rayganx import spec as jobspec
 from rayganx.cli.base import AddressOpt, OnClusterOpt, STATE, app, command, err, out
 from rayganx.cli.display import TrialTable, print_leaderboard
-from rayganx.cli.jobs import jobs_address_from_env
+from rayganx.cli.jobs import follow_job, jobs_address_from_env
 
 
 @app.command("tune")
@@ -39,7 +39,7 @@ def tune_cmd(sweep: Optional[str] = typer.Argument(None, help="sweep YAML"),
         job_id = remote.submit_sweep(sw, address, resume, paths_on_cluster)
         out.print(f"submitted {job_id} to {address}", highlight=False)
         if follow:
-            follow(address, job_id)
+            follow_job(address, job_id)
         else:
             out.print(f"follow it with: rayganx logs {job_id} --follow --address {address}", highlight=False)
         return
