@@ -42,6 +42,25 @@ def sample(checkpoint: str = typer.Argument(..., help="checkpoint folder (local 
         out.print(f"wrote {len(images)} images to {out_dir}")
 
 
+RayAddressOpt = typer.Option(None, "--address", envvar="RAY_ADDRESS",
+                             help="Ray cluster (what ray.init takes); default: embedded")
+
+
+def cluster_address(address: str | None, command_name: str) -> str | None:
+    """Commands that run Ray Data themselves join a cluster; a Jobs API URL is refused."""
+    if address and address.startswith("http"):
+        raise jobspec.SpecError(f"--address {address}: {command_name} joins a Ray cluster (host:6379 or "
+                                f"ray://host:10001), not the Jobs API")
+    return address
+
+
+def work_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=out,
+                    disable=not out.is_terminal)
+
+
 @app.command("generate")
 @command
 def generate_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (local or URL) or exported .pt"),
@@ -54,27 +73,20 @@ def generate_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (
                  workers: int = typer.Option(2, "--workers", help="generator copies working at once"),
                  part_size: int = typer.Option(1000, "--part-size", help="images per Parquet part"),
                  gpu: bool = typer.Option(False, "--gpu", help="one GPU per worker"),
-                 address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS",
-                                                       help="Ray cluster (what ray.init takes); default: embedded"),
+                 address: Optional[str] = RayAddressOpt,
                  endpoint_url: Optional[str] = EndpointOpt):
     """Write N generated images (PNG bytes, label, seed) as Parquet with Ray Data; a re-run makes only the missing parts."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     from rayganx import generate
     from rayganx.cluster import init_ray
 
-    if address and address.startswith("http"):
-        raise jobspec.SpecError(f"--address {address}: generate joins a Ray cluster (host:6379 or ray://host:10001), "
-                                f"not the Jobs API")
     try:
         classes = tuple(int(v) for v in labels.split(",") if v.strip()) if labels is not None else None
     except ValueError:
         raise jobspec.SpecError(f"--labels {labels!r}: expected a comma list of class numbers") from None
     plan = generate.Plan(checkpoint, n, seed, classes, part_size)
     todo = generate.prepare(plan, out_url, endpoint_url)  # a bad plan fails here, before Ray starts
-    init_ray(address=address)
-    with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=out,
-                  disable=not out.is_terminal) as bar:
+    init_ray(address=cluster_address(address, "generate"))
+    with work_bar() as bar:
         task = bar.add_task("generating", total=n)
         result = generate.run(plan, todo, out_url, endpoint_url, workers=workers, use_gpu=gpu,
                               on_part=lambda done, total: bar.update(task, completed=done))
@@ -102,26 +114,19 @@ def complete_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (
                  workers: int = typer.Option(2, "--workers", help="model copies working at once"),
                  threads: int = typer.Option(1, "--threads", help="CPUs (torch threads) per worker"),
                  gpu: bool = typer.Option(False, "--gpu", help="one GPU per worker"),
-                 address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS",
-                                                       help="Ray cluster (what ray.init takes); default: embedded"),
+                 address: Optional[str] = RayAddressOpt,
                  endpoint_url: Optional[str] = EndpointOpt):
     """Fill a hole in each input image: GAN latent search (Yeh et al. 2017), VAE, or the mean / nearest baselines."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     from rayganx import complete, inpaint
     from rayganx.cluster import init_ray
 
-    if address and address.startswith("http"):
-        raise jobspec.SpecError(f"--address {address}: complete joins a Ray cluster (host:6379 or ray://host:10001), "
-                                f"not the Jobs API")
     t0 = time.monotonic()
     # The mask is parsed for size 1 << 16 first (syntax only); prepare checks a box against the model's size.
     job = complete.Job(checkpoint, input_url, inpaint.parse_mask(mask, 1 << 16, endpoint_url), out_url, method,
                        inpaint.Search(steps, restarts, prior), blend, seed, batch_size, endpoint_url)
     complete.prepare(job)  # bad input fails here, before Ray starts or anything is written
-    init_ray(address=address)
-    with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=out,
-                  disable=not out.is_terminal) as bar:
+    init_ray(address=cluster_address(address, "complete"))
+    with work_bar() as bar:
         task = bar.add_task("completing", total=len(job.items))
         summary = complete.run(job, workers, threads, gpu, on_chunk=lambda done, total: bar.update(task, completed=done))
     psnr = f"; hole PSNR {summary['hole_psnr_db']:.2f} dB against the inputs" if "hole_psnr_db" in summary else ""
