@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -282,6 +283,20 @@ def _wait_for(proc, pattern: str, timeout: float) -> list[str]:
     raise AssertionError(f"{pattern!r} not seen in {timeout} s: {''.join(lines)[-2000:]}")
 
 
+def _drain(stream) -> tuple[threading.Thread, list[str]]:
+    """Reads a child's pipe in the background: a child blocked on a full pipe while the test
+    waits on something else would pass for a hang."""
+    lines: list[str] = []
+
+    def read():
+        for line in stream:
+            lines.append(line)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread, lines
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_promptly_and_the_same_submit_continues(tmp_path):
     job = write_job(tmp_path / "ctrlc.yaml", "dcgan_digits.yaml",
@@ -290,14 +305,25 @@ def test_ctrl_c_stops_promptly_and_the_same_submit_continues(tmp_path):
             "--set", "train.batch_size=32"]
     proc = subprocess.Popen([sys.executable, "-m", "rayganx.cli", "submit", str(job), *sets], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err_thread, err_lines = _drain(proc.stderr)
     try:
         _wait_for(proc, "step 10/100000", 300)  # long enough that only Ctrl-C ends it
+        _drain(proc.stdout)
         second = rayganx("submit", job, *sets, timeout=120)  # the same run, while it is going
         assert second.returncode == 1 and "in use by" in second.stderr and "--force" in second.stderr, second.stderr
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # the CLI's faulthandler: where it waits
+            time.sleep(3)
+            proc.kill()
+            err_thread.join(10)
+            pytest.fail("no exit within 60 s of SIGINT; its threads:\n" + "".join(err_lines)[-6000:])
         took = time.monotonic() - t0
+        err_thread.join(10)
+        stderr = "".join(err_lines)
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr

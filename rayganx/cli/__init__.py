@@ -10,4 +10,9 @@ from rayganx.cli.base import app
 
 
 def main():
+    import faulthandler
+    import signal
+
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: what a run that seems stuck waits on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     app()
