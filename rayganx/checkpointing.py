@@ -4,6 +4,7 @@ store (Ray's upload, then the completion marker, last), and where a (re)started 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -15,7 +16,6 @@ import torch
 from rayganx.runs import MARKER, checkpoint_manifest, list_checkpoints, load_state
 from rayganx.spec import JobSpec
 from rayganx.storage import Store, StorageError
-from rayganx.tasks import Task
 
 
 def to_cpu(obj):
@@ -41,23 +41,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(path: str, task: Task, step: int, metrics: dict, num_classes: int | None,
+def save_checkpoint(path: str, spec: JobSpec, state: dict, step: int, metrics: dict, num_classes: int | None,
                     rng: list, lineage: str | None) -> None:
-    """state.pt (tensors and plain data only: it loads with weights_only=True), spec.yaml, meta.json."""
-    state = task.state_dict() | {"step": step, "num_classes": num_classes, "spec": task.spec.to_dict(),
-                                 "rng": rng, "lineage": lineage}
+    """state.pt (tensors and plain data only: it loads with weights_only=True), spec.yaml, meta.json.
+    state: the task's state_dict (a CPU copy when written off the training thread)."""
+    state = state | {"step": step, "num_classes": num_classes, "spec": spec.to_dict(), "rng": rng,
+                     "lineage": lineage}
     torch.save(state, os.path.join(path, "state.pt"))
     with open(os.path.join(path, "spec.yaml"), "w") as f:
-        f.write(task.spec.to_yaml())
+        f.write(spec.to_yaml())
     with open(os.path.join(path, "meta.json"), "w") as f:
         json.dump({"step": step, "time": time.time(), "metrics": metrics}, f)
 
 
-def upload_with_marker(checkpoint, dir_name: str):
-    """Ray's own upload, then the completion marker, last: a folder without it was cut off."""
+def upload_with_marker(checkpoint, dir_name: str, write=None):
+    """Writes the folder (`write(path)`, when given), then Ray's own upload, then the completion
+    marker, last: a folder without it was cut off."""
     import ray.train
 
     local = checkpoint.path
+    if write is not None:
+        write(local)
     manifest = checkpoint_manifest(local, int(dir_name.rsplit("_", 1)[-1]))
     persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
     with persisted.filesystem.open_output_stream(f"{persisted.path}/{MARKER}") as f:
@@ -122,27 +126,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def report_checkpoint(task: Task, step: int, metrics: dict, num_classes, rng: list, lineage, rank: int) -> None:
-    """Every rank reports (a barrier); rank 0's folder is uploaded, its marker written last."""
+def report_checkpoint(spec: JobSpec, state: dict, step: int, metrics: dict, num_classes, rng: list, lineage,
+                      rank: int) -> None:
+    """Every rank reports (a barrier); rank 0's folder is written and uploaded, its marker last.
+
+    state: a CPU copy of the task's state that nothing changes afterwards (the rollback copy):
+    with the asynchronous upload the folder is written in Ray's upload thread, so the training
+    step pays only for that copy."""
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
 
     # ray.train.report is a barrier whose queue the controller drains on its own poll interval:
     # reporting every log step stalled training by half. Logs go to the metrics log and Ray's
     # metrics; Ray Train hears from us at checkpoints.
-    checkpoint = None
+    checkpoint, upload = None, None
     if rank == 0:
         sweep_stale_copies()
-        local = tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{os.getpid()}_")  # removed by Ray once uploaded
-        try:
-            save_checkpoint(local, task, step, metrics, num_classes, rng, lineage)
-        except BaseException:
-            shutil.rmtree(local, ignore_errors=True)
-            raise
-        checkpoint = Checkpoint.from_directory(local)
-    # Asynchronous: the upload (and its marker, written last) runs in a background thread while
-    # training goes on; a failed upload fails the run at the next step.
-    mode = CheckpointUploadMode.ASYNC if task.spec.storage.async_upload else CheckpointUploadMode.SYNC
+        # Empty until the upload thread writes it; removed by Ray once uploaded, by
+        # sweep_stale_copies when its writer died first.
+        checkpoint = Checkpoint.from_directory(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{os.getpid()}_"))
+        upload = functools.partial(upload_with_marker, write=functools.partial(
+            save_checkpoint, spec=spec, state=state, step=step, metrics=metrics, num_classes=num_classes,
+            rng=rng, lineage=lineage))
+    # Asynchronous: writing, uploading and the marker run in a background thread while training
+    # goes on; a failure there fails the run at the next step.
+    mode = CheckpointUploadMode.ASYNC if spec.storage.async_upload else CheckpointUploadMode.SYNC
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}",
                      checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=checkpoint is not None,
-                     checkpoint_upload_fn=upload_with_marker if checkpoint is not None else None)
+                     checkpoint_upload_fn=upload)

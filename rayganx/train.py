@@ -256,9 +256,11 @@ class Worker:
             dist.all_gather_object(rng, rng_state())
         else:
             rng = [rng_state()]
-        report_checkpoint(self.task, step, metrics, self.num_classes, rng, self.lineage, self.rank)
-        self.telemetry.checkpointed()
+        # One CPU copy serves as the rollback state and as what the checkpoint writes.
         self.good = {"state": to_cpu(self.task.state_dict()), "step": step, "rng": rng_state()}
+        report_checkpoint(self.spec, self.good["state"], step, metrics, self.num_classes, rng, self.lineage,
+                          self.rank)
+        self.telemetry.checkpointed()
 
     def flush(self) -> None:
         for pending in (self.log, self.tb):

@@ -79,7 +79,7 @@ def local_checkpoint(path: Path, task, step: int, num_classes=None) -> Path:
     from rayganx.checkpointing import save_checkpoint
 
     path.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(str(path), task, step, {"step": step}, num_classes, [{"torch": torch.get_rng_state()}], None)
+    save_checkpoint(str(path), task.spec, task.state_dict(), step, {"step": step}, num_classes, [{"torch": torch.get_rng_state()}], None)
     (path / MARKER).write_text(json.dumps(checkpoint_manifest(str(path), step)))
     return path
 
