@@ -127,7 +127,7 @@ def cmd_input(files: list[int], endpoint: str | None) -> None:
               f"{r['worker_images_per_s']:.0f} | {r['input_multiple']:.1f}x |")
 
 
-def cmd_checkpoint(endpoint: str | None) -> None:
+def cmd_checkpoint(endpoint: str | None, uploads: list[str]) -> None:
     from rayganx import runner, spec as jobspec
     from rayganx.runs import read_metrics
     from rayganx.storage import Store
@@ -135,7 +135,7 @@ def cmd_checkpoint(endpoint: str | None) -> None:
     server, endpoint, s3 = moto(endpoint)
     out = []
     try:
-        for mode in ("true", "false"):
+        for mode in ["true" if u == "async" else "false" for u in uploads]:
             spec = jobspec.load(JOBS / "dcgan_celeba.yaml", [
                 f"name=ckpt_async_{mode}_{int(time.time())}", "data.source=digits", "data.channels=1", "data.image_size=64",
                 "scaling.num_workers=1", "train.batch_size=32", "train.steps=60", "train.epochs=null",
@@ -165,8 +165,9 @@ def main() -> None:
     p.add_argument("--endpoint", help="an S3 server already running (uploads only what is missing)")
     p = sub.add_parser("checkpoint")
     p.add_argument("--endpoint", help="an S3 server already running")
+    p.add_argument("--uploads", nargs="+", choices=["async", "sync"], default=["async", "sync"])
     args = ap.parse_args()
-    cmd_input(args.files, args.endpoint) if args.cmd == "input" else cmd_checkpoint(args.endpoint)
+    cmd_input(args.files, args.endpoint) if args.cmd == "input" else cmd_checkpoint(args.endpoint, args.uploads)
 
 
 if __name__ == "__main__":
