@@ -4,7 +4,6 @@ store (Ray's upload, then the completion marker, last), and where a (re)started 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -54,14 +53,11 @@ def save_checkpoint(path: str, spec: JobSpec, state: dict, step: int, metrics: d
         json.dump({"step": step, "time": time.time(), "metrics": metrics}, f)
 
 
-def upload_with_marker(checkpoint, dir_name: str, write=None):
-    """Writes the folder (`write(path)`, when given), then Ray's own upload, then the completion
-    marker, last: a folder without it was cut off."""
+def upload_with_marker(checkpoint, dir_name: str):
+    """Ray's own upload, then the completion marker, last: a folder without it was cut off."""
     import ray.train
 
     local = checkpoint.path
-    if write is not None:
-        write(local)
     manifest = checkpoint_manifest(local, int(dir_name.rsplit("_", 1)[-1]))
     persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
     with persisted.filesystem.open_output_stream(f"{persisted.path}/{MARKER}") as f:
@@ -145,9 +141,14 @@ def report_checkpoint(spec: JobSpec, state: dict, step: int, metrics: dict, num_
         # Empty until the upload thread writes it; removed by Ray once uploaded, by
         # sweep_stale_copies when its writer died first.
         checkpoint = Checkpoint.from_directory(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{os.getpid()}_"))
-        upload = functools.partial(upload_with_marker, write=functools.partial(
-            save_checkpoint, spec=spec, state=state, step=step, metrics=metrics, num_classes=num_classes,
-            rng=rng, lineage=lineage))
+
+        def upload(checkpoint, dir_name: str):
+            try:
+                save_checkpoint(checkpoint.path, spec, state, step, metrics, num_classes, rng, lineage)
+            except BaseException:
+                shutil.rmtree(checkpoint.path, ignore_errors=True)  # the run fails; no copy is left behind
+                raise
+            return upload_with_marker(checkpoint, dir_name)
     # Asynchronous: writing, uploading and the marker run in a background thread while training
     # goes on; a failure there fails the run at the next step.
     mode = CheckpointUploadMode.ASYNC if spec.storage.async_upload else CheckpointUploadMode.SYNC
