@@ -180,6 +180,10 @@ class EvalSpec(Section):
                                                          "(local or URL); downloaded once into the cache without it")
 
 
+# The job keys that name files or folders (JobSpec.paths).
+PATH_KEYS = ("data.path", "eval.extractor", "eval.inception_path", "storage.path", "data.synthetic.generator")
+
+
 class JobSpec(Section):
     # dotted key -> the string as written, with its ${VAR} placeholders (see to_dict)
     _templates: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -210,6 +214,7 @@ class JobSpec(Section):
         named = {"data.path": d.path if d.source in PATH_SOURCES else None, "eval.extractor": e.extractor,
                  "eval.inception_path": e.inception_path, "storage.path": self.storage.path,
                  "data.synthetic.generator": d.synthetic.generator if d.synthetic else None}
+        assert set(named) == set(PATH_KEYS)
         return {k: v for k, v in named.items() if v}
 
     @property

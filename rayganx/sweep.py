@@ -187,12 +187,10 @@ def _apply_recipe(raw: dict, recipe: dict) -> None:
     elif "recipe.gp_lambda" in recipe and t.gp_lambda:
         sd("train.gp_lambda", recipe["recipe.gp_lambda"])
     opts = ("optim_g", "optim_d") if cur.is_gan else ("optim",)
-    for i, key in enumerate(("recipe.beta1", "recipe.beta2")):
-        if key in recipe:
-            for opt in opts:
-                betas = list(getattr(t, opt).betas)
-                betas[i] = recipe[key]
-                sd(f"train.{opt}.betas", betas)
+    if "recipe.beta1" in recipe or "recipe.beta2" in recipe:  # one write: both keys may be set
+        for opt in opts:
+            b1, b2 = getattr(t, opt).betas
+            sd(f"train.{opt}.betas", [recipe.get("recipe.beta1", b1), recipe.get("recipe.beta2", b2)])
     if "recipe.lr_ratio" in recipe:
         sd("train.optim_d.lr", t.optim_g.lr * float(recipe["recipe.lr_ratio"]))
     if "recipe.spectral_norm" in recipe:

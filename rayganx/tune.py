@@ -20,6 +20,7 @@ from typing import Any, Callable
 from rayganx.config import set_dotted
 from rayganx.leaderboard import best_job_yaml, leaderboard
 from rayganx.cluster import DATA_CPUS, init_ray
+from rayganx.spec import PATH_KEYS
 from rayganx.storage import Store, absolute, is_remote
 from rayganx.sweep import Sweep, is_distribution
 from rayganx.trial import run_trial, trial_name
@@ -145,6 +146,11 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
     for key, value in sw.base.paths().items():
         if key != "storage.path":  # the sweep's own storage holds the trials
             set_dotted(base_raw, key, absolute(value))
+    # So must the ones the space sets, such as an extractor every trial shares.
+    for key, v in sw.space.items():
+        if key in PATH_KEYS and key != "storage.path":
+            sw.space[key] = ({kind: [absolute(x) if isinstance(x, str) else x for x in args] for kind, args in v.items()}
+                             if is_distribution(v) else absolute(v) if isinstance(v, str) else v)
     raw = sw.spec.model_dump(mode="json") | {"job": base_raw}
     trainable = tune.with_parameters(run_trial, sweep_raw=raw, source=sw.source)
     # The trial driver only waits on its TorchTrainer: the workers hold the CPUs and GPUs, and a

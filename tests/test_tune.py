@@ -54,6 +54,9 @@ def test_the_default_space_prints_and_validates(tmp_path):
     assert (spec.train.loss, spec.train.gp_lambda, spec.model.d_batchnorm) == ("wasserstein", 3.0, False)
     assert spec.train.optim_d.lr == pytest.approx(4e-4) and spec.train.optim_g.betas[0] == 0.0
     assert spec.model.spectral_norm == "d" and spec.storage.checkpoint_every == sw.spec.report_every
+    # Both betas at once: each keeps the other (beta2 once reset beta1 to the job's value).
+    spec = sw.trial_spec({"recipe.beta1": 0.0, "recipe.beta2": 0.9}, "t")
+    assert tuple(spec.train.optim_g.betas) == tuple(spec.train.optim_d.betas) == (0.0, 0.9)
 
 
 def test_bad_spaces_fail_before_any_trial_naming_the_key(tmp_path):
@@ -115,6 +118,24 @@ def test_asha_sweep_stops_trials_early_and_writes_a_runnable_best_job(ray_sessio
     # The same sweep again is refused rather than mixed into the finished one.
     with pytest.raises(runner.RunError, match="already exists .* --resume"):
         tune.run(sw)
+
+
+def test_relative_paths_in_the_space_are_the_drivers_not_each_trials(ray_session, tmp_path, monkeypatch):
+    # Trials run in Ray Tune's working directories: a relative extractor that the space sets for
+    # every trial must still name the file beside the user who ran `rayganx tune`.
+    monkeypatch.chdir(tmp_path)
+    cnn = runner.run(jobspec.load(JOBS / "cnn_digits.yaml", ["storage.path=runs", "train.steps=4", "model.ndf=8",
+                                                             "scaling.num_workers=1", "train.batch_size=32"]))
+    extractor = Path(cnn.checkpoints[-1]["url"]).relative_to(tmp_path).as_posix()
+    sw = sweeps.load(sweep_file(
+        tmp_path, num_samples=1, report_every=4, metric="fid",
+        space={"scaling.num_workers": 1, "train.batch_size": 32, **SMALL, "eval.num_samples": 64,
+               "eval.features": "classifier", "eval.extractor": extractor},
+        scheduler={"kind": "fifo", "max_steps": 4}))
+    board = tune.run(sw)
+    (row,) = board["trials"]
+    assert row["status"] == "finished" and row["best"] > 0, row["status"]
+    assert row["config"]["eval.extractor"] == str(tmp_path / extractor)
 
 
 def test_pbt_exploit_continues_the_donor_checkpoint_with_the_mutated_learning_rate(ray_session, tmp_path):
