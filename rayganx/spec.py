@@ -115,6 +115,7 @@ class TrainSpec(Section):
     lr_decay: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="learning rates over the run: constant, or decayed to 0 at train.steps")
     gp_lambda: float = Field(0.0, ge=0, description="WGAN-GP gradient penalty weight")
+    gp_every: int = Field(1, ge=1, description="lazy gradient penalty: apply every k discriminator steps, x k")
     r1_gamma: float = Field(0.0, ge=0, description="R1 penalty on reals")
     r1_every: int = Field(1, ge=1, description="lazy R1: apply every k discriminator steps")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA generator decay")

@@ -182,12 +182,13 @@ class GANTask(Task):
             logit_real, logit_fake = self.d(d_real, y), self.d(d_fake, y)
             loss_d = losses.d_loss(t.loss, logit_real.float(), logit_fake.float(), t.label_smoothing)
             total_d = loss_d
-            if t.gp_lambda > 0:
+            if t.gp_lambda > 0 and it % t.gp_every == 0:
                 # Between the very (augmented, noised, packed) inputs D is trained on: the Lipschitz
                 # constraint belongs where D is evaluated, not on images it never sees. R1 below
                 # differentiates the logits D trains on (through the augmentation, as DiffAugment's R1).
+                # Lazy like R1 (every k steps, x k): the double backward costs as much as the step.
                 gp = losses.gradient_penalty(self.d, d_real, d_fake, y, self.interpolation_weights(d_real.shape[0]))
-                total_d = total_d + t.gp_lambda * gp
+                total_d = total_d + t.gp_lambda * t.gp_every * gp
             if r1_now:  # lazy R1: every k steps, scaled by k (StyleGAN2)
                 total_d = total_d + 0.5 * t.r1_gamma * t.r1_every * losses.r1_penalty(
                     logit_real, real_in, self.spec.model.pack)

@@ -240,6 +240,34 @@ def test_gradient_penalty_interpolates_the_augmented_inputs_d_trains_on():
     assert torch.allclose(penalty_in, fake_in + alpha.view(-1, 1, 1, 1) * (real_in - fake_in), atol=1e-5)
 
 
+def test_lazy_gradient_penalty_every_k_steps_scaled_by_k():
+    from rayganx.spec import from_dict
+    from rayganx.tasks import GANTask
+
+    def task(lam, every):
+        spec = from_dict({"name": "x", "model": {"kind": "dcgan", "ngf": 8, "ndf": 8, "d_batchnorm": False},
+                          "train": {"steps": 4, "loss": "wasserstein", "gp_lambda": lam, "gp_every": every},
+                          "scaling": {"num_workers": 1}})
+        torch.manual_seed(0)
+        return GANTask(spec, None, torch.device("cpu"), distributed=False)
+
+    real = torch.rand(8, 1, 32, 32) * 2 - 1
+    labels = torch.zeros(8, dtype=torch.long)
+    lazy, calls = task(10.0, 2), []
+    lazy.d.register_forward_pre_hook(lambda module, args: calls.append(1))
+    eager = task(20.0, 1)  # the same penalty weight on the steps that have one
+    torch.manual_seed(1)
+    lazy.step(real, labels, it=0, step=0, total=4)
+    torch.manual_seed(1)
+    eager.step(real, labels, it=0, step=0, total=4)
+    for a, b in zip(lazy.d.parameters(), eager.d.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert len(calls) == 4  # real, fake, the penalty's interpolates; then the generator step
+    for it in (1, 2, 3):
+        lazy.step(real, labels, it=it, step=it, total=4)
+    assert len(calls) == 4 + 3 + 4 + 3  # no penalty on steps 1 and 3
+
+
 def test_instance_noise_anneals_to_zero():
     x = torch.zeros(20000)
     assert losses.instance_noise(x, 0.5, step=0, total=10).std().item() == pytest.approx(0.5, rel=0.05)
