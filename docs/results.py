@@ -30,6 +30,7 @@ SAMPLES = 1000
 NEXT_SECTION = "## 2-D mixtures: mode coverage"
 METRICS = ("fid", "kid", "is", "precision", "recall")
 BASELINE = "dcgan_digits"
+STABILISED = ("sngan_digits", "wgan_gp_digits")  # the recipes that must beat BASELINE
 
 
 def describe(spec) -> str:
@@ -38,7 +39,8 @@ def describe(spec) -> str:
         return f"VAE, Adam {t.optim.lr:g}"
     parts = ["conditional" if m.conditional else None, t.loss.replace("_", "-")]
     parts += ["SN in D" if m.spectral_norm in ("d", "both") else None,
-              f"GP {t.gp_lambda:g}, {t.d_steps} D steps" if t.gp_lambda else None,
+              (f"GP {t.gp_lambda:g}" + (f" every {t.gp_every} steps" if t.gp_every > 1 else "")
+               + f", {t.d_steps} D step{'s' if t.d_steps > 1 else ''} per G step") if t.gp_lambda else None,
               f"R1 {t.r1_gamma:g}" if t.r1_gamma else None,
               f"EMA {t.ema_decay:g}" if t.ema_decay else None,
               f"DiffAugment {'+'.join(t.diffaug)}" if t.diffaug else None]
@@ -83,7 +85,7 @@ def write_section(cnn_row, rows, seeds: int, planned: int, no_write: bool) -> No
         "checkpoint, Ray start-up of the workers included; the GAN jobs' budgets are set equal (about the DCGAN "
         "job's), so their FIDs compare at the same wall-clock cost.",
         "",
-        "| job | recipe | steps | FID | KID (x1000) | IS | precision | recall | FID vs DCGAN | wall time |",
+        "| job | recipe | steps | FID | KID | IS | precision | recall | FID vs DCGAN | wall time |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     name, steps, acc, wall = cnn_row
@@ -93,11 +95,21 @@ def write_section(cnn_row, rows, seeds: int, planned: int, no_write: bool) -> No
         f = [s["fid"] for s in per]
         rel = f"{100 * (statistics.mean(f) / base - 1):+.0f}%" if base and job != BASELINE else ""
         lines.append(f"| {job} | {describe(spec)} | {spec.train.steps} | {ms(f, '.1f')} | "
-                     f"{ms([1000 * s['kid'] for s in per], '.1f')} | {ms([s['is'] for s in per], '.2f')} | "
+                     f"{ms([s['kid'] for s in per], '.1f')} | {ms([s['is'] for s in per], '.2f')} | "
                      f"{ms([s['precision'] for s in per], '.3f')} | {ms([s['recall'] for s in per], '.3f')} | "
                      f"{rel} | {statistics.mean(walls):.0f} s |")
     if len(rows) < planned:
         lines += ["", f"(Partial: {len(rows)} of {planned} jobs so far; the benchmark was still running.)"]
+    fids = {job: [s["fid"] for s in per] for job, _, per, _ in rows}
+    walls = {job: statistics.mean(w) for job, *_, w in rows}
+    if base and any(j in fids for j in STABILISED):
+        lines += ["", f"Stabilised recipes against `{BASELINE}` (FID {ms(fids[BASELINE], '.1f')}, "
+                      f"{walls[BASELINE]:.0f} s a run):", ""]
+        for job in (j for j in STABILISED if j in fids):
+            m = statistics.mean(fids[job])
+            lines.append(f"- `{job}`: FID {ms(fids[job], '.1f')} in {walls[job]:.0f} s, {100 * (1 - m / base):.0f}% "
+                         f"{'lower' if m < base else 'higher'}; lower in {sum(f < base for f in fids[job])} of "
+                         f"{len(fids[job])} seeds than DCGAN's mean.")
     lines += ["", "Seed 0's samples, one grid per job (a conditional job: one class per row):", ""]
     for job, *_ in rows:
         lines += [f"**{job}**", "", f"![{job}](img/results_{job}.png)", ""]
