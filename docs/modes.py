@@ -46,7 +46,8 @@ def describe(spec) -> str:
     m, t = spec.model, spec.train
     parts = [f"MLP {len(m.hidden)}x{m.hidden[0]}", f"z {m.latent_dim}", t.loss.replace("_", "-")]
     parts += [f"pack {m.pack}"] if m.pack > 1 else []
-    parts += [f"R1 {t.r1_gamma:g}"] if t.r1_gamma else []
+    parts += [f"{m.latent_components}-Gaussian prior"] if m.latent_components else []
+    parts += [f"R1 {t.r1_gamma:g}" + (f" every {t.r1_every}" if t.r1_every > 1 else "")] if t.r1_gamma else []
     parts += [f"EMA {t.ema_decay:g}"] if t.ema_decay else []
     lrs = {t.optim_g.lr, t.optim_d.lr}
     parts += [f"lr {'/'.join(f'{v:g}' for v in sorted(lrs))}", f"batch {t.batch_size}"]

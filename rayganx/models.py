@@ -98,7 +98,17 @@ def apply_spectral_norm(module: nn.Module) -> nn.Module:
 
 
 class MLPGenerator(nn.Module):
-    def __init__(self, latent_dim: int, hidden: list[int], out_shape: tuple[int, ...], tanh: bool):
+    """With `components` K > 0 the latent prior is a mixture of K unit Gaussians whose means are
+    fixed, drawn once from N(0, spread^2 I) (the static GM-GAN of Ben-Yosef & Weinshall 2018). A
+    continuous map of one Gaussian cannot reach disconnected modes without a "bridge" of samples
+    between them (Khayatkhoei et al. 2018); separated input clusters let it skip the gaps.
+    The component is read off z's first coordinate (k = floor(K * Phi(z_0)), uniform over K), so
+    every caller still draws z ~ N(0, I) and one z is still one sample. Fixed means, rather than
+    learned ones (DeLiGAN), train every weight on the whole batch: learned means, each updated by
+    1/K of it, left the ring's clusters twice too wide (the search in jobs/pacgan_ring.yaml)."""
+
+    def __init__(self, latent_dim: int, hidden: list[int], out_shape: tuple[int, ...], tanh: bool,
+                 components: int = 0, spread: float = 2.0):
         super().__init__()
         layers, width = [], latent_dim
         for h in hidden:
@@ -108,9 +118,20 @@ class MLPGenerator(nn.Module):
         if tanh:
             layers.append(nn.Tanh())
         self.net, self.out_shape = nn.Sequential(*layers), out_shape
+        # Seeded by K alone: every worker and every rebuild of the job draws the same means, and
+        # they are a buffer, so checkpoints carry them too.
+        means = torch.randn(components, latent_dim, generator=torch.Generator().manual_seed(components)) * spread
+        self.register_buffer("means", means if components else None)
+
+    def component(self, z):
+        k = len(self.means)
+        return (torch.special.ndtr(z[:, 0]) * k).long().clamp_(0, k - 1)
 
     def forward(self, z, y=None):
-        return self.net(z.flatten(1)).view(-1, *self.out_shape)
+        z = z.flatten(1)
+        if self.means is not None:
+            z = z + self.means[self.component(z)]
+        return self.net(z).view(-1, *self.out_shape)
 
 
 class MLPDiscriminator(nn.Module):
@@ -296,7 +317,8 @@ def build(spec: JobSpec, num_classes: int | None = None) -> dict[str, nn.Module]
     if m.kind == "mlp_gan":
         points = d.source == "gaussian_mixture"
         shape = (2,) if points else (c, s, s)
-        nets = {"g": MLPGenerator(m.latent_dim, m.hidden, shape, tanh=not points),
+        nets = {"g": MLPGenerator(m.latent_dim, m.hidden, shape, tanh=not points, components=m.latent_components,
+                                 spread=m.latent_spread),
                 "d": MLPDiscriminator((shape[0] * k, *shape[1:]), m.hidden)}
     elif m.kind == "dcgan":
         nets = {"g": DCGANGenerator(m.latent_dim, m.ngf, c, s, cond),

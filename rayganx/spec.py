@@ -64,6 +64,9 @@ class ModelSpec(Section):
     sync_batchnorm: bool = Field(False, description="BatchNorm statistics over the global batch (GPU workers)")
     pack: int = Field(1, ge=1, description="PacGAN packing: D judges m samples at once, concatenated "
                                            "along channels (images) or features (points)")
+    latent_components: int = Field(0, ge=0, description="mlp_gan: a latent prior of K unit Gaussians with fixed "
+                                                        "random means instead of one; 0: one Gaussian")
+    latent_spread: float = Field(2.0, gt=0, description="std of the fixed component means (latent_components)")
 
 
 class SyntheticSpec(Section):
@@ -368,6 +371,10 @@ def check(spec: JobSpec) -> list[str]:
         if spec.per_worker_batch % m.pack:
             p.append(f"model.pack: each worker's batch ({t.batch_size} / {s.num_workers} workers = "
                      f"{spec.per_worker_batch}) must divide into packs of {m.pack}")
+    if m.latent_components and m.kind != "mlp_gan":
+        p.append(f"model.latent_components: a mixture latent prior is built for mlp_gan, not {m.kind}")
+    if m.latent_components == 1:
+        p.append("model.latent_components: 1 component is the plain Gaussian prior; use 0, or 2 and more")
     if any(v < 1 for v in m.hidden):
         p.append("model.hidden: layer sizes must be positive")
     return p

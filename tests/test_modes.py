@@ -150,6 +150,40 @@ def test_pack_must_divide_each_workers_batch():
                            "data": {"labels": True}, "train": {"steps": 1}})
 
 
+# --------------------------------------------------------------------------- mixture latent prior
+
+
+def test_mixture_prior_draws_each_component_equally_often_from_plain_normal_z():
+    g = models.build(ring_job(model={"latent_components": 8}))["g"]
+    k = g.component(torch.randn(80_000, 4, generator=torch.Generator().manual_seed(0)))
+    counts = torch.bincount(k, minlength=8).float() / len(k)
+    assert counts.min() > 0.115 and counts.max() < 0.135  # 1/8 = 0.125; +-0.01 is > 8 sigma here
+
+
+def test_mixture_prior_shifts_each_component_by_its_fixed_mean():
+    g = models.build(ring_job(model={"latent_components": 8, "latent_spread": 3.0}))["g"]
+    z = torch.randn(64, 4)
+    k = g.component(z)
+    assert len(set(k.tolist())) > 1
+    with torch.no_grad():
+        assert torch.allclose(g(z), g.net(z + g.means[k]))
+        assert not torch.allclose(g(z), g.net(z))
+    # the same means in every build (every worker, every resume), and in the checkpoint
+    again = models.build(ring_job(model={"latent_components": 8, "latent_spread": 3.0}))["g"]
+    assert torch.equal(g.means, again.means) and "means" in g.state_dict()
+    assert abs(float(g.means.std()) - 3.0) < 1.5 and g.means.requires_grad is False
+
+
+def test_mixture_prior_is_an_mlp_gan_option():
+    assert ring_job().model.latent_components == 0 and models.build(ring_job())["g"].means is None
+    assert "means" not in models.build(ring_job())["g"].state_dict()
+    with pytest.raises(jobspec.SpecError, match="model.latent_components: a mixture latent prior is built for mlp_gan, "
+                                                "not dcgan"):
+        jobspec.from_dict({"name": "x", "model": {"kind": "dcgan", "latent_components": 8}, "train": {"steps": 1}})
+    with pytest.raises(jobspec.SpecError, match="model.latent_components: 1 component"):
+        ring_job(model={"latent_components": 1})
+
+
 # --------------------------------------------------------------------------- packing
 
 
