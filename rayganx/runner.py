@@ -227,8 +227,15 @@ def data_config():
                     out[i]["val"] = split
             return out
 
-    ordered = DataConfig.default_ingest_options()
-    ordered.preserve_order = True
+    # Ray's default ingest options, field by field: DataConfig.default_ingest_options() also
+    # copies exclude_resources, whose setter Ray 2.60 deprecates, which printed a
+    # RayDeprecationWarning into every run's output. The field is zero unless set, and rayganx
+    # never sets it.
+    from ray.data import DataContext, ExecutionOptions
+
+    ctx = DataContext.get_current().execution_options
+    ordered = ExecutionOptions(resource_limits=ctx.resource_limits, preserve_order=True,
+                               verbose_progress=ctx.verbose_progress)
     return _RunDataConfig(execution_options={"train": ordered})
 
 

@@ -223,3 +223,18 @@ def test_validation_counts_every_row_once_across_workers(ray_session, tmp_path):
         t.join(120)
     assert sorted(sum(ids, [])) == sorted(_ids(torch.from_numpy(rows(rdata.build(spec.data, "val"))[0])))
     assert sum(counted) == n_val  # what validation reports (val_images)
+
+
+def test_run_data_config_keeps_order_and_prints_no_ray_deprecation():
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    from rayganx import runner
+
+    with warnings.catch_warnings():
+        # Ray 2.60's exclude_resources deprecation reached every run's output
+        warnings.simplefilter("error", RayDeprecationWarning)
+        cfg = runner.data_config()
+    train = cfg._resolve_execution_options("train")
+    assert train.preserve_order is True
