@@ -117,8 +117,13 @@ def write_section(rows, seeds: int, planned: int, no_write: bool) -> None:
         return
     results = ROOT / "docs" / "results.md"
     text = results.read_text() if results.exists() else ""
-    head = text.split(SECTION)[0].rstrip("\n")
-    results.write_text((head + "\n\n" if head else "") + section)
+    if SECTION in text:  # replace this section only, up to the next one (completion, synthetic data)
+        head, rest = text.split(SECTION, 1)
+        tail = rest[rest.index("\n## ") + 1:] if "\n## " in rest else ""
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
+    results.write_text(text)
     print("wrote the 2-D section of docs/results.md")
 
 
