@@ -7,12 +7,15 @@ projection term of Miyato & Koyama (2018). Conditional generators use conditiona
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _sn
 
+from rayganx.runs import load_state
 from rayganx.spec import JobSpec, from_dict
+from rayganx.storage import StorageError, load_bytes
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -98,14 +101,11 @@ def apply_spectral_norm(module: nn.Module) -> nn.Module:
 
 
 class MLPGenerator(nn.Module):
-    """With `components` K > 0 the latent prior is a mixture of K unit Gaussians whose means are
-    fixed, drawn once from N(0, spread^2 I) (the static GM-GAN of Ben-Yosef & Weinshall 2018). A
-    continuous map of one Gaussian cannot reach disconnected modes without a "bridge" of samples
-    between them (Khayatkhoei et al. 2018); separated input clusters let it skip the gaps.
-    The component is read off z's first coordinate (k = floor(K * Phi(z_0)), uniform over K), so
-    every caller still draws z ~ N(0, I) and one z is still one sample. Fixed means, rather than
-    learned ones (DeLiGAN), train every weight on the whole batch: learned means, each updated by
-    1/K of it, left the ring's clusters twice too wide (the search in jobs/pacgan_ring.yaml)."""
+    """With `components` K > 0 the latent prior is a mixture of K unit Gaussians with fixed means
+    drawn once from N(0, spread^2 I) (static GM-GAN, Ben-Yosef & Weinshall 2018): a continuous map
+    of one Gaussian cannot reach disconnected modes without a "bridge" of samples between them
+    (Khayatkhoei et al. 2018). The component is k = floor(K * Phi(z_0)), so callers still draw
+    z ~ N(0, I). Learned means (DeLiGAN) left the ring's clusters twice too wide (jobs/pacgan_ring.yaml)."""
 
     def __init__(self, latent_dim: int, hidden: list[int], out_shape: tuple[int, ...], tanh: bool,
                  components: int = 0, spread: float = 2.0):
@@ -124,8 +124,7 @@ class MLPGenerator(nn.Module):
         self.register_buffer("means", means if components else None)
 
     def component(self, z):
-        k = len(self.means)
-        return (torch.special.ndtr(z[:, 0]) * k).long().clamp_(0, k - 1)
+        return (torch.special.ndtr(z[:, 0]) * len(self.means)).long().clamp_(0, len(self.means) - 1)
 
     def forward(self, z, y=None):
         z = z.flatten(1)
@@ -216,15 +215,10 @@ class ResBlockDown(nn.Module):
         self.down, self.first = down, first
 
     def forward(self, x):
-        h = x if self.first else torch.relu(x)
-        h = self.c2(torch.relu(self.c1(h)))
-        s = x
+        h = self.c2(torch.relu(self.c1(x if self.first else torch.relu(x))))
+        s = x if self.skip is None else self.skip(x)  # 1x1 conv: commutes with the pooling
         if self.down:
-            h = nn.functional.avg_pool2d(h, 2)
-        if self.skip is not None:
-            s = self.skip(s)
-            if self.down:
-                s = nn.functional.avg_pool2d(s, 2)
+            h, s = nn.functional.avg_pool2d(h, 2), nn.functional.avg_pool2d(s, 2)
         return h + s
 
 
@@ -288,9 +282,8 @@ class ConvVAE(nn.Module):
         self.encoder = DCGANDiscriminator(ndf, channels, size, batchnorm=True).body
         feat = ndf * 2 ** (int(math.log2(size)) - 3) * 16
         self.mu, self.logvar = nn.Linear(feat, latent_dim), nn.Linear(feat, latent_dim)
-        decoder = DCGANGenerator(latent_dim, ngf, channels, size)
-        decoder.net.layers = decoder.net.layers[:-1]  # logits: the loss applies the sigmoid
-        self.decoder = decoder
+        self.decoder = DCGANGenerator(latent_dim, ngf, channels, size)
+        self.decoder.net.layers = self.decoder.net.layers[:-1]  # logits: the loss applies the sigmoid
 
     def encode(self, x):
         h = self.encoder(x).flatten(1)
@@ -364,15 +357,11 @@ EXPORT_FORMAT = "rayganx-generator/1"
 def generator_from_state(state: dict) -> tuple[nn.Module, JobSpec, int | None]:
     """The sampling generator of a checkpoint (the EMA copy when the run kept one), in eval mode."""
     spec = from_dict(state["spec"], "checkpoint")  # ${VAR} placeholders resolve here
-    num_classes = state.get("num_classes")
-    if spec.model.kind == "vae":
-        net = build(spec)["net"]
-        net.load_state_dict(state["models"]["net"])
-        return net.eval(), spec, None
-    if spec.model.kind not in ("mlp_gan", "dcgan", "resnet_gan"):
+    if spec.model.kind not in ("mlp_gan", "dcgan", "resnet_gan", "vae"):
         raise ValueError(f"a {spec.model.kind} checkpoint has no generator")
-    g = build(spec, num_classes)["g"]
-    g.load_state_dict(state["models"].get("g_ema") or state["models"]["g"])
+    name, num_classes = ("net", None) if spec.model.kind == "vae" else ("g", state.get("num_classes"))
+    g = build(spec, num_classes)[name]
+    g.load_state_dict(state["models"].get("g_ema") or state["models"][name])
     return g.eval(), spec, num_classes
 
 
@@ -403,8 +392,6 @@ class _Sampler(nn.Module):
 def load_generator(path: str) -> tuple[nn.Module, JobSpec, int | None]:
     """Load an exported generator: `g, spec, num_classes = load_generator("generator.pt")`.
     Only tensors and plain data are read (weights_only): nothing in the file is executed."""
-    from rayganx.storage import StorageError, load_bytes
-
     with open(path, "rb") as f:
         blob = load_bytes(f.read(), path)
     if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
@@ -418,10 +405,6 @@ def load_generator(path: str) -> tuple[nn.Module, JobSpec, int | None]:
 def open_generator(source: str, endpoint_url: str | None = None) -> tuple[nn.Module, JobSpec, int | None]:
     """The sampling generator of an exported .pt file or a complete checkpoint folder (local or
     URL); weights only either way."""
-    import os
-
-    from rayganx.runs import load_state
-
     if source.endswith(".pt") and os.path.isfile(source):
         return load_generator(source)
     return generator_from_state(load_state(source, endpoint_url))
