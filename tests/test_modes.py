@@ -283,7 +283,8 @@ def test_ring_recipe_covers_most_modes_within_a_thousand_steps(ray_session, tmp_
                            eval={"every": 500, "sample_sets": 2}))
     spec = jobspec.load(job)
     assert spec.model.pack > 1 and spec.eval.metrics == ["modes", "hq", "kl"]
-    runner.run(spec)
+    result = runner.run(spec)
+    assert result.steps == 1000 and result.samples  # the scatter plots
     evals = [r for r in read_metrics(Store(spec.run_url)) if "modes" in r]
     assert [r["step"] for r in evals] == [500, 1000]
     assert evals[-1]["modes"] >= 6, evals

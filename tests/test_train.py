@@ -69,12 +69,6 @@ def test_cnn_reaches_97_percent_on_digits(ray_session, tmp_path):
     assert meta["metrics"]["val_accuracy"] >= 0.97
 
 
-def test_mlp_gan_on_the_ring(ray_session, tmp_path):
-    job = write_job(tmp_path / "ring.yaml", "mlp_gan_ring.yaml", **tiny("ring", tmp_path, steps=4))
-    result = runner.run(jobspec.load(job, ["train.steps=4"]))
-    assert result.steps == 4 and result.samples
-
-
 def test_bad_data_fails_before_training_and_loses_nothing(ray_session, tmp_path):
     job = write_job(tmp_path / "job.yaml", "dcgan_digits.yaml", **tiny("keep", tmp_path / "runs", steps=2))
     runner.run(jobspec.load(job))
