@@ -229,3 +229,10 @@ def test_inlined_secret_value_fails_naming_the_field(tmp_path):
     assert r.returncode == 1
     assert "spec.rayClusterSpec.workerGroupSpecs.0.template.spec.containers.0.env.0: AWS_SECRET_ACCESS_KEY has an " \
            "inline value" in r.stderr and "hunter2" not in r.stderr
+
+
+def test_a_malformed_crd_file_is_one_line_naming_it(tmp_path):
+    bad = tmp_path / "ray.io_rayjobs.yaml"
+    bad.write_text("apiVersion: apiextensions.k8s.io/v1\nkind: [CustomResourceDefinition\n")
+    with pytest.raises(crds.CrdError, match=r"ray.io_rayjobs.yaml: malformed YAML: while parsing a flow sequence"):
+        crds.from_dir(bad)
