@@ -38,7 +38,8 @@ def test_bench_makes_stand_in_images_when_the_dataset_is_absent(tmp_path):
     assert count_rows(s.data) == 4 and s.data.source == "celeba"
 
 
-@pytest.mark.parametrize("sets", [["train.channels_last=true"], ["train.compile=true"]])
+@pytest.mark.parametrize("sets", [["train.channels_last=true"],
+                                  pytest.param(["train.compile=true"], marks=pytest.mark.slow)])  # compiling: 30 s
 def test_plain_row_runs_on_the_job_device_with_its_options(sets):
     import torch
 

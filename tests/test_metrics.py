@@ -244,6 +244,7 @@ def readme_eval_example() -> list[str]:
     return shlex.split(lines[0].split("#")[0])[1:]
 
 
+@pytest.mark.slow  # a minute and a half: the full-size Inception (stand-in weights) over every digit
 def test_the_readme_eval_example_scores_all_four_metrics(stand_in_weights, tmp_path):  # noqa: F811
     import json
 
