@@ -210,9 +210,21 @@ def data_config():
     order preserved: the seeded permutation then reaches the workers the same way in every run.
     "val" is split unequally: an equal split drops up to num_workers - 1 rows, and validation
     has no collective step per batch that needs equal shards, so every row counts once."""
+    from ray.data import DataContext, ExecutionOptions
     from ray.train import DataConfig
 
+    def ingest_options(preserve_order: bool | None = None) -> ExecutionOptions:
+        # Ray's default ingest options, field by field: DataConfig.default_ingest_options() also
+        # copies exclude_resources, whose setter Ray 2.60 deprecates, which printed a
+        # RayDeprecationWarning into every run's output. The field is zero unless set, and
+        # rayganx never sets it.
+        ctx = DataContext.get_current().execution_options
+        return ExecutionOptions(resource_limits=ctx.resource_limits, verbose_progress=ctx.verbose_progress,
+                                preserve_order=ctx.preserve_order if preserve_order is None else preserve_order)
+
     class _RunDataConfig(DataConfig):
+        default_ingest_options = staticmethod(ingest_options)  # "val", and any dataset not named below
+
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             rest = {k: v for k, v in datasets.items() if k != "val"}
             out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
@@ -227,16 +239,7 @@ def data_config():
                     out[i]["val"] = split
             return out
 
-    # Ray's default ingest options, field by field: DataConfig.default_ingest_options() also
-    # copies exclude_resources, whose setter Ray 2.60 deprecates, which printed a
-    # RayDeprecationWarning into every run's output. The field is zero unless set, and rayganx
-    # never sets it.
-    from ray.data import DataContext, ExecutionOptions
-
-    ctx = DataContext.get_current().execution_options
-    ordered = ExecutionOptions(resource_limits=ctx.resource_limits, preserve_order=True,
-                               verbose_progress=ctx.verbose_progress)
-    return _RunDataConfig(execution_options={"train": ordered})
+    return _RunDataConfig(execution_options={"train": ingest_options(preserve_order=True)})
 
 
 def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = None, monitor=None):

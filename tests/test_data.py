@@ -236,5 +236,6 @@ def test_run_data_config_keeps_order_and_prints_no_ray_deprecation():
         # Ray 2.60's exclude_resources deprecation reached every run's output
         warnings.simplefilter("error", RayDeprecationWarning)
         cfg = runner.data_config()
-    train = cfg._resolve_execution_options("train")
-    assert train.preserve_order is True
+        # "val" takes the default options, which Ray's DataConfig builds with the deprecated field
+        train, val = cfg._resolve_execution_options("train"), cfg._resolve_execution_options("val")
+    assert train.preserve_order is True and val.preserve_order is False
