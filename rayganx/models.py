@@ -101,11 +101,11 @@ def apply_spectral_norm(module: nn.Module) -> nn.Module:
 
 
 class MLPGenerator(nn.Module):
-    """With `components` K > 0 the latent prior is a mixture of K unit Gaussians with fixed means
-    drawn once from N(0, spread^2 I) (static GM-GAN, Ben-Yosef & Weinshall 2018): a continuous map
-    of one Gaussian cannot reach disconnected modes without a "bridge" of samples between them
-    (Khayatkhoei et al. 2018). The component is k = floor(K * Phi(z_0)), so callers still draw
-    z ~ N(0, I). Learned means (DeLiGAN) left the ring's clusters twice too wide (jobs/pacgan_ring.yaml)."""
+    """With `components` K > 0 the latent prior is a mixture of K Gaussians with fixed means drawn
+    once from N(0, spread^2 I) (static GM-GAN, Ben-Yosef & Weinshall 2018): a continuous map of one
+    Gaussian cannot reach disconnected modes without a "bridge" of samples between them (Khayatkhoei
+    et al. 2018). Callers still draw z ~ N(0, I): k = floor(K * Phi(z_0)), so within a component z_0
+    spans 1/K of its range and the others are unit Gaussian. Learned means (DeLiGAN): worse (the job)."""
 
     def __init__(self, latent_dim: int, hidden: list[int], out_shape: tuple[int, ...], tanh: bool,
                  components: int = 0, spread: float = 2.0):
