@@ -278,11 +278,9 @@ def test_ring_recipe_covers_most_modes_within_a_thousand_steps(ray_session, tmp_
     from rayganx.storage import Store
     from tests.conftest import tiny, write_job
 
-    # Two DDP workers (the job's global batch split between them): packing and the mixture prior
-    # under DDP, on 2-D points through Ray Data.
     job = write_job(tmp_path / "ring.yaml", "pacgan_ring.yaml",
                     **tiny("pacgan_ring", tmp_path / "runs", steps=1000, train={"log_every": 100},
-                           eval={"every": 500, "sample_sets": 2}, scaling={"num_workers": 2}))
+                           eval={"every": 500, "sample_sets": 2}))
     spec = jobspec.load(job)
     assert spec.model.pack > 1 and spec.model.latent_components and spec.eval.metrics == ["modes", "hq", "kl"]
     result = runner.run(spec)
