@@ -216,7 +216,7 @@ class ResBlockDown(nn.Module):
 
     def forward(self, x):
         h = self.c2(torch.relu(self.c1(x if self.first else torch.relu(x))))
-        s = x if self.skip is None else self.skip(x)  # 1x1 conv: commutes with the pooling
+        s = x if self.skip is None else self.skip(x)  # there is a skip conv whenever down
         if self.down:
             h, s = nn.functional.avg_pool2d(h, 2), nn.functional.avg_pool2d(s, 2)
         return h + s

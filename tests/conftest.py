@@ -10,11 +10,6 @@ ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "jobs"
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-# Many runs share one Ray here: idle workers stay (Ray's default kills those over the CPU count
-# after 1 s), so each run's Ray Data tasks find processes that imported Ray Data and pandas
-# already (5 s a run on 2 cores).
-os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
-os.environ.setdefault("RAY_num_workers_soft_limit", "10")
 # Test credentials for the moto server, set before Ray starts so its workers inherit them the way
 # cluster nodes get theirs (environment, profile, instance role). Distinctive, so tests can grep.
 TEST_KEY_ID, TEST_SECRET = "AKIARAYGANXTESTKEY01", "rayganx-test-secret-7f3c9a1e"
@@ -57,7 +52,14 @@ def ray_session():
 
     import ray
 
-    init_ray(num_cpus=3)
+    # Many runs share this Ray: idle workers stay (Ray's default kills those over the CPU count
+    # after 1 s), so each run's Ray Data tasks find processes that imported Ray Data and pandas
+    # already (dataset setup 5.6 s -> about 1 s a run on 2 cores). Set for this Ray's processes
+    # only: the CLI's embedded Rays and `ray start` heads in other tests keep Ray's defaults.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_idle_worker_killing_time_threshold_ms", "600000")
+        env.setenv("RAY_num_workers_soft_limit", "10")
+        init_ray(num_cpus=3)
     yield ray
     ray.shutdown()
 
