@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -293,6 +294,7 @@ def fit_interruptibly(trainer):
     which ends the process through sys.exit; here Ctrl-C reaches the caller as KeyboardInterrupt
     at once, and the run's controller and workers, owned by this process, end with it."""
     box: dict = {}
+    interrupted = threading.Event()
 
     def target():
         try:
@@ -300,10 +302,24 @@ def fit_interruptibly(trainer):
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = e
 
-    thread = threading.Thread(target=target, name="rayganx-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.5)  # a timed join lets KeyboardInterrupt through
+    def on_sigint(signum, frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    # Python runs a signal handler wherever the main thread is, and a KeyboardInterrupt raised
+    # inside a finalizer (a Ray object's __del__) is printed and dropped: the flag survives that.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    try:
+        thread = threading.Thread(target=target, name="rayganx-fit", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)  # a timed join lets KeyboardInterrupt through
+            if interrupted.is_set():
+                raise KeyboardInterrupt
+    finally:
+        if main:  # None: the handler was not set from Python; Python's own is the sensible one
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
     if "error" in box:
         raise box["error"]
     return box["result"]

@@ -298,6 +298,42 @@ def _drain(stream) -> tuple[threading.Thread, list[str]]:
 
 
 @pytest.mark.slow
+class _SlowTrainer:
+    def fit(self):
+        time.sleep(20)
+        return "finished"
+
+
+def test_ctrl_c_during_fit_raises_at_once_even_when_the_interrupt_is_swallowed():
+    """Python runs a signal handler wherever the main thread happens to be; a KeyboardInterrupt
+    raised inside a finalizer is printed and dropped. Here a SIGUSR2 handler plays the finalizer:
+    the SIGINT lands inside it and is swallowed, and Ctrl-C must still end the wait."""
+    before = signal.getsignal(signal.SIGINT)
+    swallowed = []
+
+    def finalizer_like(signum, frame):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):
+                time.sleep(0.01)  # the SIGINT handler runs here, inside this one
+        except KeyboardInterrupt:
+            swallowed.append(True)
+
+    old_usr2 = signal.signal(signal.SIGUSR2, finalizer_like)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR2))
+    try:
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            runner.fit_interruptibly(_SlowTrainer())
+        assert time.monotonic() - t0 < 5
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR2, old_usr2)
+    assert swallowed, "the SIGINT did not land inside the other handler: the test did not test"
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
+
+
 def test_ctrl_c_stops_promptly_and_the_same_submit_continues(tmp_path):
     job = write_job(tmp_path / "ctrlc.yaml", "dcgan_digits.yaml",
                     **tiny("ctrlc", tmp_path / "runs", steps=100_000, train={"log_every": 2}))
