@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from rayganx.inpaint import (BLENDS, METHODS, Mask, Model, Search, complete_batch, image_seed, load_model, parse_mask,
+from rayganx.inpaint import (BLENDS, CONTEXTS, METHODS, Mask, Model, Search, complete_batch, image_seed, load_model, parse_mask,
                              read_hole, synthetic_hole)
 from rayganx.spec import SpecError
 from rayganx.storage import Store
@@ -118,6 +118,10 @@ def prepare(job: Job) -> Job:
         raise SpecError(f"--blend {job.blend!r}: expected one of {', '.join(BLENDS)}")
     if job.search.steps < 1 or job.search.restarts < 1 or job.batch_size < 1:
         raise SpecError("--steps, --restarts and --batch-size must be at least 1")
+    if job.search.context not in CONTEXTS:
+        raise SpecError(f"--context {job.search.context!r}: expected one of {', '.join(CONTEXTS)}")
+    if not job.search.prior >= 0:  # NaN too
+        raise SpecError(f"--prior {job.search.prior}: the prior's weight must be 0 or more")
     model = load_model(job.checkpoint, job.endpoint_url)
     spec = model.spec
     if spec.data.source == "gaussian_mixture":

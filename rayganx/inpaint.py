@@ -1,8 +1,9 @@
 """Completing one batch of images (no Ray): the hole masks, and the fills.
 
 A GAN completes by semantic inpainting (Yeh et al. 2017): find the latent (and, for a conditional
-model, the class) whose generated image best matches the known pixels (L1), with a prior that
-keeps it realistic (the discriminator's non-saturating generator loss when the checkpoint has D,
+model, the class) whose generated image best matches the known pixels (L1, each known pixel
+weighted by how much of its neighbourhood is missing, Yeh et al.'s weighted context loss), with a
+prior that keeps it realistic (the discriminator's non-saturating generator loss when the checkpoint has D,
 else the latent's Gaussian log-density), then blend the generated pixels into the hole. A VAE
 encodes the image with its hole filled and decodes. Two baselines: `mean` fills the hole with the
 image's mean known value, `nearest` with the training image closest on the known pixels.
@@ -26,6 +27,8 @@ from rayganx.storage import Store
 METHODS = ("model", "mean", "nearest")
 BLENDS = ("poisson", "feather", "none")
 RANDOM_HOLE = 0.8  # Yeh et al.'s random mask: 80% of the pixels missing
+CONTEXTS = ("weighted", "uniform")
+CONTEXT_WINDOW = 7  # Yeh et al.'s neighbourhood for the weighted context loss
 
 
 # --------------------------------------------------------------------------- masks
@@ -166,34 +169,49 @@ def load_model(checkpoint: str, endpoint_url: str | None = None) -> Model:
 class Search:
     """The latent search's settings."""
 
-    steps: int = 100
+    steps: int = 200
     restarts: int = 2
-    prior: float = 0.01  # weight of the realism prior against the mean L1 on known pixels
+    prior: float = 0.0  # weight of the realism prior against the mean L1 on known pixels
     lr: float = 0.05
+    context: str = "weighted"
 
 
-def _objective(model: Model, z, y, x, known, prior: float):
+def context_weights(known, how: str = "weighted"):
+    """Each known pixel's weight in the context loss (0 on the hole). weighted: the share of missing
+    pixels in its 7x7 window (Yeh et al. 2017), so the pixels that border the hole, the ones the
+    completion must continue, count and a far-away background does not; uniform: 1."""
+    if how == "uniform":
+        return known
+    share = F.avg_pool2d(1 - known, CONTEXT_WINDOW, stride=1, padding=CONTEXT_WINDOW // 2, count_include_pad=False)
+    return known * share
+
+
+def _objective(model: Model, z, y, x, known, search: Search):
     from rayganx.models import generate
 
     out = generate(model.g, z, y)
-    context = ((out - x).abs() * known).flatten(1).sum(1) / (known.flatten(1).sum(1) * x.shape[1]).clamp(min=1)
+    w = context_weights(known, search.context)
+    # Normalised by the weights' sum: the prior's weight means the same for every mask.
+    context = ((out - x).abs() * w).flatten(1).sum(1) / (w.flatten(1).sum(1) * x.shape[1]).clamp(min=1e-6)
+    if not search.prior:
+        return context, out
     if model.d is not None:
         realism = F.softplus(-model.d(out, y))  # the non-saturating generator loss
     else:
         realism = 0.5 * z.pow(2).mean(1)  # -log N(z; 0, I) per dimension, up to a constant
-    return context + prior * realism, out
+    return context + search.prior * realism, out
 
 
 def _adam(model: Model, z, y, x, known, search: Search, steps: int):
     z = z.clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=search.lr)
     for _ in range(steps):
-        loss, _ = _objective(model, z, y, x, known, search.prior)
+        loss, _ = _objective(model, z, y, x, known, search)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()  # the candidates are independent: each gets its own gradient
         opt.step()
     with torch.no_grad():
-        loss, out = _objective(model, z, y, x, known, search.prior)
+        loss, out = _objective(model, z, y, x, known, search)
     return z.detach(), loss, out
 
 

@@ -33,6 +33,31 @@ def test_mask_parsing():
     assert (a != inpaint.synthetic_hole(inpaint.Mask("random"), 32, 0, "b")).any()
 
 
+def test_weighted_context_counts_the_pixels_around_the_hole_only():
+    known = 1 - torch.from_numpy(inpaint.synthetic_hole(inpaint.Mask("center"), 32, 0, "a"))[None]
+    w = inpaint.context_weights(known)[0, 0]
+    assert (w[8:24, 8:24] == 0).all()  # the hole itself
+    assert (w[:5] == 0).all() and (w[:, :5] == 0).all()  # more than 3 pixels from the hole: Yeh's 7x7 window
+    ring = w[5:8, 8:24]  # the 3 rows above the hole: nearer rows see more of it
+    assert (ring > 0).all() and (ring[2] > ring[1]).all() and (ring[1] > ring[0]).all()
+    assert torch.equal(inpaint.context_weights(known, "uniform"), known)
+    # A random mask leaves every known pixel some missing neighbours: no known pixel is ignored.
+    known = 1 - torch.from_numpy(inpaint.synthetic_hole(inpaint.Mask("random"), 32, 0, "a"))[None]
+    w = inpaint.context_weights(known)
+    assert (w[known.bool()] > 0).all() and (w[~known.bool()] == 0).all()
+
+
+def test_the_commands_defaults_are_the_searchs():
+    import inspect
+
+    from rayganx.cli.generators import complete_cmd
+
+    params = inspect.signature(complete_cmd).parameters
+    search = inpaint.Search()
+    for name in ("steps", "restarts", "prior", "context"):
+        assert params[name].default.default == getattr(search, name), name
+
+
 @pytest.mark.parametrize("text,message", [
     ("box:20,20,16,16", "the box reaches outside the 32x32 image"),
     ("box:-1,0,4,4", "reaches outside"),
@@ -181,6 +206,10 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(untrained_ckpt, tmp_path
     r = rayganx("complete", ckpt, "--input", inp, "--mask", "center", "--out", out, "--method", "median")
     assert r.returncode == 1 and "--method 'median': expected one of model, mean, nearest" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for flags, message in ((["--context", "l2"], "--context 'l2': expected one of weighted, uniform"),
+                           (["--prior", "-1"], "--prior -1.0: the prior's weight must be 0 or more")):
+        r = rayganx("complete", ckpt, "--input", inp, "--mask", "center", "--out", out, *flags)
+        assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
 
     masks = tmp_path / "masks"

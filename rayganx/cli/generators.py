@@ -104,10 +104,15 @@ def complete_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (
                  out_url: str = typer.Option(..., "--out", help="folder or URL for the completed PNGs and grid.png"),
                  method: str = typer.Option("model", "--method", help="model (GAN latent search, VAE encode-decode) "
                                                                       "| mean | nearest"),
-                 steps: int = typer.Option(100, "--steps", help="latent search: Adam steps"),
+                 steps: int = typer.Option(200, "--steps", help="latent search: Adam steps"),
                  restarts: int = typer.Option(2, "--restarts", help="latent search: starts per image (per class for "
                                                                     "a conditional model)"),
-                 prior: float = typer.Option(0.01, "--prior", help="latent search: weight of the realism prior"),
+                 prior: float = typer.Option(0.0, "--prior",
+                                             help="latent search: weight of the realism prior (D's score, or the "
+                                                  "latent's log-density without D) against the context loss"),
+                 context: str = typer.Option("weighted", "--context",
+                                             help="latent search: weighted (known pixels near the hole count most, "
+                                                  "Yeh et al.) | uniform"),
                  blend: str = typer.Option("poisson", "--blend", help="poisson | feather | none"),
                  seed: int = typer.Option(0, "--seed", help="random masks and latent starts (per image)"),
                  batch_size: int = typer.Option(64, "--batch-size", help="images per task"),
@@ -123,7 +128,7 @@ def complete_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (
     t0 = time.monotonic()
     # The mask is parsed for size 1 << 16 first (syntax only); prepare checks a box against the model's size.
     job = complete.Job(checkpoint, input_url, inpaint.parse_mask(mask, 1 << 16, endpoint_url), out_url, method,
-                       inpaint.Search(steps, restarts, prior), blend, seed, batch_size, endpoint_url)
+                       inpaint.Search(steps, restarts, prior, context=context), blend, seed, batch_size, endpoint_url)
     complete.prepare(job)  # bad input fails here, before Ray starts or anything is written
     init_ray(address=cluster_address(address, "complete"))
     with work_bar() as bar:
