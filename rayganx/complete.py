@@ -118,9 +118,9 @@ def prepare(job: Job) -> Job:
         raise SpecError(f"--blend {job.blend!r}: expected one of {', '.join(BLENDS)}")
     if job.search.steps < 1 or job.search.restarts < 1 or job.batch_size < 1:
         raise SpecError("--steps, --restarts and --batch-size must be at least 1")
-    if job.search.context not in CONTEXTS:
+    if job.method == "model" and job.search.context not in CONTEXTS:
         raise SpecError(f"--context {job.search.context!r}: expected one of {', '.join(CONTEXTS)}")
-    if not job.search.prior >= 0:  # NaN too
+    if job.method == "model" and not job.search.prior >= 0:  # NaN too
         raise SpecError(f"--prior {job.search.prior}: the prior's weight must be 0 or more")
     model = load_model(job.checkpoint, job.endpoint_url)
     spec = model.spec

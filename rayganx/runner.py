@@ -308,9 +308,13 @@ def fit_interruptibly(trainer):
 
     # Python runs a signal handler wherever the main thread is, and a KeyboardInterrupt raised
     # inside a finalizer (a Ray object's __del__) is printed and dropped: the flag survives that.
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    # A caller that ignores SIGINT (a background job) keeps ignoring it.
+    main = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
+    previous = None
     try:
+        if main:
+            previous = signal.signal(signal.SIGINT, on_sigint)
         thread = threading.Thread(target=target, name="rayganx-fit", daemon=True)
         thread.start()
         while thread.is_alive():

@@ -158,7 +158,8 @@ def short_run(tmp_path_factory):
 def test_gan_completion_recovers_an_image_the_generator_made(short_run):
     torch.set_num_threads(1)
     ckpt, exported = short_run
-    for source in (exported, ckpt):  # the export has no D (latent prior); the checkpoint has D
+    # The export has no D (the latent prior); the checkpoint has D (D's score as the prior).
+    for source in (exported, ckpt):
         model = inpaint.load_model(source)
         assert (model.d is None) == (source == exported)
         with torch.no_grad():
@@ -166,7 +167,7 @@ def test_gan_completion_recovers_an_image_the_generator_made(short_run):
                                                      generator=torch.Generator().manual_seed(123)))
         hole = torch.from_numpy(inpaint.synthetic_hole(inpaint.Mask("center"), 32, 0, "k"))[None].expand(8, -1, -1, -1)
         done, _ = inpaint.complete_batch(x, hole, "model", model=model, seeds=list(range(8)),
-                                          search=inpaint.Search(steps=150, restarts=3))
+                                          search=inpaint.Search(steps=150, restarts=3, prior=0.003))
         mean, _ = inpaint.complete_batch(x, hole, "mean")
         h = hole.expand_as(x).bool()
         err_gan, err_mean = ((done - x)[h] ** 2).mean(), ((mean - x)[h] ** 2).mean()

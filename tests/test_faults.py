@@ -297,7 +297,6 @@ def _drain(stream) -> tuple[threading.Thread, list[str]]:
     return thread, lines
 
 
-@pytest.mark.slow
 class _SlowTrainer:
     def fit(self):
         time.sleep(20)
@@ -334,6 +333,23 @@ def test_ctrl_c_during_fit_raises_at_once_even_when_the_interrupt_is_swallowed()
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
 
 
+def test_a_caller_that_ignores_sigint_keeps_ignoring_it_during_fit():
+    seen = []
+
+    class Quick:
+        def fit(self):
+            seen.append(signal.getsignal(signal.SIGINT))
+            return "finished"
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert runner.fit_interruptibly(Quick()) == "finished"
+        assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.slow
 def test_ctrl_c_stops_promptly_and_the_same_submit_continues(tmp_path):
     job = write_job(tmp_path / "ctrlc.yaml", "dcgan_digits.yaml",
                     **tiny("ctrlc", tmp_path / "runs", steps=100_000, train={"log_every": 2}))
