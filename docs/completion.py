@@ -89,8 +89,8 @@ def complete_all(gan: str, masks, methods, reuse: bool, steps: int, restarts: in
     done = {}
     for mask in masks:
         for method in methods:
-            name, blend = (method, "poisson") if method != "mean-flat" else ("mean", "none")
-            name = "model" if method in VARIANTS else name
+            name = "model" if method in VARIANTS else "mean" if method == "mean-flat" else method
+            blend = "none" if method == "mean-flat" else "poisson"
             variant = VARIANTS.get(method, {})
             out = WORK / "out" / f"{mask}-{method}"
             searched = {"steps": steps, "restarts": restarts} | variant

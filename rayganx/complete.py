@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from rayganx.inpaint import (BLENDS, CONTEXTS, METHODS, Mask, Model, Search, complete_batch, image_seed, load_model, parse_mask,
-                             read_hole, synthetic_hole)
+from rayganx.inpaint import (BLENDS, CONTEXTS, METHODS, Mask, Model, Search, complete_batch, image_seed, load_model,
+                             parse_mask, read_hole, synthetic_hole)
 from rayganx.spec import SpecError
 from rayganx.storage import Store
 

@@ -2,10 +2,10 @@
 
 A GAN completes by semantic inpainting (Yeh et al. 2017): find the latent (and, for a conditional
 model, the class) whose generated image best matches the known pixels (L1, each known pixel
-weighted by how much of its neighbourhood is missing, Yeh et al.'s weighted context loss), with a
-prior that keeps it realistic (the discriminator's non-saturating generator loss when the checkpoint has D,
-else the latent's Gaussian log-density), then blend the generated pixels into the hole. A VAE
-encodes the image with its hole filled and decodes. Two baselines: `mean` fills the hole with the
+weighted by how much of its neighbourhood is missing, Yeh et al.'s weighted context loss),
+optionally with a prior that keeps it realistic (the discriminator's non-saturating generator loss
+when the checkpoint has D, else the latent's Gaussian log-density), then blend the generated pixels
+into the hole. A VAE encodes the image with its hole filled and decodes. Two baselines: `mean` fills the hole with the
 image's mean known value, `nearest` with the training image closest on the known pixels.
 `complete_batch` is the whole computation for a batch of tensors; `rayganx.complete` maps it over
 a dataset.
