@@ -67,6 +67,10 @@ class ModelSpec(Section):
     latent_components: int = Field(0, ge=0, description="mlp_gan: a latent prior of K unit Gaussians with fixed "
                                                         "random means instead of one; 0: one Gaussian")
     latent_spread: float = Field(2.0, gt=0, description="std of the fixed component means (latent_components)")
+    fourier_features: int = Field(0, ge=0, description="mlp_gan on 2-D points: D also sees sin and cos of F random "
+                                                       "projections of each point (0: raw coordinates only)")
+    fourier_scale: float = Field(1.0, gt=0, description="std of the random frequencies (cycles per unit) of "
+                                                        "fourier_features")
 
 
 class SyntheticSpec(Section):
@@ -373,6 +377,8 @@ def check(spec: JobSpec) -> list[str]:
                      f"{spec.per_worker_batch}) must divide into packs of {m.pack}")
     if m.latent_components and m.kind != "mlp_gan":
         p.append(f"model.latent_components: a mixture latent prior is built for mlp_gan, not {m.kind}")
+    if m.fourier_features and not (m.kind == "mlp_gan" and spec.data.source == "gaussian_mixture"):
+        p.append("model.fourier_features: built for mlp_gan on gaussian_mixture points")
     if m.latent_components == 1:
         p.append("model.latent_components: 1 component is the plain Gaussian prior; use 0, or 2 and more")
     if any(v < 1 for v in m.hidden):

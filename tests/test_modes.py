@@ -184,6 +184,30 @@ def test_mixture_prior_is_an_mlp_gan_option():
         ring_job(model={"latent_components": 1})
 
 
+# --------------------------------------------------------------------------- Fourier features in D
+
+
+def test_fourier_features_feed_d_the_sin_and_cos_of_each_packed_point():
+    d = models.build(ring_job(model={"pack": 4, "fourier_features": 8, "fourier_scale": 2.0}))["d"]
+    assert d.freqs.shape == (2, 8) and "freqs" in d.state_dict() and d.net[0].in_features == 8 + 4 * 2 * 8
+    x = torch.randn(16, 8)  # 16 packs of 4 points
+    a = 2 * math.pi * x.view(16, 4, 2) @ d.freqs
+    with torch.no_grad():
+        out = d(x)
+        assert out.shape == (16,)
+        assert torch.allclose(out, d.net(torch.cat([x, a.sin().flatten(1), a.cos().flatten(1)], 1)).squeeze(1),
+                              atol=1e-5)
+    again = models.build(ring_job(model={"pack": 4, "fourier_features": 8, "fourier_scale": 2.0}))["d"]
+    assert torch.equal(d.freqs, again.freqs)  # every worker and every resume: the same frequencies
+    plain = models.build(ring_job())["d"]
+    assert plain.freqs is None and "freqs" not in plain.state_dict()
+
+
+def test_fourier_features_are_for_points():
+    with pytest.raises(jobspec.SpecError, match="model.fourier_features: built for mlp_gan on gaussian_mixture points"):
+        jobspec.from_dict({"name": "x", "model": {"kind": "dcgan", "fourier_features": 8}, "train": {"steps": 1}})
+
+
 # --------------------------------------------------------------------------- packing
 
 
