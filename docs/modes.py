@@ -47,7 +47,9 @@ def describe(spec) -> str:
     parts = [f"MLP {len(m.hidden)}x{m.hidden[0]}", f"z {m.latent_dim}", t.loss.replace("_", "-")]
     parts += [f"pack {m.pack}"] if m.pack > 1 else []
     parts += [f"{m.latent_components}-Gaussian prior"] if m.latent_components else []
+    parts += [f"D on {m.fourier_features} Fourier features"] if m.fourier_features else []
     parts += [f"R1 {t.r1_gamma:g}" + (f" every {t.r1_every}" if t.r1_every > 1 else "")] if t.r1_gamma else []
+    parts += [f"instance noise {t.instance_noise:g}"] if t.instance_noise else []
     parts += [f"EMA {t.ema_decay:g}"] if t.ema_decay else []
     lrs = {t.optim_g.lr, t.optim_d.lr}
     parts += [f"lr {'/'.join(f'{v:g}' for v in sorted(lrs))}", f"batch {t.batch_size}"]
@@ -92,10 +94,8 @@ def write_section(rows, seeds: int, planned: int, no_write: bool) -> None:
         "samples of the mixture score 98.9% high quality (1 - exp(-9/2), a 2-D Gaussian within 3 std).",
         "Mixtures: ring of 8 modes on radius 2, std 0.02 (VEEGAN; PacGAN's radius 1, std 0.01 is the same",
         "problem at half the scale); grid of 25 modes at {-4, -2, 0, 2, 4}², std 0.05 (both papers).",
-        "Wall time: one run from submission to its final checkpoint, Ray start-up of the workers included.",
-        "The PacGAN recipes' 15,000 steps alone take about 5 minutes here even in one plain process",
-        "(20-25 ms a step; `docs/mode_search.py` prints it), so neither meets a 5-minute budget on this",
-        "machine: fewer steps cost quality (the searches in the jobs' comments).",
+        "Wall time: one run from submission to its final checkpoint, Ray start-up of the workers included,",
+        "one run at a time (the issue's budget: 5 minutes a run on this 2-core machine).",
         "",
         "| job | mixture | recipe | steps | modes | high quality (%) | KL | wall time |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
