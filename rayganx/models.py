@@ -100,26 +100,25 @@ def apply_spectral_norm(module: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- vanilla MLP GAN
 
 
+def _mlp(width: int, hidden: list[int], out: int, last: nn.Module | None = None) -> nn.Sequential:
+    layers = []
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.LeakyReLU(0.2)]
+        width = h
+    return nn.Sequential(*layers, nn.Linear(width, out), *([last] if last else []))
+
+
 class MLPGenerator(nn.Module):
-    """With `components` K > 0 the latent prior is a mixture of K Gaussians with fixed means drawn
-    once from N(0, spread^2 I) (static GM-GAN, Ben-Yosef & Weinshall 2018): a continuous map of one
-    Gaussian cannot reach disconnected modes without a "bridge" of samples between them (Khayatkhoei
-    et al. 2018). Callers still draw z ~ N(0, I): k = floor(K * Phi(z_0)), so within a component z_0
-    spans 1/K of its range and the others are unit Gaussian. Learned means (DeLiGAN): worse (the job)."""
+    """With `components` K > 0 the latent prior is a mixture of K Gaussians with fixed means from
+    N(0, spread^2 I) (static GM-GAN, Ben-Yosef & Weinshall 2018): a continuous map of one Gaussian
+    bridges disconnected modes (Khayatkhoei et al. 2018). Callers still draw z ~ N(0, I): the
+    component is k = floor(K * Phi(z_0)). Learned means (DeLiGAN) did worse (the ring job's comment)."""
 
     def __init__(self, latent_dim: int, hidden: list[int], out_shape: tuple[int, ...], tanh: bool,
                  components: int = 0, spread: float = 2.0):
         super().__init__()
-        layers, width = [], latent_dim
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.LeakyReLU(0.2)]
-            width = h
-        layers.append(nn.Linear(width, math.prod(out_shape)))
-        if tanh:
-            layers.append(nn.Tanh())
-        self.net, self.out_shape = nn.Sequential(*layers), out_shape
-        # Seeded by K alone: every worker and every rebuild of the job draws the same means, and
-        # they are a buffer, so checkpoints carry them too.
+        self.net, self.out_shape = _mlp(latent_dim, hidden, math.prod(out_shape), nn.Tanh() if tanh else None), out_shape
+        # Seeded by K alone: every worker and rebuild draws the same means; a buffer, so checkpoints keep them.
         means = torch.randn(components, latent_dim, generator=torch.Generator().manual_seed(components)) * spread
         self.register_buffer("means", means if components else None)
 
@@ -134,32 +133,19 @@ class MLPGenerator(nn.Module):
 
 
 class MLPDiscriminator(nn.Module):
-    """With `fourier` F > 0 (2-D points), D also sees sin and cos of F fixed random projections of
-    each point of a pack (Tancik et al. 2020): an MLP on raw coordinates learns high frequencies
-    slowly (spectral bias), so it cannot tell a mode of std 0.05 from a blob ten times wider, and
-    the generator's clusters stay wide. The frequencies are a buffer seeded by F: checkpoints and
-    every worker hold the same ones."""
+    """With `fourier` F > 0, D also sees sin and cos of F fixed random projections of each point
+    (Tancik et al. 2020): an MLP on raw coordinates learns fine detail slowly (spectral bias)."""
 
-    def __init__(self, in_shape: tuple[int, ...], hidden: list[int], fourier: int = 0, scale: float = 1.0,
-                 point_dim: int = 2):
+    def __init__(self, in_shape: tuple[int, ...], hidden: list[int], fourier: int = 0, scale: float = 1.0):
         super().__init__()
-        width = math.prod(in_shape)
-        freqs = torch.randn(point_dim, fourier, generator=torch.Generator().manual_seed(fourier)) * scale
+        freqs = torch.randn(2, fourier, generator=torch.Generator().manual_seed(fourier)) * scale  # 2-D points
         self.register_buffer("freqs", freqs if fourier else None)
-        self.point_dim = point_dim
-        if fourier:
-            width += 2 * fourier * (width // point_dim)
-        layers = []
-        for h in reversed(hidden):
-            layers += [nn.Linear(width, h), nn.LeakyReLU(0.2)]
-            width = h
-        layers.append(nn.Linear(width, 1))
-        self.net = nn.Sequential(*layers)
+        self.net = _mlp(math.prod(in_shape) * (1 + fourier), list(reversed(hidden)), 1)  # + 2F per 2-D point
 
     def forward(self, x, y=None):
         x = x.flatten(1)
         if self.freqs is not None:
-            a = (2 * math.pi) * (x.view(len(x), -1, self.point_dim) @ self.freqs)
+            a = (2 * math.pi) * (x.view(len(x), -1, 2) @ self.freqs)
             x = torch.cat([x, a.sin().flatten(1), a.cos().flatten(1)], 1)
         return self.net(x).squeeze(1)
 
@@ -327,8 +313,7 @@ def build(spec: JobSpec, num_classes: int | None = None) -> dict[str, nn.Module]
     if m.kind == "mlp_gan":
         points = d.source == "gaussian_mixture"
         shape = (2,) if points else (c, s, s)
-        nets = {"g": MLPGenerator(m.latent_dim, m.hidden, shape, tanh=not points, components=m.latent_components,
-                                 spread=m.latent_spread),
+        nets = {"g": MLPGenerator(m.latent_dim, m.hidden, shape, not points, m.latent_components, m.latent_spread),
                 "d": MLPDiscriminator((shape[0] * k, *shape[1:]), m.hidden, m.fourier_features, m.fourier_scale)}
     elif m.kind == "dcgan":
         nets = {"g": DCGANGenerator(m.latent_dim, m.ngf, c, s, cond),
