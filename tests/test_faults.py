@@ -307,7 +307,8 @@ def test_ctrl_c_during_fit_raises_at_once_even_when_the_interrupt_is_swallowed()
     """Python runs a signal handler wherever the main thread happens to be; a KeyboardInterrupt
     raised inside a finalizer is printed and dropped. Here a SIGUSR2 handler plays the finalizer:
     the SIGINT lands inside it and is swallowed, and Ctrl-C must still end the wait."""
-    before = signal.getsignal(signal.SIGINT)
+    # As a terminal's Ctrl-C finds it, even when pytest itself runs where SIGINT is ignored (nohup, &)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     swallowed = []
 
     def finalizer_like(signum, frame):
@@ -329,8 +330,9 @@ def test_ctrl_c_during_fit_raises_at_once_even_when_the_interrupt_is_swallowed()
     finally:
         timer.cancel()
         signal.signal(signal.SIGUSR2, old_usr2)
+        restored = signal.signal(signal.SIGINT, before)
     assert swallowed, "the SIGINT did not land inside the other handler: the test did not test"
-    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
+    assert restored is signal.default_int_handler  # fit put the caller's handler back
 
 
 def test_a_caller_that_ignores_sigint_keeps_ignoring_it_during_fit():
@@ -355,8 +357,10 @@ def test_ctrl_c_stops_promptly_and_the_same_submit_continues(tmp_path):
                     **tiny("ctrlc", tmp_path / "runs", steps=100_000, train={"log_every": 2}))
     sets = ["--set", "storage.checkpoint_every=4", "--set", "model.ngf=16", "--set", "model.ndf=16",
             "--set", "train.batch_size=32"]
+    # SIG_DFL in the child: a CLI started from a terminal, even when pytest runs with SIGINT ignored
     proc = subprocess.Popen([sys.executable, "-m", "rayganx.cli", "submit", str(job), *sets], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err_thread, err_lines = _drain(proc.stderr)
     try:
         _wait_for(proc, "step 10/100000", 300)  # long enough that only Ctrl-C ends it
