@@ -1,9 +1,9 @@
-"""The 2-D mode-collapse benchmark: train the ring and grid jobs (vanilla baselines and PacGAN
-recipes) for several seeds as ordinary rayganx runs, score each run's final generator with the
-protocol of VEEGAN / PacGAN, and write the "2-D mixtures" section of docs/results.md and one
-scatter plot per job under docs/img/.
+"""The 2-D mode-collapse benchmark: train the ring and grid jobs (vanilla baselines, PacGAN and
+mixture-prior recipes) for several seeds as ordinary rayganx runs, score each run's final
+generator with the protocol of VEEGAN / PacGAN, and write the "2-D mixtures" section of
+docs/results.md and one scatter plot per job under docs/img/.
 
-    python docs/modes.py                 # 4 jobs x 3 seeds; runs go to results_runs/
+    python docs/modes.py                 # 5 jobs x 3 seeds; runs go to results_runs/
     python docs/modes.py --seeds 1 --jobs pacgan_ring   # one row, one seed
     python docs/modes.py --reuse         # after an interruption: keep the runs already scored
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STORAGE = os.environ.get("RAYGANX_RESULTS_STORAGE", str(ROOT / "results_runs"))
-JOBS = ("mlp_gan_ring", "pacgan_ring", "mlp_gan_grid", "pacgan_grid")
+JOBS = ("mlp_gan_ring", "pacgan_ring", "gmgan_ring", "mlp_gan_grid", "pacgan_grid")
 SECTION = "## 2-D mixtures: mode coverage"
 
 # Published rows for the same protocol and mixtures. PacGAN, Lin et al. 2018, Table 1 (their
