@@ -1,8 +1,8 @@
 """Search 2-D mode-collapse recipes with rayganx's own GANTask, without Ray.
 
 Builds a JobSpec from a job file plus --set overrides, builds the task on the CPU for one
-worker (no DDP wrap: `distributed=False`, as train.py passes for world size 1), feeds batches of
-the job's gaussian_mixture points in a fresh permutation every epoch, calls `task.schedule` and
+worker (no DDP wrap: `distributed=False`, as train.py passes for world size 1), feeds it the
+batches a 1-worker run reads (rayganx.points: a fresh permutation every epoch), calls `task.schedule` and
 `task.step` as train.py's loop does, and scores the generator (its EMA copy where the job keeps
 one) with the mode-collapse protocol of rayganx.metrics: 5 sets of 2,500 samples.
 
@@ -31,6 +31,7 @@ def run_one(job: str, overrides: list[str], seed: int, eval_every: int | None = 
 
     sys.path.insert(0, str(ROOT))
     from rayganx import data as rdata
+    from rayganx import points
     from rayganx import metrics, spec as jobspec
     from rayganx.tasks import TASKS
 
@@ -44,11 +45,10 @@ def run_one(job: str, overrides: list[str], seed: int, eval_every: int | None = 
     task = TASKS[spec.model.kind](spec, num_classes, device, False)
     torch.manual_seed(t.seed)  # the noise stream, as Worker.start on rank 0 at step 0
 
-    pts, _ = rdata.gaussian_mixture(spec.data.mixture, spec.data.num_points, t.seed)
-    pts = torch.from_numpy(pts)
-    labels = torch.zeros(len(pts), dtype=torch.long)
-    perm_gen = torch.Generator().manual_seed(t.seed)
-    bs = spec.per_worker_batch
+    d = spec.data
+    # The batches a 1-worker Ray Train run of the job reads (rayganx.points), here without Ray.
+    feed = points.batches(d.mixture, d.num_points, spec.per_worker_batch, t.seed)
+    labels = torch.zeros(spec.per_worker_batch, dtype=torch.long)
     names = list(metrics.MODE_METRICS)
 
     def score() -> dict:
@@ -60,21 +60,16 @@ def run_one(job: str, overrides: list[str], seed: int, eval_every: int | None = 
 
     step, it, t0, trace = 0, 0, time.time(), []
     while step < total:
-        perm = torch.randperm(len(pts), generator=perm_gen)  # a fresh permutation each epoch
-        for i in range(0, len(pts) - bs + 1, bs):
-            idx = perm[i:i + bs]
-            task.schedule(step, total)
-            stepped, _ = task.step(pts[idx], labels[idx], it, step, total)
-            it += 1
-            if not stepped:
-                continue
-            step += 1
-            if eval_every and step % eval_every == 0 and step < total:
-                s = score()
-                trace.append({"step": step, **s})
-                log(f"    step {step}: modes {s['modes']:.2f} hq {100 * s['hq']:.1f}% ({time.time() - t0:.0f} s)")
-            if step >= total:
-                break
+        task.schedule(step, total)
+        stepped, _ = task.step(next(feed), labels, it, step, total)
+        it += 1
+        if not stepped:
+            continue
+        step += 1
+        if eval_every and step % eval_every == 0 and step < total:
+            s = score()
+            trace.append({"step": step, **s})
+            log(f"    step {step}: modes {s['modes']:.2f} hq {100 * s['hq']:.1f}% ({time.time() - t0:.0f} s)")
     seconds = time.time() - t0
     return {**score(), **spread(task.generator(), spec), "seconds": seconds, "ms_per_step": 1000 * seconds / total,
             "trace": trace}
@@ -86,7 +81,7 @@ def spread(g, spec) -> dict:
     import torch
 
     from rayganx import metrics
-    from rayganx.data import mixture_geometry
+    from rayganx.points import mixture_geometry
 
     centres, std = mixture_geometry(spec.data.mixture)
     was = g.training

@@ -76,7 +76,7 @@ def scatter(points, centres, std, title: str, path: Path) -> None:
 
 
 def write_section(rows, seeds: int, planned: int, no_write: bool) -> None:
-    from rayganx.data import mixture_geometry
+    from rayganx.points import mixture_geometry
 
     def ms(values, fmt):
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -140,7 +140,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from rayganx import cluster, metrics, models, runner, spec as jobspec
-    from rayganx.data import mixture_geometry
+    from rayganx.points import mixture_geometry
     from rayganx.runs import load_state
 
     cluster.init_ray()

@@ -4,7 +4,7 @@ Every source ends as rows of {"image": uint8 CxHxW, "label": int64}; decoding, c
 run in `map_batches`, so they scale out with the cluster and stream into each Ray Train
 worker's shard. Images stay uint8 until `model_input` scales them to [-1, 1] on the worker's
 device: a quarter of float32's bytes through the object store, the shuffle buffer and the
-host-to-device copy. Gaussian mixtures yield float32 2-D points instead.
+host-to-device copy. Gaussian mixtures' 2-D points skip Ray Data (`rayganx.points`).
 """
 
 from __future__ import annotations
@@ -123,34 +123,6 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target.astype(np.int64)
 
 
-# The mode-collapse benchmark's mixtures. Ring: VEEGAN's (Srivastava et al. 2017), 8 modes on a
-# circle of radius 2, std 0.02; PacGAN's (Lin et al. 2018) is the same problem at half the scale
-# (radius 1, std 0.01): the ratio of mode spacing to std, all the metrics see, is equal. Grid: both
-# papers' 25 modes at {-4, -2, 0, 2, 4}^2, std 0.05.
-MIXTURES = {"ring": (2.0 * np.stack([np.cos(np.arange(8) * np.pi / 4), np.sin(np.arange(8) * np.pi / 4)], 1), 0.02),
-            "grid": (np.stack(np.meshgrid(np.arange(-4.0, 5.0, 2.0), np.arange(-4.0, 5.0, 2.0)), -1).reshape(-1, 2),
-                     0.05)}
-
-
-def mixture_geometry(kind: str) -> tuple[np.ndarray, float]:
-    """The mixture's exact centres (K, 2) and its components' standard deviation."""
-    centres, std = MIXTURES[kind]
-    return centres.copy(), std
-
-
-def gaussian_mixture(kind: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """n points of the 8-Gaussian ring or the 25-Gaussian grid, and each point's component."""
-    rng = np.random.default_rng(seed)
-    centres, std = mixture_geometry(kind)
-    which = rng.integers(len(centres), size=n)
-    pts = centres[which] + rng.normal(scale=std, size=(n, 2))
-    return pts.astype(np.float32), which.astype(np.int64)
-
-
-def mixture_centres(kind: str) -> np.ndarray:
-    return mixture_geometry(kind)[0]
-
-
 def _list_images(store: Store) -> list[str]:
     return list(_listing(store.url, store.endpoint_url))
 
@@ -222,11 +194,8 @@ def build(data: DataSpec, split: str = "all", seed: int | None = 0, counter=None
         return ds if seed is None else shuffled(ds, seed)
 
     if data.source == "gaussian_mixture":
-        pts, labels = gaussian_mixture(data.mixture, data.num_points, seed or 0)
-        ds = ray.data.from_numpy(pts).map_batches(
-            lambda b: {"image": b["data"].astype(np.float32),
-                       "label": np.zeros(len(b["data"]), np.int64)}, batch_format="numpy")
-        return ds if seed is None else shuffled(ds, seed)
+        raise DataError("data.source: gaussian_mixture points are drawn in each worker (rayganx.points), "
+                        "not read through Ray Data")
 
     store = _open(data)
     opts = dict(decode, crop=data.crop, on_corrupt=data.on_corrupt, image_col="bytes", counter=counter,
@@ -405,22 +374,6 @@ def grid_png(images, nrow: int, pad: int = 2) -> bytes:
         y, x = pad + r * (h + pad), pad + k * (w + pad)
         canvas[y:y + h, x:x + w] = u8[i].transpose(1, 2, 0)
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode="L" if c == 1 else "RGB")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def scatter_png(points, centres=None, size: int = 256, extent: float = 5.0) -> bytes:
-    """A 2-D scatter of generated points (white) over the mixture's centres (red)."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (size, size), "black")
-    draw = ImageDraw.Draw(img)
-    to_px = lambda v: (v + extent) / (2 * extent) * (size - 1)  # noqa: E731
-    for x, y in np.asarray(points):
-        draw.point((to_px(x), to_px(-y)), fill="white")
-    for x, y in (centres if centres is not None else []):
-        draw.ellipse([to_px(x) - 3, to_px(-y) - 3, to_px(x) + 3, to_px(-y) + 3], outline="red")
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

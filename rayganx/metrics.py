@@ -168,7 +168,7 @@ def mixture_samples(g, spec: JobSpec, n: int, seed: int, device="cpu") -> torch.
 def mode_metrics(g, spec: JobSpec, names: list[str], num_samples: int = MODE_SET_SIZE, sets: int = MODE_SETS,
                  seed: int = 0, device="cpu") -> dict:
     """The mode-coverage metrics of a 2-D generator, averaged over `sets` sets of `num_samples`."""
-    from rayganx.data import mixture_geometry
+    from rayganx.points import mixture_geometry
 
     unknown = [n for n in names if n not in MODE_METRICS]
     if unknown:

@@ -159,14 +159,14 @@ def cache_decoded(spec: JobSpec, rows: int) -> bool:
     import ray
 
     d = spec.data
-    if d.cache != "auto" or d.source == "gaussian_mixture":
+    if d.cache != "auto":
         return d.cache is True
     return _decoded_bytes(spec, rows) <= ray.cluster_resources().get("object_store_memory", 0) / 4
 
 
 def _decoded_bytes(spec: JobSpec, rows: int) -> int:
     d = spec.data
-    return rows * (8 if d.source == "gaussian_mixture" else d.channels * d.image_size ** 2)  # uint8 images
+    return rows * d.channels * d.image_size ** 2  # uint8 images
 
 
 CACHE_BLOCK_BYTES = 128 * 2**20  # Ray Data's default target block size
@@ -174,7 +174,9 @@ CACHE_BLOCK_BYTES = 128 * 2**20  # Ray Data's default target block size
 
 def train_datasets(spec: JobSpec, p: Plan, monitor=None) -> dict:
     """What the workers read: "train", in a new order every epoch that `train.seed` fixes, and
-    for classifiers "val"."""
+    for classifiers "val". None for 2-D points: each worker draws its own (train.batches)."""
+    if spec.data.source == "gaussian_mixture":
+        return {}
     seed = spec.train.seed
     generated = None
     if p.synthetic is not None:

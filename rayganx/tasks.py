@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rayganx import data as rdata
-from rayganx import losses, models
+from rayganx import losses, models, points
 from rayganx.spec import JobSpec
 
 
@@ -221,7 +221,7 @@ class GANTask(Task):
         gen = torch.Generator().manual_seed(seed)
         if self.spec.data.source == "gaussian_mixture":
             z = torch.randn(2000, self.spec.model.latent_dim, generator=gen).to(self.device)
-            png = rdata.scatter_png(g(z).cpu().numpy(), rdata.mixture_centres(self.spec.data.mixture))
+            png = points.scatter_png(g(z).cpu().numpy(), points.mixture_centres(self.spec.data.mixture))
         else:
             png = rdata.grid_png(*models.sample_images(g, self.spec, self.num_classes, n, seed, self.device))
         g.train(was_training)

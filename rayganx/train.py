@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from rayganx import data as rdata
-from rayganx import tracking
+from rayganx import points, tracking
 from rayganx.checkpointing import report_checkpoint, restore, rng_state, set_rng_state, to_cpu
 from rayganx.errors import UserError
 from rayganx.runs import MetricsLog
@@ -269,8 +269,18 @@ class Worker:
                     pending.flush()
 
 
-def batches(shard, spec: JobSpec, device):
-    """Model inputs and their batches (labels, marks), epoch after epoch of the worker's shard, without end."""
+def batches(spec: JobSpec, device, rank: int, world: int, step: int):
+    """Model inputs and their batches (labels, marks), epoch after epoch of the worker's shard
+    (2-D points: of the worker's own copy), without end, from the step a run starts at."""
+    if spec.data.source == "gaussian_mixture":
+        d, bs = spec.data, spec.per_worker_batch
+        labels = torch.zeros(bs, dtype=torch.long, device=device)
+        for x in points.batches(d.mixture, d.num_points, bs, spec.train.seed, rank, world,
+                                start=step * spec.train.d_steps, device=device):
+            yield x, {"image": x, "label": labels}
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
     while True:
         n = 0
         for batch in epoch_batches(shard, spec, device):
@@ -298,7 +308,7 @@ def train_loop(config: dict) -> None:
     try:
         if step >= w.total:  # resumed at the end: nothing left to train
             return
-        for it, (x, batch) in enumerate(batches(ray.train.get_dataset_shard("train"), w.spec, w.device)):
+        for it, (x, batch) in enumerate(batches(w.spec, w.device, w.rank, w.world, step)):
             w.first_step_at = w.first_step_at or time.time()  # the first batch enters training
             task.schedule(step, w.total)
             stepped, stats = task.step(x, batch["label"], it, step, w.total)

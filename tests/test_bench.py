@@ -54,3 +54,15 @@ def test_plain_row_runs_on_the_job_device_with_its_options(sets):
     assert res["channels_last"] == ("train.channels_last=true" in sets)
     assert res["compile"] == ("train.compile=true" in sets)
     assert res["images_per_s"] > 0 and res["flops_per_step"] > 0
+
+
+def test_plain_row_of_a_job_with_r1_times_it_without_a_flop_count():
+    """torch's FLOP counter cannot follow autograd.grad (R1, gradient penalty): the row still times
+    the step and says the count is unknown instead of failing the command."""
+    from rayganx import spec as jobspec
+    from rayganx.bench import plain
+
+    spec = jobspec.load(JOBS / "gmgan_ring.yaml")
+    assert spec.train.r1_gamma > 0
+    res = plain(spec, steps=3, warmup=1)
+    assert res["flops_per_step"] is None and res["images_per_s"] > 0

@@ -1,4 +1,4 @@
-"""Every data source reads files the test wrote, through real Ray Data."""
+"""Every data source reads files the test wrote, through real Ray Data; 2-D points, in memory."""
 
 import numpy as np
 import pytest
@@ -6,6 +6,8 @@ import torch
 from PIL import Image
 
 from rayganx import data as rdata
+from rayganx import points
+from rayganx.errors import UserError
 from rayganx.spec import DataSpec
 
 
@@ -58,14 +60,35 @@ def test_celeba_layout_centre_crops_then_resizes(ray_session, tmp_path):
     assert red > 240 and blue < 15  # the 108 px centre crop keeps only the face
 
 
-def test_gaussian_ring(ray_session):
-    images, _ = rows(rdata.build(DataSpec(source="gaussian_mixture", mixture="ring", num_points=4000)))
-    assert images.shape == (4000, 2)
+def test_gaussian_ring():
+    images, _ = points.gaussian_mixture("ring", 4000)
+    assert images.shape == (4000, 2) and images.dtype == np.float32
     radius = np.linalg.norm(images, axis=1)
     assert np.allclose(radius, 2.0, atol=0.1)
     angles = np.round(np.arctan2(images[:, 1], images[:, 0]) / (np.pi / 4)) % 8
     assert len(set(angles.tolist())) == 8
-    assert len(rdata.mixture_centres("grid")) == 25
+    assert len(points.mixture_centres("grid")) == 25
+
+
+def test_point_batches_are_a_fresh_permutation_every_epoch_split_across_ranks():
+    n, bs, world, seed = 1000, 64, 2, 5  # 7 global batches of 128 an epoch; 104 points wait for the next
+    index = {tuple(p): i for i, p in enumerate(points.gaussian_mixture("ring", n, seed)[0].tolist())}
+
+    def take(rank, count, start=0):
+        feed = points.batches("ring", n, bs, seed, rank, world, start)
+        return [[index[tuple(p)] for p in next(feed).tolist()] for _ in range(count)]
+
+    r0, r1 = take(0, 21), take(1, 21)
+    assert all(len(b) == bs for b in r0 + r1)
+    epochs = [sum(r0[e * 7:(e + 1) * 7] + r1[e * 7:(e + 1) * 7], []) for e in range(3)]
+    assert all(len(set(e)) == len(e) == 896 for e in epochs)  # each point at most once an epoch, ranks disjoint
+    assert len(set(epochs[0]) | set(epochs[1])) > 896  # the dropped rest differs: a new order, not a fixed cut
+    assert epochs[0][:128] != epochs[1][:128]
+    assert take(0, 21) == r0  # the seed repeats the orders
+    assert not torch.equal(next(points.batches("ring", n, bs, 6, 0, world)), next(points.batches("ring", n, bs, seed, 0, world)))
+    assert take(0, 10, start=5) == r0[5:15]  # a resumed run reads what an uninterrupted one would, across epochs
+    with pytest.raises(UserError, match="data.num_points: 100 points are fewer than one global batch"):
+        next(points.batches("ring", 100, 64, 0, world=2))
 
 
 def _folder_with_corrupt(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rayganx import data as rdata
+from rayganx import points
 from rayganx import losses, models
 from rayganx import metrics as m
 from rayganx import spec as jobspec
@@ -17,7 +17,7 @@ from tests.conftest import local_checkpoint, rayganx
 
 
 def geometry(kind):
-    centres, std = rdata.mixture_geometry(kind)
+    centres, std = points.mixture_geometry(kind)
     return torch.from_numpy(centres), std
 
 
@@ -34,15 +34,15 @@ def ring_job(**sections):
 
 
 def test_mixtures_have_the_papers_geometry():
-    centres, std = rdata.mixture_geometry("ring")
+    centres, std = points.mixture_geometry("ring")
     assert std == 0.02 and len(centres) == 8
     assert np.allclose(np.linalg.norm(centres, axis=1), 2.0)
     # neighbours 45 degrees apart
     assert np.allclose(np.linalg.norm(centres - np.roll(centres, 1, 0), axis=1), 4 * math.sin(math.pi / 8))
-    centres, std = rdata.mixture_geometry("grid")
+    centres, std = points.mixture_geometry("grid")
     assert std == 0.05 and len(centres) == 25
     assert sorted(set(centres[:, 0].tolist())) == sorted(set(centres[:, 1].tolist())) == [-4, -2, 0, 2, 4]
-    pts, which = rdata.gaussian_mixture("grid", 50_000, seed=3)
+    pts, which = points.gaussian_mixture("grid", 50_000, seed=3)
     assert abs((pts - centres[which]).std() - 0.05) < 0.002
 
 
@@ -88,7 +88,7 @@ def test_true_mixture_samples_score_the_2d_three_sigma_ceiling():
     """Exact samples land within 3 std of their mode with probability 1 - exp(-9/2) = 98.9% in
     2-D (not 99.7%, the 1-D figure): the ceiling of the hq metric."""
     centres, std = geometry("ring")
-    pts = torch.from_numpy(rdata.gaussian_mixture("ring", 20_000, seed=2)[0])
+    pts = torch.from_numpy(points.gaussian_mixture("ring", 20_000, seed=2)[0])
     s = m.mode_coverage(pts, centres, std)
     assert s["modes"] == 8 and s["hq"] == pytest.approx(1 - math.exp(-4.5), abs=0.003) and s["kl"] < 0.002
 
@@ -255,7 +255,7 @@ def test_packed_gan_steps_with_every_penalty(train):
     spec = ring_job(model={"pack": 4}, train=train)
     torch.manual_seed(0)
     task = GANTask(spec, None, torch.device("cpu"), distributed=False)
-    real = torch.from_numpy(rdata.gaussian_mixture("ring", 32, 0)[0])
+    real = torch.from_numpy(points.gaussian_mixture("ring", 32, 0)[0])
     d0 = [p.clone() for p in task.d.parameters()]
     for it in range(4):
         _, stats = task.step(real, None, it, it, 4)
@@ -315,3 +315,27 @@ def test_ring_recipe_covers_most_modes_within_a_thousand_steps(ray_session, tmp_
     assert [r["step"] for r in evals] == [500, 1000]
     assert evals[-1]["modes"] >= 6, evals
     assert 0 <= evals[-1]["hq"] <= 1 and evals[-1]["kl"] >= 0
+
+
+@pytest.mark.slow
+def test_points_train_under_ddp_and_resume(ray_session, tmp_path):
+    """Two DDP workers each draw their own slice of every global batch of points (no Ray
+    dataset), and a run resumed from its checkpoint goes on to the new step count."""
+    from rayganx import runner
+    from rayganx.runs import read_metrics
+    from rayganx.storage import Store
+    from tests.conftest import tiny, write_job
+
+    job = write_job(tmp_path / "ring.yaml", "pacgan_ring.yaml",
+                    **tiny("ddp_ring", tmp_path / "runs", steps=200, train={"log_every": 50},
+                           scaling={"num_workers": 2}, eval={"every": 200, "sample_sets": 1}))
+    spec = jobspec.load(job)
+    assert runner.train_datasets(spec, runner.plan(spec)) == {}
+    assert runner.run(spec).steps == 200
+    longer = jobspec.load(job, ["train.steps=300"])
+    assert runner.run(longer).steps == 300
+    rows = read_metrics(Store(spec.run_url))
+    assert [r["step"] for r in rows if "loss_d" in r] == [50, 100, 150, 200, 250, 300]
+    starts = [r for r in rows if "node_ids" in r]  # the first row of each start: the second at 200
+    assert [r["step"] for r in starts] == [50, 250] and all(len(r["node_ids"]) == 2 for r in starts)
+    assert [r["step"] for r in rows if "modes" in r] == [200, 300] and rows[-1]["modes"] >= 1
