@@ -174,7 +174,7 @@ CACHE_BLOCK_BYTES = 128 * 2**20  # Ray Data's default target block size
 
 def train_datasets(spec: JobSpec, p: Plan, monitor=None) -> dict:
     """What the workers read: "train", in a new order every epoch that `train.seed` fixes, and
-    for classifiers "val". None for 2-D points: each worker draws its own (train.batches)."""
+    for classifiers "val". No dataset for 2-D points: each worker draws its own (train.batches)."""
     if spec.data.source == "gaussian_mixture":
         return {}
     seed = spec.train.seed
