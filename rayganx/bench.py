@@ -83,7 +83,8 @@ def plain(spec: JobSpec, steps: int, warmup: int) -> dict:
                 it += 1
         flops = counter.get_total_flops()
     except RuntimeError:  # torch's FLOP counter cannot follow autograd.grad (R1, gradient penalty)
-        pass
+        if not (spec.train.r1_gamma or spec.train.gp_lambda):
+            raise
     torch.set_num_threads(prev)
     images_per_step = b * spec.train.d_steps if spec.is_gan else b
     st = _spread(times)

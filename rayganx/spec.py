@@ -112,7 +112,7 @@ class TrainSpec(Section):
     batch_size: int = Field(128, ge=1, description="global batch, split across workers")
     steps: int | None = Field(None, ge=1, description="generator (or optimiser) steps")
     epochs: int | None = Field(None, ge=1, description="passes over the data (a GAN's generator step takes d_steps batches)")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     loss: Literal["non_saturating", "hinge", "wasserstein", "least_squares"] = "non_saturating"
     d_steps: int = Field(1, ge=1, description="discriminator steps per generator step")
     optim_g: OptimSpec = Field(default_factory=OptimSpec)

@@ -156,10 +156,12 @@ class Worker:
 
         spec, rank = self.spec, self.rank
         state, note, from_donor = restore(spec, ray.train.get_checkpoint(), self.init_from, self.device)
-        step, self.lineage, self.restored = 0, None, {}
+        step, self.lineage, self.restored, self.batches_read = 0, None, {}, 0
         if state:
             self.task.load_state_dict(state)
             step, self.lineage = state["step"], state.get("lineage")
+            # Rollbacks move the step back but not the data: the batches taken are counted apart.
+            self.batches_read = state.get("batches", step * spec.train.d_steps)
             if from_donor:
                 self.restored = {"restored_from": self.lineage, "restored_step": step}
         rng = state.get("rng") if state and not from_donor else None
@@ -257,7 +259,8 @@ class Worker:
         else:
             rng = [rng_state()]
         # One CPU copy serves as the rollback state and as what the checkpoint writes.
-        self.good = {"state": to_cpu(self.task.state_dict()), "step": step, "rng": rng_state()}
+        self.good = {"state": to_cpu(self.task.state_dict()) | {"batches": self.batches_read}, "step": step,
+                     "rng": rng_state()}
         report_checkpoint(self.spec, self.good["state"], step, metrics, self.num_classes, rng, self.lineage,
                           self.rank)
         self.telemetry.checkpointed()
@@ -269,14 +272,14 @@ class Worker:
                     pending.flush()
 
 
-def batches(spec: JobSpec, device, rank: int, world: int, step: int):
+def batches(spec: JobSpec, device, rank: int, world: int, start: int):
     """Model inputs and their batches (labels, marks), epoch after epoch of the worker's shard
-    (2-D points: of the worker's own copy), without end, from the step a run starts at."""
+    (2-D points: of the worker's own copy, after the `start` batches the run already took), without end."""
     if spec.data.source == "gaussian_mixture":
         d, bs = spec.data, spec.per_worker_batch
         labels = torch.zeros(bs, dtype=torch.long, device=device)
         for x in points.batches(d.mixture, d.num_points, bs, spec.train.seed, rank, world,
-                                start=step * spec.train.d_steps, device=device):
+                                start=start, device=device):
             yield x, {"image": x, "label": labels}
     import ray.train
 
@@ -308,8 +311,9 @@ def train_loop(config: dict) -> None:
     try:
         if step >= w.total:  # resumed at the end: nothing left to train
             return
-        for it, (x, batch) in enumerate(batches(w.spec, w.device, w.rank, w.world, step)):
+        for it, (x, batch) in enumerate(batches(w.spec, w.device, w.rank, w.world, w.batches_read)):
             w.first_step_at = w.first_step_at or time.time()  # the first batch enters training
+            w.batches_read += 1
             task.schedule(step, w.total)
             stepped, stats = task.step(x, batch["label"], it, step, w.total)
             interval.add(stats, x.shape[0] * w.world, t.max_grad_norm, batch)

@@ -85,6 +85,8 @@ def test_point_batches_are_a_fresh_permutation_every_epoch_split_across_ranks():
     assert len(set(epochs[0]) | set(epochs[1])) > 896  # the dropped rest differs: a new order, not a fixed cut
     assert epochs[0][:128] != epochs[1][:128]
     assert take(0, 21) == r0  # the seed repeats the orders
+    drew_points = np.random.default_rng(seed).permutation(n)[:bs].tolist()
+    assert r0[0] != drew_points  # the orders are a stream of their own, not the one that drew the points
     assert not torch.equal(next(points.batches("ring", n, bs, 6, 0, world)), next(points.batches("ring", n, bs, seed, 0, world)))
     assert take(0, 10, start=5) == r0[5:15]  # a resumed run reads what an uninterrupted one would, across epochs
     with pytest.raises(UserError, match="data.num_points: 100 points are fewer than one global batch"):

@@ -322,7 +322,7 @@ def test_points_train_under_ddp_and_resume(ray_session, tmp_path):
     """Two DDP workers each draw their own slice of every global batch of points (no Ray
     dataset), and a run resumed from its checkpoint goes on to the new step count."""
     from rayganx import runner
-    from rayganx.runs import read_metrics
+    from rayganx.runs import load_state, read_metrics
     from rayganx.storage import Store
     from tests.conftest import tiny, write_job
 
@@ -339,3 +339,5 @@ def test_points_train_under_ddp_and_resume(ray_session, tmp_path):
     starts = [r for r in rows if "node_ids" in r]  # the first row of each start: the second at 200
     assert [r["step"] for r in starts] == [50, 250] and all(len(r["node_ids"]) == 2 for r in starts)
     assert [r["step"] for r in rows if "modes" in r] == [200, 300] and rows[-1]["modes"] >= 1
+    # the resumed run read on from batch 200 (points.batches: the same stream as without the stop)
+    assert load_state(f"{spec.run_url}/checkpoint_000300")["batches"] == 300

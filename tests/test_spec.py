@@ -52,6 +52,8 @@ def test_impossible_values(tmp_path):
     assert "model.kind" in error_of(tmp_path, "name: x\nmodel: {kind: stylegan9}\ntrain: {steps: 5}\n")
     assert "set exactly one" in error_of(tmp_path, "name: x\ntrain: {steps: 5, epochs: 2}\n")
     assert "data.path: required" in error_of(tmp_path, "name: x\ndata: {source: parquet}\ntrain: {steps: 5}\n")
+    # numpy's generators refuse negative seeds: caught here, not in every worker
+    assert "train.seed: expected greater than or equal to 0" in error_of(tmp_path, "name: x\ntrain: {steps: 5, seed: -1}\n")
 
 
 def test_malformed_yaml_reports_the_line(tmp_path):
