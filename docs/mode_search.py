@@ -31,8 +31,7 @@ def run_one(job: str, overrides: list[str], seed: int, eval_every: int | None = 
 
     sys.path.insert(0, str(ROOT))
     from rayganx import data as rdata
-    from rayganx import points
-    from rayganx import metrics, spec as jobspec
+    from rayganx import metrics, randomness, rows, spec as jobspec
     from rayganx.tasks import TASKS
 
     spec = jobspec.load(job, list(overrides) + [f"train.seed={seed}"])
@@ -43,12 +42,10 @@ def run_one(job: str, overrides: list[str], seed: int, eval_every: int | None = 
     num_classes = rdata.num_classes(spec.data) if spec.model.conditional else None
     torch.manual_seed(t.seed)  # the initial weights, as Worker.__init__
     task = TASKS[spec.model.kind](spec, num_classes, device, False)
-    torch.manual_seed(t.seed)  # the noise stream, as Worker.start on rank 0 at step 0
 
     d = spec.data
-    # The batches a 1-worker Ray Train run of the job reads (rayganx.points), here without Ray.
-    feed = points.batches(d.mixture, d.num_points, spec.per_worker_batch, t.seed)
-    labels = torch.zeros(spec.per_worker_batch, dtype=torch.long)
+    # The batches and draws of a 1-worker Ray Train run of the job (rayganx.rows), here without Ray.
+    feed = rows.Reader(rows.Points(d.mixture, d.num_points, t.seed), t.batch_size, t.seed).batches()
     names = list(metrics.MODE_METRICS)
 
     def score() -> dict:
@@ -58,11 +55,12 @@ def run_one(job: str, overrides: list[str], seed: int, eval_every: int | None = 
         g.train(was)
         return s
 
-    step, it, t0, trace = 0, 0, time.time(), []
+    step, t0, trace = 0, time.time(), []
     while step < total:
         task.schedule(step, total)
-        stepped, _ = task.step(next(feed), labels, it, step, total)
-        it += 1
+        pos, batch = next(feed)
+        draws = randomness.Draws(t.seed, pos.batches)
+        stepped, _ = task.step(batch["image"], batch["label"], pos.batches, step, total, draws)
         if not stepped:
             continue
         step += 1

@@ -13,8 +13,7 @@ import time
 import numpy as np
 import torch
 
-from rayganx import data as rdata
-from rayganx import points, runner
+from rayganx import runner
 from rayganx.cluster import init_ray
 from rayganx.spec import JobSpec
 from rayganx.runs import read_metrics
@@ -120,49 +119,40 @@ def _rayganx_row(spec: JobSpec, workers: int, steps: int, warmup: int, storage: 
 
 
 def _input_only(spec: JobSpec, workers: int, batches: int, tmp: str) -> dict:
-    """The job's Ray Data pipeline iterated by Ray Train workers with no model (2-D points: the
-    in-memory batches each worker draws, in this process)."""
+    """The job's rows read as training reads them (`rayganx.rows`), by Ray Train workers with no
+    model."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if spec.data.source == "gaussian_mixture":
-        d, bs = spec.data, spec.per_worker_batch
-        it = points.batches(d.mixture, d.num_points, bs, spec.train.seed)
-        next(it)
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            next(it)
-        rate = bs * batches / (time.perf_counter() - t0)
-        return {"workers": 1, "images_per_s_per_worker": rate, "images_per_s": rate}
+    from rayganx import rows
+
     p = runner.plan(spec)
-    ds = rdata.build(spec.data, p.split, seed=spec.train.seed)  # as training reads it, uncached
-    bs = spec.per_worker_batch
+    source = rows.source(spec, p.split, p.rows)
+    t = spec.train
 
     def loop(config):
         import ray.train
 
-        shard = ray.train.get_dataset_shard("train")
+        ctx = ray.train.get_context()
+        reader = rows.Reader(config["rows"], t.batch_size, t.seed, ctx.get_world_rank(), ctx.get_world_size())
         n, t0, seen = 0, None, 0
-        while n < config["batches"]:
-            for batch in shard.iter_torch_batches(batch_size=bs, drop_last=True, prefetch_batches=2):
-                if t0 is None:  # start the clock after the first batch: pipeline start-up is separate
-                    t0 = time.perf_counter()
-                else:
-                    seen += len(batch["image"])
-                n += 1
-                if n >= config["batches"]:
-                    break
+        for _, batch in reader.batches():
+            if t0 is None:  # start the clock after the first batch: pipeline start-up is separate
+                t0 = time.perf_counter()
+            else:
+                seen += len(batch["label"])
+            n += 1
+            if n >= config["batches"]:
+                break
         rate = seen / (time.perf_counter() - t0)
-        with open(os.path.join(config["out"], f"rank{ray.train.get_context().get_world_rank()}"), "w") as f:
+        with open(os.path.join(config["out"], f"rank{ctx.get_world_rank()}"), "w") as f:
             f.write(str(rate))
 
     out = tempfile.mkdtemp(prefix="input_", dir=tmp)
-    trainer = TorchTrainer(loop, train_loop_config={"batches": batches, "out": out},
+    trainer = TorchTrainer(loop, train_loop_config={"batches": batches, "out": out, "rows": source},
                            scaling_config=ScalingConfig(num_workers=workers,
                                                         resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
-                           run_config=RunConfig(name=f"bench_input_{time.time_ns()}",
-                                                storage_path=out),
-                           datasets={"train": ds}, dataset_config=runner.data_config())
+                           run_config=RunConfig(name=f"bench_input_{time.time_ns()}", storage_path=out))
     trainer.fit()
     # Result.metrics is None for runs that report no checkpoint: the workers write files instead.
     rates = [float(open(os.path.join(out, f)).read()) for f in os.listdir(out) if f.startswith("rank")]

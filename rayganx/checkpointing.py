@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from rayganx.runs import MARKER, checkpoint_manifest, list_checkpoints, load_state
+from rayganx.runs import MARKER, checkpoint_manifest, checkpoint_step, list_checkpoints, load_state
 from rayganx.spec import JobSpec
 from rayganx.storage import Store, StorageError
 
@@ -27,17 +27,12 @@ def to_cpu(obj):
     return obj
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def folder_name(step: int, generation: int = 0) -> str:
+    """A checkpoint's folder. A run that restarted from a state other than the one Ray offered
+    (a PBT donor's, or an older complete checkpoint) may reach a step it reported before: its
+    generation in the name keeps every folder name of a run unique, so Ray never prunes a folder
+    that holds newer state under an old entry's name."""
+    return f"checkpoint_{step:06d}" + (f"_{generation}" if generation else "")
 
 
 def save_checkpoint(path: str, spec: JobSpec, state: dict, step: int, metrics: dict, num_classes: int | None,
@@ -58,7 +53,7 @@ def upload_with_marker(checkpoint, dir_name: str):
     import ray.train
 
     local = checkpoint.path
-    manifest = checkpoint_manifest(local, int(dir_name.rsplit("_", 1)[-1]))
+    manifest = checkpoint_manifest(local, checkpoint_step(dir_name))
     persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
     with persisted.filesystem.open_output_stream(f"{persisted.path}/{MARKER}") as f:
         f.write(json.dumps(manifest).encode())
@@ -123,7 +118,7 @@ def _alive(pid: int) -> bool:
 
 
 def report_checkpoint(spec: JobSpec, state: dict, step: int, metrics: dict, num_classes, rng: list, lineage,
-                      rank: int) -> None:
+                      rank: int, generation: int = 0) -> None:
     """Every rank reports (a barrier); rank 0's folder is written and uploaded, its marker last.
 
     state: a CPU copy of the task's state that nothing changes afterwards (the rollback copy):
@@ -152,6 +147,6 @@ def report_checkpoint(spec: JobSpec, state: dict, step: int, metrics: dict, num_
     # Asynchronous: writing, uploading and the marker run in a background thread while training
     # goes on; a failure there fails the run at the next step.
     mode = CheckpointUploadMode.ASYNC if spec.storage.async_upload else CheckpointUploadMode.SYNC
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}",
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=folder_name(step, generation),
                      checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=checkpoint is not None,
                      checkpoint_upload_fn=upload)

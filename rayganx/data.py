@@ -1,10 +1,10 @@
-"""Input pipelines on Ray Data.
+"""Datasets on Ray Data: every image source as rows of {"image": uint8 CxHxW, "label": int64}.
 
-Every source ends as rows of {"image": uint8 CxHxW, "label": int64}; decoding, crop and resize
-run in `map_batches`, so they scale out with the cluster and stream into each Ray Train
-worker's shard. Images stay uint8 until `model_input` scales them to [-1, 1] on the worker's
-device: a quarter of float32's bytes through the object store, the shuffle buffer and the
-host-to-device copy. Gaussian mixtures' 2-D points skip Ray Data (`rayganx.points`).
+Listing, splitting, reading and decoding (crop, resize) live here; decoding runs in Ray Data
+tasks (`map_batches`), so it scales out with the cluster. Images stay uint8 until `model_input`
+scales them to [-1, 1] on the worker's device: a quarter of float32's bytes through the object
+store and the host-to-device copy. The order training reads rows in is `rayganx.rows`; 2-D
+mixtures' points are `rayganx.points`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import io
 import logging
 import posixpath
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -62,54 +63,66 @@ def _in_split(key: bytes, split: str, val_fraction: float) -> bool:
     return is_val == (split == "val")
 
 
-def _decode_batch(batch, *, size, channels, crop, on_corrupt, classes, root, split,
-                  val_fraction, image_col, label_col, counter=None):
-    """Decode encoded images (bytes) with their paths or labels into uint8 arrays."""
+def decode_image(data, name: str, *, size, channels, crop, on_corrupt, counter=None):
+    """One encoded image as uint8 CxHxW, or None when it is corrupt and on_corrupt is skip."""
     from PIL import Image
 
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return to_array(img, size, channels, crop)
+    except Exception as e:  # PIL raises several types for bad files
+        if on_corrupt == "fail":
+            raise DataError(f"corrupt image {name}: {type(e).__name__}: {e} "
+                            f"(set data.on_corrupt: skip to skip such files)") from None
+        log.warning("skipping corrupt image %s: %s", name, e)
+        if counter is not None:  # the run's monitor actor: it lives and ends with the run
+            counter.skipped_file.remote(name)
+        return None
+
+
+def stack_images(images: list, labels: list, channels: int, size: int, **extra) -> dict:
+    stacked = np.stack(images) if images else np.zeros((0, channels, size, size), np.uint8)
+    return {"image": stacked, "label": np.asarray(labels, dtype=np.int64)} | extra
+
+
+def _decode_batch(batch, *, size, channels, crop, on_corrupt, split, val_fraction, image_col, label_col,
+                  counter=None):
+    """Encoded images (bytes) of Parquet rows (or `rayganx generate` parts) into uint8 arrays.
+    Rows are split by their content (the first 4 kB): the same rows, wherever the file is."""
     images, labels = [], []
-    paths = batch.get("path")
     for i, data in enumerate(batch[image_col]):
-        name = str(paths[i]) if paths is not None else f"row with {len(data)} bytes"
-        key = name.encode() if paths is not None else bytes(data[:4096])
-        if not _in_split(key, split, val_fraction):
+        if not _in_split(bytes(data[:4096]), split, val_fraction):
             continue
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                arr = to_array(img, size, channels, crop)
-        except Exception as e:  # PIL raises several types for bad files
-            if on_corrupt == "fail":
-                raise DataError(f"corrupt image {name}: {type(e).__name__}: {e} "
-                                f"(set data.on_corrupt: skip to skip such files)") from None
-            log.warning("skipping corrupt image %s: %s", name, e)
-            if counter is not None:  # the run's monitor actor: it lives and ends with the run
-                counter.skipped_file.remote(name)
+        arr = decode_image(data, f"row with {len(data)} bytes", size=size, channels=channels, crop=crop,
+                           on_corrupt=on_corrupt, counter=counter)
+        if arr is None:
             continue
         images.append(arr)
-        if classes is not None:
-            rel = posixpath.relpath(name, root)
-            labels.append(classes.index(rel.split("/")[0]))
-        elif label_col in batch:
-            labels.append(int(batch[label_col][i]))
-        else:
-            labels.append(0)
-    stacked = np.stack(images) if images else np.zeros((0, channels, size, size), np.uint8)
-    return {"image": stacked, "label": np.asarray(labels, dtype=np.int64)}
+        labels.append(int(batch[label_col][i]) if label_col in batch else 0)
+    return stack_images(images, labels, channels, size)
 
 
-def _resize_digits(batch, *, size, channels, split, val_fraction):
-    from PIL import Image
+def read_files(batch, *, url, endpoint_url, size, channels, crop, on_corrupt, counter=None):
+    """Image files, read and decoded: rows {"path", "label", "id"} in, {"image", "label", "id"} out
+    (a corrupt file skipped is a row fewer)."""
+    fs = _arrow_fs(url, endpoint_url)
+    images, labels, ids = [], [], []
+    for path, label, ident in zip(batch["path"], batch["label"], batch["id"]):
+        with fs.open_input_stream(str(path)) as f:
+            data = f.read()
+        arr = decode_image(data, str(path), size=size, channels=channels, crop=crop, on_corrupt=on_corrupt,
+                           counter=counter)
+        if arr is not None:
+            images.append(arr)
+            labels.append(int(label))
+            ids.append(int(ident))
+    return stack_images(images, labels, channels, size, id=np.asarray(ids, dtype=np.int64))
 
-    images, labels = [], []
-    for raw, label, key in zip(batch["raw"], batch["label"], batch["key"]):
-        if not _in_split(str(key).encode(), split, val_fraction):
-            continue
-        img = Image.fromarray(raw.astype(np.uint8), mode="L")
-        images.append(to_array(img, size, channels, None))
-        labels.append(int(label))
-    stacked = np.stack(images) if images else np.zeros((0, channels, size, size), np.uint8)
-    return {"image": stacked, "label": np.asarray(labels, dtype=np.int64)}
+
+@functools.lru_cache(maxsize=4)
+def _arrow_fs(url: str, endpoint_url: str | None):
+    return pyarrow_filesystem(url, endpoint_url)
 
 
 # --------------------------------------------------------------------------- sources
@@ -123,20 +136,16 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target.astype(np.int64)
 
 
-def _list_images(store: Store) -> list[str]:
-    return list(_listing(store.url, store.endpoint_url))
-
-
 @functools.lru_cache(maxsize=8)
 def _listing(url: str, endpoint_url: str | None) -> tuple[str, ...]:
-    """The image files under a folder, listed once per process (planning, class discovery and
-    the dataset all need them; on object storage each listing of 200k objects takes minutes)."""
+    """The image files under a folder, sorted, listed once per process (planning, class discovery
+    and the dataset all need them; on object storage each listing of 200k objects takes minutes)."""
     store = Store(url, endpoint_url)
     try:
         files = store.fs.find(store.root)
     except Exception as e:
         raise explain(store.url, e) from None
-    return tuple(f for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+    return tuple(sorted(f for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS))
 
 
 def _open(data: DataSpec, path: str | None = None) -> Store:
@@ -148,9 +157,9 @@ def _open(data: DataSpec, path: str | None = None) -> Store:
 
 
 def _parquet_files(store: Store) -> list[str]:
-    """A .parquet file, or every one below a folder."""
+    """A .parquet file, or every one below a folder (sorted: the rows' own order)."""
     files = [store.root] if store.fs.isfile(store.root) else store.fs.find(store.root)
-    files = [f for f in files if f.endswith(".parquet")]
+    files = sorted(f for f in files if f.endswith(".parquet") and not posixpath.basename(f).startswith(("_", ".")))
     if not files:
         raise DataError(f"data.path: no .parquet files under {store.url}")
     return files
@@ -164,80 +173,121 @@ def _image_store(data: DataSpec) -> Store:
     return store
 
 
-def shuffled(ds, seed: int):
-    """`ds` in a new order at every execution (every epoch), the sequence of orders fixed by `seed`.
+@dataclass(frozen=True)
+class ImageFiles:
+    """A folder's images of one split, in path order: where they are, their labels (0 without)."""
 
-    A full permutation of the rows, not of blocks: Ray Data reseeds from (seed, execution index)."""
-    from ray.data import RandomSeedConfig
+    url: str
+    endpoint_url: str | None
+    paths: tuple[str, ...]  # inside the folder's filesystem (what pyarrow opens)
+    labels: tuple[int, ...]
+    classes: tuple[str, ...] = ()
 
-    return ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+def image_files(data: DataSpec, split: str = "all") -> ImageFiles:
+    """The image files a split reads. The split is keyed by each file's path relative to the
+    dataset's folder, so the same dataset on local disk, object storage or a mount splits the same
+    way. With labels, the class is the first sub-folder; images beside the class folders have none
+    and are skipped, each named in one warning."""
+    store = _image_store(data)
+    files = _listing(store.url, store.endpoint_url)
+    if not files:
+        raise DataError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) under {store.url}")
+    rel = [posixpath.relpath(f, store.root) for f in files]
+    classes: tuple[str, ...] = ()
+    if data.labels and data.source == "image_folder":
+        stray = [r for r in rel if "/" not in r]
+        if stray:
+            log.warning("data.path: skipping %d image(s) outside the class sub-folders of %s: %s", len(stray),
+                        store.url, ", ".join(stray[:5]) + (" ..." if len(stray) > 5 else ""))
+        classes = tuple(sorted({r.split("/")[0] for r in rel if "/" in r}))
+        if not classes:
+            raise DataError(f"data.labels: no class sub-folders under {store.url}")
+    keep = [i for i, r in enumerate(rel) if _in_split(r.encode(), split, data.val_fraction)
+            and (not classes or "/" in r)]
+    labels = [classes.index(rel[i].split("/")[0]) if classes else 0 for i in keep]
+    if data.per_class and split != "val":
+        chosen = set(first_per_class(keep, labels, data.per_class))
+        labels = [lb for i, lb in zip(keep, labels) if i in chosen]
+        keep = [i for i in keep if i in chosen]
+    return ImageFiles(store.url, store.endpoint_url, tuple(files[i] for i in keep), tuple(labels), classes)
 
 
-def build(data: DataSpec, split: str = "all", seed: int | None = 0, counter=None):
-    """The Ray Dataset for a job's data section (split: all | train | val).
+def canonical(ds):
+    """`ds` executed in its own order: a dataset's rows have ids (their place in it) only when every
+    execution yields them alike, whatever finished first."""
+    ds.context.execution_options.preserve_order = True
+    return ds
 
-    seed: every execution (epoch) yields the rows in a fresh random order, reproducible from the
-    seed; None: in the source's order (for a dataset that is cached, then `shuffled`, or read
-    whole). counter: an actor with `skipped_file(name)` that hears of each corrupt file skipped."""
+
+def build(data: DataSpec, split: str = "all", counter=None):
+    """The Ray Dataset of a job's data section (split: all | train | val), decoded to
+    {"image": uint8 CxHxW, "label": int64}, in the source's own order (path order, row order).
+
+    Training does not read it as a stream: `rayganx.rows` orders its rows by (seed, epoch).
+    counter: an actor with `skipped_file(name)` that hears of each corrupt file skipped."""
     import ray
 
-    decode = dict(size=data.image_size, channels=data.channels, split=split,
-                  val_fraction=data.val_fraction)
+    decode = dict(size=data.image_size, channels=data.channels)
     if data.source == "digits":
-        images, labels = digits_arrays()
-        items = [{"raw": im, "label": int(lb), "key": i} for i, (im, lb) in enumerate(zip(images, labels))]
-        if data.per_class and split != "val":
-            keep = set(_digits_subset(data))
-            items = [it for it in items if it["key"] in keep]
-        ds = ray.data.from_items(items, override_num_blocks=min(4, len(items)))
-        ds = ds.map_batches(functools.partial(_resize_digits, **decode), batch_format="numpy")
-        return ds if seed is None else shuffled(ds, seed)
+        images, labels = digits_images(data, split)
+        return canonical(ray.data.from_numpy({"image": images, "label": labels}))
 
     if data.source == "gaussian_mixture":
         raise DataError("data.source: gaussian_mixture points are drawn in each worker (rayganx.points), "
                         "not read through Ray Data")
 
-    store = _open(data)
-    opts = dict(decode, crop=data.crop, on_corrupt=data.on_corrupt, image_col="bytes", counter=counter,
-                label_col=data.label_column, classes=None, root=store.root)
     if data.source == "parquet":
+        store = _open(data)
         files = _parquet_files(store)
         columns = [data.image_column] + ([data.label_column] if data.labels else [])
         ds = ray.data.read_parquet(files, filesystem=pyarrow_filesystem(store.url, store.endpoint_url)).select_columns(columns)
-        opts.update(image_col=data.image_column)
-        if not data.labels:
-            opts.update(label_col="__none__")
-        # A file holds many rows, so shuffling files is not enough: the encoded rows are
-        # shuffled, before decoding (a fraction of the decoded bytes).
-        ds = ds if seed is None else shuffled(ds, seed)
-        return ds.map_batches(functools.partial(_decode_batch, **opts), batch_format="numpy")
+        opts = decode | dict(crop=data.crop, on_corrupt=data.on_corrupt, split=split, val_fraction=data.val_fraction,
+                             image_col=data.image_column, label_col=data.label_column if data.labels else "__none__",
+                             counter=counter)
+        return canonical(ds.map_batches(functools.partial(_decode_batch, **opts), batch_format="numpy"))
 
     # image_folder and celeba: encoded files, recursively
-    store = _image_store(data)
-    opts.update(root=store.root)
-    if data.source == "celeba":
-        opts.update(crop=data.crop or CELEBA_CROP)
-    files = _list_images(store)
-    if not files:
-        raise DataError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) under {store.url}")
-    if data.labels and data.source == "image_folder":
-        classes = sorted({posixpath.relpath(f, store.root).split("/")[0] for f in files
-                          if "/" in posixpath.relpath(f, store.root)})
-        if not classes:
-            raise DataError(f"data.labels: no class sub-folders under {store.url}")
-        opts.update(classes=classes)
-    # One file is one row: a permutation of the file list is a permutation of the dataset, drawn
-    # while listing, so decoding still streams (a row shuffle would wait for a whole decoded epoch).
-    from ray.data import FileShuffleConfig
+    found = image_files(data, split)
+    rows = [{"path": p, "label": lb, "id": i} for i, (p, lb) in enumerate(zip(found.paths, found.labels))]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 64, 256)))
+    crop = data.crop or (CELEBA_CROP if data.source == "celeba" else None)
+    read = functools.partial(read_files, url=found.url, endpoint_url=found.endpoint_url, crop=crop,
+                             on_corrupt=data.on_corrupt, counter=counter, **decode)
+    return canonical(ds.map_batches(read, batch_format="numpy", batch_size=64))
 
-    order = None if seed is None else FileShuffleConfig(seed=seed, reseed_after_execution=True)
-    where = store.root
+
+def encoded_parquet(data: DataSpec, split: str = "all"):
+    """A Parquet source's rows of one split, still encoded: {"bytes", "label"}, in row order."""
+    import ray
+
+    store = _open(data)
+    columns = [data.image_column] + ([data.label_column] if data.labels else [])
+    ds = ray.data.read_parquet(_parquet_files(store), filesystem=pyarrow_filesystem(store.url, store.endpoint_url))
+    keep = functools.partial(_split_rows, split=split, val_fraction=data.val_fraction, image_col=data.image_column,
+                             label_col=data.label_column if data.labels else None)
+    return canonical(ds.select_columns(columns).map_batches(keep, batch_format="pyarrow"))
+
+
+def _split_rows(table, *, split, val_fraction, image_col, label_col):
+    import pyarrow as pa
+
+    data = table.column(image_col).to_pylist()
+    mask = pa.array([_in_split(bytes(b[:4096]), split, val_fraction) for b in data])
+    labels = table.column(label_col).cast(pa.int64()) if label_col else pa.array(np.zeros(len(data), np.int64))
+    return pa.table({"bytes": table.column(image_col), "label": labels}).filter(mask)
+
+
+def digits_images(data: DataSpec, split: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits at the job's size, one split (data.per_class applied): in memory."""
+    from PIL import Image
+
+    raw, labels = digits_arrays()
+    keep = [i for i in range(len(raw)) if _in_split(str(i).encode(), split, data.val_fraction)]
     if data.per_class and split != "val":
-        where = files = _folder_subset(data, store, files)
-    ds = ray.data.read_binary_files(where, filesystem=pyarrow_filesystem(store.url, store.endpoint_url),
-                                    include_paths=True, shuffle=order,
-                                    file_extensions=list(IMAGE_EXTENSIONS), override_num_blocks=min(len(files), 64))
-    return ds.map_batches(functools.partial(_decode_batch, **opts), batch_format="numpy")
+        keep = _digits_subset(data)
+    images = [to_array(Image.fromarray(raw[i], mode="L"), data.image_size, data.channels, None) for i in keep]
+    return np.stack(images), labels[keep]
 
 
 def first_per_class(keys, labels, k: int) -> list:
@@ -260,27 +310,18 @@ def _digits_subset(data: DataSpec) -> list[int]:
     return first_per_class(train, [int(labels[i]) for i in train], data.per_class)
 
 
-def _folder_subset(data: DataSpec, store: Store, files) -> list[str]:
-    """data.per_class on an image folder: the first k files (by path) of each class sub-folder
-    among the training split's files."""
-    train = sorted(f for f in files if _in_split(f.encode(), "train", data.val_fraction)
-                   and "/" in posixpath.relpath(f, store.root))
-    return first_per_class(train, [posixpath.relpath(f, store.root).split("/")[0] for f in train], data.per_class)
-
-
 def num_classes(data: DataSpec) -> int:
     """Label count for classifiers and conditional GANs."""
     if data.source == "digits":
         return 10
     if data.source == "gaussian_mixture":
         return 8 if data.mixture == "ring" else 25
-    store = _open(data)
     if data.source == "image_folder":
-        return len({posixpath.relpath(f, store.root).split("/")[0] for f in _list_images(store)
-                    if "/" in posixpath.relpath(f, store.root)})
+        return len(image_files(data).classes)
     if data.source == "parquet":
         import pyarrow.parquet as pq
 
+        store = _open(data)
         labels = set()
         for f in _parquet_files(store):
             with store.fs.open(f, "rb") as fh:
@@ -321,26 +362,23 @@ def prepare_digits(out: str, fmt: str, size: int = 32, endpoint_url: str | None 
 
 def count_rows(data: DataSpec, split: str = "all") -> int:
     """Rows one epoch yields, without decoding anything (epochs are converted to steps)."""
-    if data.per_class and split != "val":
-        if data.source == "digits":
-            return len(_digits_subset(data))
-        store = _image_store(data)
-        return len(_folder_subset(data, store, _list_images(store)))
     if data.source == "digits":
+        if data.per_class and split != "val":
+            return len(_digits_subset(data))
         return sum(_in_split(str(i).encode(), split, data.val_fraction) for i in range(1797))
     if data.source == "gaussian_mixture":
         return data.num_points
-    store = _open(data)
     if data.source == "parquet":
         import pyarrow.parquet as pq
 
+        store = _open(data)
         rows = 0
         for f in _parquet_files(store):
             with store.fs.open(f, "rb") as fh:
                 rows += pq.ParquetFile(fh).metadata.num_rows
         frac = {"all": 1.0, "train": 1 - data.val_fraction, "val": data.val_fraction}[split]
         return int(rows * frac)
-    return sum(_in_split(f.encode(), split, data.val_fraction) for f in _list_images(_image_store(data)))
+    return len(image_files(data, split).paths)
 
 
 # --------------------------------------------------------------------------- image grids

@@ -305,12 +305,12 @@ def render(spec: JobSpec, image: str, namespace: str = "default", secret: str | 
     """A ConfigMap holding the job exactly as it will run (every --set applied, ${VAR} kept) and a
     RayJob running it on its own KubeRay cluster sized from that same spec."""
     per_pod, _ = gpu_layout(spec.scaling)
-    pods = 1 + math.ceil(spec.scaling.num_workers / per_pod)
+    pods = 1 + math.ceil(spec.scaling.max_workers / per_pod)
     problems = path_problems(spec, pods, pvc)
     if problems:
         raise ManifestError("\n".join(problems))
     return _rayjob(_k8s_name(spec.name), namespace, f"rayganx run {JOB_DIR}/job.yaml", {"job.yaml": spec.to_yaml()},
-                   spec.scaling, spec.scaling.num_workers, image, secret, pvc, pod_env(spec))
+                   spec.scaling, spec.scaling.max_workers, image, secret, pvc, pod_env(spec))
 
 
 def render_sweep(sweep, image: str, namespace: str = "default", secret: str | None = DEFAULT_SECRET,

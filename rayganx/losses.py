@@ -12,6 +12,8 @@ import torch
 import torch.optim.swa_utils
 import torch.nn.functional as F
 
+from rayganx.randomness import GlobalDraws
+
 
 def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
     """Discriminator loss; `smoothing` is one-sided label smoothing (real target 1 - s)."""
@@ -103,12 +105,17 @@ class EMA(torch.optim.swa_utils.AveragedModel):
         self.update_parameters(model)
 
 
-def instance_noise(x: torch.Tensor, std: float, step: int, total: int) -> torch.Tensor:
-    """Gaussian noise on D's inputs, annealed linearly to zero over the run (Sønderby et al.)."""
+def _draws(draws, x: torch.Tensor):
+    return draws if draws is not None else GlobalDraws(x.device)
+
+
+def instance_noise(x: torch.Tensor, std: float, step: int, total: int, draws=None) -> torch.Tensor:
+    """Gaussian noise on D's inputs, annealed linearly to zero over the run (Sønderby et al.).
+    draws: where the noise comes from (`rayganx.randomness.Draws`; torch's global stream without)."""
     if std <= 0:
         return x
     scale = std * max(0.0, 1.0 - step / max(total, 1))
-    return x + scale * torch.randn_like(x) if scale > 0 else x
+    return x + scale * _draws(draws, x).randn(x.shape[0], *x.shape[1:]).to(x.dtype) if scale > 0 else x
 
 
 # --------------------------------------------------------------------------- DiffAugment
@@ -116,26 +123,27 @@ def instance_noise(x: torch.Tensor, std: float, step: int, total: int) -> torch.
 # forward for both D and G steps, with fresh random parameters for every image.
 
 
-def _brightness(x):
-    return x + (torch.rand(x.size(0), 1, 1, 1, device=x.device) - 0.5)
+def _brightness(x, draws):
+    return x + (draws.rand(x.size(0), 1, 1, 1) - 0.5)
 
 
-def _saturation(x):
+def _saturation(x, draws):
     mean = x.mean(dim=1, keepdim=True)
-    return (x - mean) * (torch.rand(x.size(0), 1, 1, 1, device=x.device) * 2) + mean
+    return (x - mean) * (draws.rand(x.size(0), 1, 1, 1) * 2) + mean
 
 
-def _contrast(x):
+def _contrast(x, draws):
     mean = x.mean(dim=[1, 2, 3], keepdim=True)
-    return (x - mean) * (torch.rand(x.size(0), 1, 1, 1, device=x.device) + 0.5) + mean
+    return (x - mean) * (draws.rand(x.size(0), 1, 1, 1) + 0.5) + mean
 
 
-def translation(x, ratio: float = 0.125):
+def translation(x, draws=None, ratio: float = 0.125):
     """Shift each image by up to ratio·size pixels, filling with zeros."""
+    draws = _draws(draws, x)
     n, _, h, w = x.shape
     sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    tx = torch.randint(-sh, sh + 1, (n, 1, 1), device=x.device)
-    ty = torch.randint(-sw, sw + 1, (n, 1, 1), device=x.device)
+    tx = draws.randint(-sh, sh + 1, n, 1, 1)
+    ty = draws.randint(-sw, sw + 1, n, 1, 1)
     gb, gx, gy = torch.meshgrid(torch.arange(n, device=x.device), torch.arange(h, device=x.device),
                                 torch.arange(w, device=x.device), indexing="ij")
     gx = torch.clamp(gx + tx + 1, 0, h + 1)
@@ -144,12 +152,13 @@ def translation(x, ratio: float = 0.125):
     return padded.permute(0, 2, 3, 1).contiguous()[gb, gx, gy].permute(0, 3, 1, 2)
 
 
-def cutout(x, ratio: float = 0.5):
+def cutout(x, draws=None, ratio: float = 0.5):
     """Zero a square of ratio·size at a random place in each image."""
+    draws = _draws(draws, x)
     n, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    ox = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), device=x.device)
-    oy = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), device=x.device)
+    ox = draws.randint(0, h + (1 - ch % 2), n, 1, 1)
+    oy = draws.randint(0, w + (1 - cw % 2), n, 1, 1)
     gb, gx, gy = torch.meshgrid(torch.arange(n, device=x.device), torch.arange(ch, device=x.device),
                                 torch.arange(cw, device=x.device), indexing="ij")
     gx = torch.clamp(gx + ox - ch // 2, 0, h - 1)
@@ -163,8 +172,11 @@ AUGMENTS = {"color": (_brightness, _saturation, _contrast), "translation": (tran
             "cutout": (cutout,)}
 
 
-def diffaugment(x: torch.Tensor, policy: list[str]) -> torch.Tensor:
+def diffaugment(x: torch.Tensor, policy: list[str], draws=None) -> torch.Tensor:
+    """draws: where the random parameters come from (`rayganx.randomness.Draws`; torch's global
+    stream without)."""
+    draws = _draws(draws, x)
     for name in policy:
         for fn in AUGMENTS[name]:
-            x = fn(x)
+            x = fn(x, draws)
     return x

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rayganx.randomness import isolated
 from rayganx.extractors import EvalError, Extractor, features_of, load_extractor
 from rayganx.spec import (FEATURES_WITH_LOGITS, IMAGE_METRICS, IS_NEEDS_LOGITS, MODE_METRICS, EvalSpec, JobSpec,
                           from_dict)
@@ -78,8 +79,9 @@ def kid(real: torch.Tensor, fake: torch.Tensor) -> float:
         m = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=subset, subsets=50, **LOCAL)
     m.update(real.double(), real=True)
     m.update(fake.double(), real=False)
-    torch.manual_seed(0)  # KID averages random subsets: fixed, so equal inputs give equal scores
-    return float(m.compute()[0])
+    with isolated():  # KID averages random subsets: fixed, so equal inputs give equal scores; the caller's
+        torch.manual_seed(0)  # streams (a training run's) stay where they were
+        return float(m.compute()[0])
 
 
 def inception_score(fake_logits: torch.Tensor) -> float:
@@ -387,7 +389,7 @@ def classification_accuracy_score(g, spec: JobSpec, num_classes: int, real: dict
     if not len(x_val):
         raise EvalError("eval.metrics: cas tests on the held-out split, and data.val_fraction leaves none")
     fake = generated_like(g, spec, y_train, seed, device).cpu()
-    with torch.random.fork_rng(devices=[]):  # in training: the run's own noise streams go on untouched
+    with isolated():  # in training: the run's own noise streams go on untouched
         on_fake = fit_classifier(fake, y_train, spec, num_classes, seed, steps)
         on_real = fit_classifier(x_train, y_train, spec, num_classes, seed, steps)
     return {"cas": accuracy(on_fake, x_val, y_val), "cas_real": accuracy(on_real, x_val, y_val)}

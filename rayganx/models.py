@@ -292,9 +292,9 @@ class ConvVAE(nn.Module):
         h = self.encoder(x).flatten(1)
         return self.mu(h), self.logvar(h).clamp(-20, 10)
 
-    def forward(self, x):
+    def forward(self, x, eps=None):
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        z = mu + (torch.randn_like(mu) if eps is None else eps) * (0.5 * logvar).exp()
         return self.decoder(z), mu, logvar
 
     def generate(self, z, y=None):

@@ -1,5 +1,5 @@
-"""The mode-collapse benchmark's 2-D Gaussian mixtures: their geometry, their points, the
-batches training reads, and scatter plots.
+"""The mode-collapse benchmark's 2-D Gaussian mixtures: their geometry, their points and
+scatter plots (training reads them through `rayganx.rows.Points`).
 
 The points do not go through Ray Data. A mixture is a few MB that every worker draws itself
 from (mixture, num_points, train.seed), and a model this small trains in a few ms a step: on
@@ -10,12 +10,9 @@ against 8.7 ms for the same worker reading an in-memory permutation (docs/perfor
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 
 import numpy as np
-import torch
 
-from rayganx.errors import UserError
 
 # Ring: VEEGAN's (Srivastava et al. 2017), 8 modes on a circle of radius 2, std 0.02; PacGAN's
 # (Lin et al. 2018) is the same problem at half the scale (radius 1, std 0.01): the ratio of mode
@@ -43,31 +40,6 @@ def gaussian_mixture(kind: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.n
     which = rng.integers(len(centres), size=n)
     pts = centres[which] + rng.normal(scale=std, size=(n, 2))
     return pts.astype(np.float32), which.astype(np.int64)
-
-
-def batches(kind: str, num_points: int, batch: int, seed: int, rank: int = 0, world: int = 1, start: int = 0,
-            device="cpu") -> Iterator[torch.Tensor]:
-    """One DDP rank's batches of `batch` points, without end.
-
-    Every epoch is a fresh permutation of all the points, drawn from (seed, epoch) alike on every
-    rank and cut into global batches of world x batch rows, of which each rank takes its own
-    slice; the rest short of a global batch waits for the next epoch's order, as with Ray Data's
-    equal split and drop_last. start: batches this rank already took (a resumed run goes on with
-    the batches an uninterrupted one would have seen)."""
-    per_epoch = num_points // (batch * world)
-    if per_epoch == 0:
-        raise UserError(f"data.num_points: {num_points} points are fewer than one global batch "
-                        f"({world} x {batch})")
-    pts = torch.from_numpy(gaussian_mixture(kind, num_points, seed)[0]).to(device)
-    epoch, i = divmod(start, per_epoch)
-    while True:
-        # A stream of its own: default_rng([seed, 0]) would be the one that drew the points.
-        order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(epoch,)))
-        perm = torch.from_numpy(order.permutation(num_points)).to(device)
-        for j in range(i, per_epoch):
-            at = (j * world + rank) * batch
-            yield pts[perm[at:at + batch]]
-        epoch, i = epoch + 1, 0
 
 
 def scatter_png(points, centres=None, size: int = 256, extent: float = 5.0) -> bytes:

@@ -161,12 +161,14 @@ def _submit(address: str, name: str, workdir: str, entrypoint: str, env: dict[st
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def submit(spec: JobSpec, address: str, paths_on_cluster: bool = False, force: bool = False) -> str:
+def submit(spec: JobSpec, address: str, paths_on_cluster: bool = False, force: bool = False,
+           allow_changes: bool = False) -> str:
     """Submit a job; returns its submission id (job name plus time)."""
     problems = path_problems(spec, paths_on_cluster)
     if problems:
         raise RemoteError("\n".join(problems))
-    entry = "python -m rayganx.cli run job.yaml" + (" --force" if force else "")
+    entry = ("python -m rayganx.cli run job.yaml" + (" --force" if force else "")
+             + (" --allow-changes" if allow_changes else ""))
     return _submit(address, spec.name, package_job(spec), entry, job_env(spec), job_metadata(spec))
 
 

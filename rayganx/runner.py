@@ -45,11 +45,12 @@ def check_fits_locally(spec: JobSpec) -> None:
 
     have = ray.cluster_resources()
     s = spec.scaling
-    if s.use_gpu and have.get("GPU", 0) < s.num_workers * s.gpus_per_worker:
-        raise RunError(f"scaling.use_gpu: {s.num_workers} workers x {s.gpus_per_worker:g} GPU requested, "
+    n = s.min_workers  # an elastic run starts with what fits, from MIN workers up
+    if s.use_gpu and have.get("GPU", 0) < n * s.gpus_per_worker:
+        raise RunError(f"scaling.use_gpu: {n} workers x {s.gpus_per_worker:g} GPU requested, "
                        f"this machine has {have.get('GPU', 0):g}; submit to a GPU cluster with --address")
-    if have.get("CPU", 0) < s.num_workers * s.cpus_per_worker:
-        raise RunError(f"scaling: {s.num_workers} workers x {s.cpus_per_worker:g} CPU requested, the local "
+    if have.get("CPU", 0) < n * s.cpus_per_worker:
+        raise RunError(f"scaling: {n} workers x {s.cpus_per_worker:g} CPU requested, the local "
                        f"Ray has {have.get('CPU', 0):g}; lower scaling.num_workers or submit with --address")
 
 
@@ -154,65 +155,16 @@ def prepare_eval(spec: JobSpec, p: Plan) -> None:
                                                              spec.storage.endpoint_url), spec.eval.num_samples)
 
 
-def cache_decoded(spec: JobSpec, rows: int) -> bool:
-    """Whether to keep the decoded dataset in the object store (data.cache)."""
-    import ray
-
-    d = spec.data
-    if d.cache != "auto":
-        return d.cache is True
-    return _decoded_bytes(spec, rows) <= ray.cluster_resources().get("object_store_memory", 0) / 4
-
-
-def _decoded_bytes(spec: JobSpec, rows: int) -> int:
-    d = spec.data
-    return rows * d.channels * d.image_size ** 2  # uint8 images
-
-
-CACHE_BLOCK_BYTES = 128 * 2**20  # Ray Data's default target block size
-
-
-def train_datasets(spec: JobSpec, p: Plan, monitor=None) -> dict:
-    """What the workers read: "train", in a new order every epoch that `train.seed` fixes, and
-    for classifiers "val". No dataset for 2-D points: each worker draws its own (train.batches)."""
-    if spec.data.source == "gaussian_mixture":
-        return {}
-    seed = spec.train.seed
-    generated = None
-    if p.synthetic is not None:
-        from rayganx import synthetic
-
-        generated = synthetic.dataset(spec, p.synthetic)
-    if cache_decoded(spec, p.rows):
-        # Decoding once instead of every epoch: the decode tasks otherwise share the CPUs with
-        # training (0.85 -> 1.0 of plain PyTorch at 64 px on 2 cores, docs/performance.md).
-        # The cached rows are still permuted afresh for every epoch, in few large blocks: the row
-        # shuffle moves blocks x blocks pieces (1024 images at 64 px in the 64 blocks decoding
-        # makes: 2.3 s an epoch on 2 cores; in 2 blocks: 0.1 s).
-        blocks = max(2, -(-_decoded_bytes(spec, p.rows) // CACHE_BLOCK_BYTES))
-        decoded = rdata.build(spec.data, p.split, seed=None, counter=monitor)
-        if generated is not None:
-            decoded = synthetic.mixed(decoded, generated)
-        train = rdata.shuffled(decoded.repartition(blocks).materialize(), seed)
-    elif generated is not None:
-        # The generated rows join the decoded real ones, and one row shuffle mixes them every epoch.
-        train = rdata.shuffled(synthetic.mixed(rdata.build(spec.data, p.split, seed=None, counter=monitor),
-                                               generated), seed)
-    else:
-        train = rdata.build(spec.data, p.split, seed=seed, counter=monitor)
-    datasets = {"train": train}
-    if p.split == "train":
-        datasets["val"] = rdata.build(spec.data, "val", seed=None)
-    return datasets
+def val_dataset(spec: JobSpec, p: Plan):
+    """Classifiers: the held-out rows validation reads (no order: every row counts once)."""
+    return {"val": rdata.build(spec.data, "val")} if p.split == "train" else {}
 
 
 def data_config():
-    """How the datasets reach the workers (Ray Train's DataConfig, two changes).
-
-    "train" keeps Ray's equal split (DDP ranks must take the same number of steps) with its
-    order preserved: the seeded permutation then reaches the workers the same way in every run.
-    "val" is split unequally: an equal split drops up to num_workers - 1 rows, and validation
-    has no collective step per batch that needs equal shards, so every row counts once."""
+    """How the validation rows reach the workers (Ray Train's DataConfig, one change): split
+    unequally. An equal split drops up to num_workers - 1 rows, and validation has no collective
+    step per batch that needs equal shards, so every row counts once. (Training rows do not go
+    through Ray Train's split: `rayganx.rows` orders them.)"""
     from ray.data import DataContext, ExecutionOptions
     from ray.train import DataConfig
 
@@ -242,11 +194,11 @@ def data_config():
                     out[i]["val"] = split
             return out
 
-    return _RunDataConfig(execution_options={"train": ingest_options(preserve_order=True)})
+    return _RunDataConfig()
 
 
 def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = None, monitor=None):
-    """The TorchTrainer for a job, with its datasets, storage and checkpoint policy.
+    """The TorchTrainer for a job, with its rows, storage and checkpoint policy.
 
     init_from: a checkpoint URL to start from when the run has no checkpoint of its own.
     monitor: the run's `run_monitor()` actor, when something follows the run live."""
@@ -255,37 +207,36 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
 
     import ray
 
+    from rayganx import rows
+    from rayganx.spec import METRIC_MODES
     from rayganx.train import train_loop
 
-    datasets = train_datasets(spec, p, monitor)
-    run = Store(spec.run_url, spec.storage.endpoint_url)
-    run.write_text(spec.to_yaml(), "spec.yaml")
-
+    # With data.cache (and digits), the first decoding pass runs here.
+    source = rows.source(spec, p.split, p.rows, counter=monitor, synthetic=p.synthetic)
     s = spec.scaling
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
     best = spec.storage.keep_best_by
-    storage = ray_storage(spec.storage.path, spec.storage.endpoint_url)
-    from rayganx.spec import METRIC_MODES
-
+    elastic = {"elastic_resize_monitor_interval_s": s.resize_check_s} if s.elastic else {}
     trainer = TorchTrainer(
         train_loop,
         # The spec object, not a dict: it keeps its ${VAR} placeholders for what workers store.
-        train_loop_config={"spec": spec, "num_classes": p.num_classes,
-                           "total_steps": p.total_steps,
+        train_loop_config={"spec": spec, "num_classes": p.num_classes, "total_steps": p.total_steps,
+                           "rows": source,
                            # a reference, not the array: at Inception scale it is ~800 MB per worker
                            "real_features": ray.put(p.real_features) if p.real_features is not None else None,
                            "cas_data": ray.put(p.cas_data) if p.cas_data is not None else None,
                            "init_from": init_from, "monitor": monitor,
                            "faults": {k: v for k, v in os.environ.items() if k.startswith("RAYGANX_FAULT_")}},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker=resources, placement_strategy=s.placement_strategy),
+        scaling_config=ScalingConfig(num_workers=s.worker_range if s.elastic else s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker=resources, placement_strategy=s.placement_strategy,
+                                     **elastic),
         run_config=RunConfig(
-            name=spec.name, **storage, callbacks=callbacks,
+            name=spec.name, **ray_storage(spec.storage.path, spec.storage.endpoint_url), callbacks=callbacks,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=spec.storage.keep, checkpoint_score_attribute=best,
                 checkpoint_score_order=METRIC_MODES.get(best, "max") if best else "max"),
             failure_config=FailureConfig(max_failures=s.max_failures)),
-        datasets=datasets,
+        datasets=val_dataset(spec, p),
         dataset_config=data_config(),
     )
     return trainer
@@ -361,13 +312,31 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
     return spec
 
 
+def begin_attempt(spec: JobSpec, start: int, allow_changes: bool = False) -> None:
+    """Refuse to continue a stored run under a spec it was not trained with, unless every change
+    is one continuing can honour (or allow_changes); then keep this attempt's spec in the run."""
+    from rayganx.runs import record_attempt, stored_spec
+    from rayganx.spec import continuation_problems
+
+    run = Store(spec.run_url, spec.storage.endpoint_url)
+    stored = stored_spec(run)
+    if start > 0 and stored is not None and not allow_changes:
+        problems = continuation_problems(stored, spec)
+        if problems:
+            raise RunError("\n".join([f"{spec.run_url} was trained up to step {start} under another spec; continuing "
+                                      f"it would mix two jobs in one run. Changed:", *(f"  {p}" for p in problems),
+                                      "pass --allow-changes to continue it anyway, or give the job a new name"]))
+    record_attempt(run, spec.to_yaml(), start)
+
+
 def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None] | None = None,
         on_start: Callable[[int, int], None] | None = None, force: bool = False,
-        notify: Callable[[str], None] | None = None) -> RunResult:
+        notify: Callable[[str], None] | None = None, allow_changes: bool = False) -> RunResult:
     """Run a job to completion on the current (or an embedded) Ray cluster.
 
     The run folder is locked for the whole run (force: take over a live lock); notify hears the
-    messages a user should see (a lock taken over)."""
+    messages a user should see (a lock taken over). A stored run is continued only under the spec
+    it was trained with, but for changes it can honour (allow_changes: any)."""
     from rayganx.runs import RunLock, list_checkpoints, read_metrics
 
     spec = resolve_paths(spec)
@@ -379,16 +348,17 @@ def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None]
         notify(note)
     monitor = None
     try:
+        start = last_step(spec)
+        begin_attempt(spec, start, allow_changes)
         embedded = not ray_is_up()
         init_ray(verbose=verbose)
         if embedded:
             check_fits_locally(spec)
-        start = last_step(spec)
         if spec.eval.every:
             prepare_eval(spec, p)
         monitor = run_monitor()
         try:
-            trainer = trainer_for(spec, p, monitor=monitor)  # with data.cache, the first decoding pass runs here
+            trainer = trainer_for(spec, p, monitor=monitor)
             if on_start:
                 on_start(start, p.total_steps)
             with Progress(monitor, start, printer or (lambda m: None)):

@@ -2,6 +2,7 @@
 for a complete one. Run layout (stable, documented in docs/storage.md):
 
     <storage>/<job name>/spec.yaml                resolved spec, ${VAR} placeholders, no secrets
+    <storage>/<job name>/specs/attempt_XXXX.yaml  every attempt's spec and the step it started at
     <storage>/<job name>/metrics/part_XXXXXXXXX.jsonl   metrics, appended as whole parts
     <storage>/<job name>/samples/step_XXXXXX.png  sample grids from fixed noise
     <storage>/<job name>/checkpoint_XXXXXX/       Ray Train checkpoints: state.pt, meta.json,
@@ -27,7 +28,7 @@ import uuid
 
 from rayganx.storage import Store, StorageError, load_bytes
 
-CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)(?:_(\d+))?$")  # step, generation (checkpointing.folder_name)
 MARKER = "complete.json"  # written last into a checkpoint folder: without it the folder is partial
 METRICS_DIR = "metrics"
 PART_RE = re.compile(r"^part_(\d+)\.jsonl$")
@@ -141,6 +142,19 @@ def checkpoint_manifest(local_dir: str, step: int) -> dict:
     return {"format": 1, "step": step, "time": time.time(), "files": files}
 
 
+def checkpoint_step(name: str) -> int:
+    m = CHECKPOINT_RE.match(name)
+    if not m:
+        raise ValueError(f"not a checkpoint folder name: {name}")
+    return int(m.group(1))
+
+
+def _write_order(c: dict) -> tuple[int, int]:
+    """Checkpoints in the order they were written: by generation, then by step."""
+    m = CHECKPOINT_RE.match(c["name"])
+    return int(m.group(2) or 0), int(m.group(1))
+
+
 def _incomplete_reason(run: Store, name: str, listing: list[dict]) -> tuple[str | None, dict]:
     sizes = {posixpath.basename(f["name"]): f.get("size") for f in listing if f.get("type") == "file"}
     if MARKER not in sizes:
@@ -182,7 +196,7 @@ def scan_checkpoints(run: Store) -> tuple[list[dict], list[dict]]:
             "size": sum(f.get("size") or 0 for f in files), "time": meta.get("time", manifest.get("time")),
             "metrics": meta.get("metrics", {}), "sha256": manifest["files"].get("state.pt", {}).get("sha256"),
         })
-    return sorted(complete, key=lambda c: c["step"]), sorted(incomplete, key=lambda c: c["step"])
+    return sorted(complete, key=_write_order), sorted(incomplete, key=_write_order)
 
 
 def list_checkpoints(run: Store, warn: bool = True) -> list[dict]:
@@ -213,6 +227,49 @@ def list_runs(root: Store) -> list[dict]:
         runs.append({"name": name, "model": spec.get("model", {}).get("kind", "?"),
                      "step": last.get("step"), "time": last.get("time"), "metrics": last})
     return sorted(runs, key=lambda r: r["name"])
+
+
+# --------------------------------------------------------------------------- the specs a run ran under
+
+SPECS_DIR = "specs"
+ATTEMPT_RE = re.compile(r"^attempt_(\d+)\.yaml$")
+
+
+def spec_history(run: Store) -> list[dict]:
+    """Every attempt of a run, oldest first: {"attempt", "start_step", "time", "spec"}."""
+    import yaml
+
+    out = []
+    for entry in run.listdir(SPECS_DIR):
+        m = ATTEMPT_RE.match(posixpath.basename(entry["name"]))
+        if m and entry.get("type") == "file":
+            with contextlib.suppress(ValueError, yaml.YAMLError):
+                row = yaml.safe_load(run.read_text(SPECS_DIR, posixpath.basename(entry["name"])))
+                if isinstance(row, dict) and isinstance(row.get("spec"), dict):
+                    out.append(row | {"attempt": int(m.group(1))})
+    return sorted(out, key=lambda r: r["attempt"])
+
+
+def stored_spec(run: Store) -> dict | None:
+    """The spec the run last ran under (spec.yaml), or None for a new run."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(run.read_text("spec.yaml"))
+    except FileNotFoundError:
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def record_attempt(run: Store, spec_yaml: str, start_step: int) -> int:
+    """Keep this attempt's spec (specs/attempt_XXXX.yaml) and make it the run's spec.yaml."""
+    import yaml
+
+    attempt = max([r["attempt"] for r in spec_history(run)], default=0) + 1
+    row = {"attempt": attempt, "start_step": start_step, "time": time.time(), "spec": yaml.safe_load(spec_yaml)}
+    run.write_text(yaml.safe_dump(row, sort_keys=False), SPECS_DIR, f"attempt_{attempt:04d}.yaml")
+    run.write_text(spec_yaml, "spec.yaml")
+    return attempt
 
 
 class RunLockedError(StorageError):

@@ -142,7 +142,10 @@ class TrainSpec(Section):
 
 
 class ScalingSpec(Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        2, description="workers, or [MIN, MAX]: elastic, the run goes on with the workers it can get (at least MIN) "
+                       "and grows back to MAX as nodes return")
+    resize_check_s: float = Field(60.0, gt=0, description="elastic runs: seconds between checks for room to grow")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, gt=0)
@@ -150,6 +153,22 @@ class ScalingSpec(Section):
     max_failures: int = Field(0, ge=-1)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how Ray places the workers on nodes; STRICT_SPREAD: each on its own node")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        return self.num_workers if isinstance(self.num_workers, tuple) else (self.num_workers, self.num_workers)
+
+    @property
+    def max_workers(self) -> int:
+        return self.worker_range[1]
+
+    @property
+    def min_workers(self) -> int:
+        return self.worker_range[0]
 
 
 class StorageSpec(Section):
@@ -227,7 +246,8 @@ class JobSpec(Section):
 
     @property
     def per_worker_batch(self) -> int:
-        return self.train.batch_size // self.scaling.num_workers
+        """Each worker's share of the global batch at full size (an elastic run's MAX workers)."""
+        return self.train.batch_size // self.scaling.max_workers
 
     @model_validator(mode="after")
     def _eval_defaults_for_points(self):
@@ -298,9 +318,13 @@ def check(spec: JobSpec) -> list[str]:
     m, d, t, s = spec.model, spec.data, spec.train, spec.scaling
     if (t.steps is None) == (t.epochs is None):
         p.append("train.steps / train.epochs: set exactly one of them")
-    if t.batch_size % s.num_workers:
-        p.append(f"train.batch_size: {t.batch_size} does not split evenly across "
-                 f"scaling.num_workers={s.num_workers}")
+    lo, hi = s.worker_range
+    if not 1 <= lo <= hi:
+        p.append(f"scaling.num_workers: [MIN, MAX] needs 1 <= MIN <= MAX, got [{lo}, {hi}]")
+    uneven = [n for n in range(lo, hi + 1) if t.batch_size % n]
+    if uneven and lo >= 1:
+        p.append(f"train.batch_size: {t.batch_size} does not split evenly across scaling.num_workers={uneven[0]}"
+                 + (f" (an elastic run may run on any count from {lo} to {hi})" if s.elastic else ""))
     sizes = supported_sizes(m.kind)
     if sizes and d.image_size not in sizes:
         p.append(f"data.image_size: {m.kind} produces {' or '.join(map(str, sizes))} px images, "
@@ -329,7 +353,7 @@ def check(spec: JobSpec) -> list[str]:
     if "cas" in spec.eval.metrics and spec.eval.every and not m.conditional:
         p.append("eval.metrics: cas (Classification Accuracy Score) needs a class-conditional generator "
                  "(model.conditional: true)")
-    if m.sync_batchnorm and s.num_workers > 1 and not s.use_gpu:
+    if m.sync_batchnorm and hi > 1 and not s.use_gpu:
         p.append("model.sync_batchnorm: PyTorch synchronises BatchNorm on GPUs only "
                  "(set scaling.use_gpu: true, or leave it off on CPU workers)")
     if d.source == "gaussian_mixture" and (t.diffaug or m.conditional):
@@ -372,9 +396,10 @@ def check(spec: JobSpec) -> list[str]:
             p.append(f"model.pack: packing applies to GAN discriminators, not {m.kind}")
         if m.conditional:
             p.append("model.pack: a conditional discriminator takes one label per sample; packing needs model.conditional: false")
-        if spec.per_worker_batch % m.pack:
-            p.append(f"model.pack: each worker's batch ({t.batch_size} / {s.num_workers} workers = "
-                     f"{spec.per_worker_batch}) must divide into packs of {m.pack}")
+        odd = [n for n in range(lo, hi + 1) if n and (t.batch_size // n) % m.pack]
+        if odd:
+            p.append(f"model.pack: each worker's batch ({t.batch_size} / {odd[0]} workers = "
+                     f"{t.batch_size // odd[0]}) must divide into packs of {m.pack}")
     if m.latent_components and m.kind != "mlp_gan":
         p.append(f"model.latent_components: a mixture latent prior is built for mlp_gan, not {m.kind}")
     if m.fourier_features and not (m.kind == "mlp_gan" and spec.data.source == "gaussian_mixture"):
@@ -398,3 +423,40 @@ def metric_problems(spec: JobSpec) -> list[str]:
                 f"take {', '.join(MODE_METRICS)}"]
     return [f"eval.metrics: {', '.join(wrong)} score 2-D gaussian_mixture points; {spec.data.source} "
             f"images take {', '.join(IMAGE_METRICS)}"]
+
+
+# --------------------------------------------------------------------------- continuing a stored run
+
+# Keys a resumed run can honour when they change: how far and how wide it trains, and how often
+# it logs, samples, evaluates and checkpoints. Any other change would mix two jobs in one run.
+CONTINUABLE = ("train.steps", "train.epochs", "train.log_every", "samples.", "eval.every", "storage.checkpoint_every",
+               "storage.keep", "storage.async_upload", "scaling.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_keys(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every key whose value differs (a key that only one
+    side has counts as None on the other)."""
+    a, b = _flat(old), _flat(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def continuation_problems(stored: dict, spec: "JobSpec") -> list[str]:
+    """The changes from a run's stored spec that continuing it cannot honour, one line each
+    (old -> new); empty when it can continue. Fewer train.steps than stored is such a change."""
+    problems = []
+    for key, old, new in changed_keys(stored, spec.to_dict()):
+        if key == "train.steps" and isinstance(old, int) and isinstance(new, int) and new < old:
+            problems.append(f"{key}: {old} -> {new} (fewer steps than the run was set to train)")
+        elif not key.startswith(CONTINUABLE):
+            problems.append(f"{key}: {old!r} -> {new!r}")
+    return problems

@@ -110,8 +110,11 @@ class Sweep:
     @property
     def workers_per_trial(self) -> int:
         """The most Train workers one trial can ask for."""
-        workers = self.space.get("scaling.num_workers", self.base.scaling.num_workers)
-        return max(distribution_values("scaling.num_workers", workers)) if is_distribution(workers) else workers
+        workers = self.space.get("scaling.num_workers", self.base.scaling.max_workers)
+        if is_distribution(workers):
+            return max(max(v) if isinstance(v, (list, tuple)) else v
+                       for v in distribution_values("scaling.num_workers", workers))
+        return max(workers) if isinstance(workers, (list, tuple)) else workers
 
     @property
     def storage(self) -> str:

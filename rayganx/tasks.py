@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from rayganx import data as rdata
 from rayganx import losses, models, points
+from rayganx.randomness import GlobalDraws
 from rayganx.spec import JobSpec
 
 
@@ -153,32 +154,28 @@ class GANTask(Task):
         """The generator samples and evaluation use: the EMA copy when there is one."""
         return self.ema.model if self.ema else unwrap(self.g)
 
-    def latents(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.spec.model.latent_dim, device=self.device)
-
-    def interpolation_weights(self, n: int) -> torch.Tensor:
-        """Per-row weights of the reals in the gradient penalty's interpolates."""
-        return torch.rand(n, device=self.device)
-
-    def _d_input(self, x, step, total):
+    def _d_input(self, x, step, total, draws):
         """What D sees of a batch: augmented and noised per sample, then packed (PacGAN)."""
         t = self.spec.train
-        x = losses.diffaugment(x, t.diffaug) if t.diffaug else x
-        return models.pack(losses.instance_noise(x, t.instance_noise, step, total), self.spec.model.pack)
+        x = losses.diffaugment(x, t.diffaug, draws) if t.diffaug else x
+        return models.pack(losses.instance_noise(x, t.instance_noise, step, total, draws), self.spec.model.pack)
 
-    def step(self, real, labels, it: int, step: int, total: int) -> tuple[bool, torch.Tensor]:
-        """One discriminator update on this batch; a generator update every d_steps batches."""
+    def step(self, real, labels, it: int, step: int, total: int, draws=None) -> tuple[bool, torch.Tensor]:
+        """One discriminator update on this batch; a generator update every d_steps batches.
+        it: the batch's index in the run (lazy regularisers and d_steps count it); draws: the
+        batch's random numbers (`rayganx.randomness.Draws`; torch's global stream without)."""
         t, n = self.spec.train, real.shape[0]
+        draws = draws if draws is not None else GlobalDraws(self.device)
         y = labels if self.cond else None
         do_g = (it + 1) % t.d_steps == 0
-        z = self.latents(n)
+        z = draws.randn(n, self.spec.model.latent_dim)
         with torch.set_grad_enabled(do_g), self.autocast:
             fake = self.g(z, y)  # reused by the generator update, as in the DCGAN reference
 
         r1_now = t.r1_gamma > 0 and it % t.r1_every == 0
         real_in = real.detach().requires_grad_(True) if r1_now else real
         with self.autocast:
-            d_real, d_fake = self._d_input(real_in, step, total), self._d_input(fake.detach(), step, total)
+            d_real, d_fake = self._d_input(real_in, step, total, draws), self._d_input(fake.detach(), step, total, draws)
             logit_real, logit_fake = self.d(d_real, y), self.d(d_fake, y)
             loss_d = losses.d_loss(t.loss, logit_real.float(), logit_fake.float(), t.label_smoothing)
             total_d = loss_d
@@ -187,7 +184,7 @@ class GANTask(Task):
                 # constraint belongs where D is evaluated, not on images it never sees. R1 below
                 # differentiates the logits D trains on (through the augmentation, as DiffAugment's R1).
                 # Lazy like R1 (every k steps, x k): the double backward costs as much as the step.
-                gp = losses.gradient_penalty(self.d, d_real, d_fake, y, self.interpolation_weights(d_real.shape[0]))
+                gp = losses.gradient_penalty(self.d, d_real, d_fake, y, draws.rand(d_real.shape[0]))
                 total_d = total_d + t.gp_lambda * t.gp_every * gp
             if r1_now:  # lazy R1: every k steps, scaled by k (StyleGAN2)
                 total_d = total_d + 0.5 * t.r1_gamma * t.r1_every * losses.r1_penalty(
@@ -200,7 +197,7 @@ class GANTask(Task):
             with _no_sync(self.d):
                 self.d.requires_grad_(False)
                 with self.autocast:
-                    loss_g = losses.g_loss(t.loss, self.d(self._d_input(fake, step, total), y).float())
+                    loss_g = losses.g_loss(t.loss, self.d(self._d_input(fake, step, total, draws), y).float())
                 self.last_gnorm_g = self._backward(loss_g, self.g, self.opt_g)
                 self.d.requires_grad_(True)
             self.opt_g.step()
@@ -243,7 +240,7 @@ class ClassifierTask(Task):
     def optimizers(self):
         return {"net": self.opt}
 
-    def step(self, x, labels, it, step, total):
+    def step(self, x, labels, it, step, total, draws=None):
         with self.autocast:
             logits = self.net(x)
             loss = F.cross_entropy(logits.float(), labels)
@@ -284,9 +281,11 @@ class VAETask(Task):
     def generator(self):
         return unwrap(self.net)
 
-    def step(self, x, labels, it, step, total):
+    def step(self, x, labels, it, step, total, draws=None):
+        draws = draws if draws is not None else GlobalDraws(self.device)
+        eps = draws.randn(x.shape[0], self.spec.model.latent_dim)  # the reparameterisation's noise
         with self.autocast:
-            logits, mu, logvar = self.net(x)
+            logits, mu, logvar = self.net(x, eps)
         # Bernoulli likelihood of pixel intensities in [0, 1]; per-image sums, batch means.
         recon = F.binary_cross_entropy_with_logits(logits.float(), (x + 1) / 2, reduction="sum") / x.shape[0]
         kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()

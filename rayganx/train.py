@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from rayganx import data as rdata
-from rayganx import points, tracking
-from rayganx.checkpointing import report_checkpoint, restore, rng_state, set_rng_state, to_cpu
+from rayganx import order, randomness, rows, tracking
+from rayganx.checkpointing import report_checkpoint, restore, to_cpu
 from rayganx.errors import UserError
+from rayganx.order import Position
 from rayganx.runs import MetricsLog
 from rayganx.spec import JobSpec
 from rayganx.storage import Store
@@ -46,13 +47,16 @@ def describe_divergence(mean: dict, step: int, max_grad_norm: float) -> str:
 
 
 def _faults(config: dict) -> dict:
-    """Fault injection for the tests (RAYGANX_FAULT_LR_AT=step:lr in the driver's environment sets
-    every learning rate to lr once, at that step, to force a real divergence)."""
-    spec = config.get("faults", {}).get("RAYGANX_FAULT_LR_AT")
-    if not spec:
-        return {}
-    at, lr = spec.split(":")
-    return {"lr_at": int(at), "lr": float(lr)}
+    """Test hooks, from the driver's environment: RAYGANX_FAULT_LR_AT=step:lr sets every learning
+    rate to lr once, at that step, to force a real divergence; RAYGANX_FAULT_TRACE_IDS=DIR makes
+    every worker append the row ids of each batch it reads to a file there."""
+    env, out = config.get("faults", {}), {}
+    if env.get("RAYGANX_FAULT_LR_AT"):
+        at, lr = env["RAYGANX_FAULT_LR_AT"].split(":")
+        out |= {"lr_at": int(at), "lr": float(lr)}
+    if env.get("RAYGANX_FAULT_TRACE_IDS"):
+        out["trace"] = env["RAYGANX_FAULT_TRACE_IDS"]
+    return out
 
 
 def _node_ids(world: int) -> list[str]:
@@ -64,14 +68,6 @@ def _node_ids(world: int) -> list[str]:
     ids = [None] * world
     torch.distributed.all_gather_object(ids, node)
     return ids
-
-
-def epoch_batches(shard, spec: JobSpec, device="cpu"):
-    """One epoch of a worker's shard, in full per-worker batches, as training consumes it."""
-    # Each epoch of the shard is already a fresh permutation of the dataset (data.build): a
-    # local shuffle buffer would add nothing but unseeded noise, memory and CPU time.
-    return shard.iter_torch_batches(batch_size=spec.per_worker_batch, drop_last=True, device=device,
-                                    prefetch_batches=2)
 
 
 class Interval:
@@ -131,9 +127,10 @@ class Due:
 
 class Worker:
     """One Ray Train worker's run: its task, where it logs, and what it does at log, sample,
-    evaluation and checkpoint steps. config: spec (a JobSpec), num_classes, total_steps,
-    real_features, init_from (a checkpoint URL to start from: a PBT donor), monitor (an actor
-    that hears every logged row, for live progress) and faults (test hooks)."""
+    evaluation and checkpoint steps. config: spec (a JobSpec), num_classes, total_steps, rows (the
+    training rows: `rayganx.rows.source`), real_features, init_from (a checkpoint URL to start
+    from: a PBT donor), monitor (an actor that hears every logged row, for live progress) and
+    faults (test hooks)."""
 
     def __init__(self, config: dict, rank: int, world: int, device):
         import ray.train
@@ -142,8 +139,12 @@ class Worker:
         self.num_classes, self.total = config["num_classes"], config["total_steps"]
         self.rank, self.world, self.device = rank, world, device
         self.monitor, self.faults, self.init_from = config.get("monitor"), _faults(config), config.get("init_from")
-        torch.manual_seed(self.spec.train.seed)  # identical initial weights on every rank
+        t = self.spec.train
+        # Identical initial weights on every rank; the run's other global draws (dropout) per rank.
+        torch.manual_seed(t.seed)
         self.task = TASKS[self.spec.model.kind](self.spec, self.num_classes, device, world > 1)
+        self.reader = rows.Reader(config["rows"], t.batch_size, t.seed, rank, world, device, counter=self.monitor,
+                                  multiple=self.spec.model.pack)
         self.evaluator = Evaluator(self.spec, config, rank, world, device) if self.spec.eval.every else None
         self.val_shard = ray.train.get_dataset_shard("val") if isinstance(self.task, ClassifierTask) else None
         self.log = self.tb = None
@@ -156,19 +157,22 @@ class Worker:
 
         spec, rank = self.spec, self.rank
         state, note, from_donor = restore(spec, ray.train.get_checkpoint(), self.init_from, self.device)
-        step, self.lineage, self.restored, self.batches_read = 0, None, {}, 0
+        step, self.lineage, self.generation, self.restored = 0, None, 0, {}
+        self.position = Position()
         if state:
             self.task.load_state_dict(state)
             step, self.lineage = state["step"], state.get("lineage")
-            # Rollbacks move the step back but not the data: the batches taken are counted apart.
-            self.batches_read = state.get("batches", step * spec.train.d_steps)
+            self.position = Position.from_dict(state.get("position"))
+            # Not the checkpoint Ray offered (a donor's, or an older complete one): the folders
+            # written from here get names of their own, never one Ray already holds.
+            self.generation = state.get("generation", 0) + (1 if from_donor or note else 0)
             if from_donor:
                 self.restored = {"restored_from": self.lineage, "restored_step": step}
-        rng = state.get("rng") if state and not from_donor else None
-        if isinstance(rng, list) and len(rng) == self.world:
-            set_rng_state(rng[rank])  # each rank continues its own noise stream
-        else:
-            torch.manual_seed(spec.train.seed + 1000 * rank + step)
+        rng = state.get("rng") if state else None
+        if isinstance(rng, list) and len(rng) == self.world and rng[rank]:
+            randomness.restore(rng[rank])  # each rank continues its own global streams
+        else:  # a new run, or another worker count: the streams start afresh, a function of (seed, rank, step)
+            randomness.seed_all(randomness.mix(spec.train.seed, rank, step))
         del state
         if rank == 0:
             self.log = MetricsLog(Store(spec.run_url, spec.storage.endpoint_url), step)
@@ -176,9 +180,9 @@ class Worker:
                 self.log.append({"step": step, "event": "resume", "note": note}, force=True)
             self.tb = tracking.open_log(spec.run_url, spec.storage.endpoint_url, step, spec.to_yaml())
         # The state rollbacks return to: where this attempt starts, then each checkpoint.
-        self.good = {"state": to_cpu(self.task.state_dict()), "step": step, "rng": rng_state()}
+        self.good = {"state": to_cpu(self.task.state_dict()), "step": step, "rng": randomness.capture()}
         # Where each rank runs, in the first row after every (re)start: placement is visible in the run.
-        self.placed = {"node_ids": _node_ids(self.world)}
+        self.placed = {"node_ids": _node_ids(self.world), "workers": self.world}
         return step
 
     def due(self, step: int) -> Due:
@@ -193,11 +197,21 @@ class Worker:
             for o in self.task.optimizers().values():
                 for group in o.param_groups:
                     group["lr"] = self.faults["lr"]
-            self.faults.clear()  # once per process: after a rollback the run goes on at lowered rates
+            del self.faults["lr_at"]  # once per process: after a rollback the run goes on at lowered rates
+
+    def trace(self, pos: Position, batch: dict) -> None:
+        if "trace" in self.faults:
+            import json
+            import os
+
+            row = {"epoch": pos.epoch, "sample": pos.sample, "batches": pos.batches, "rank": self.rank,
+                   "world": self.world, "ids": batch["id"].tolist()}
+            with open(os.path.join(self.faults["trace"], f"ids_{os.getpid()}.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def roll_back(self, step: int, mean: dict) -> int:
         """Back to the last good state with lowered learning rates; returns its step. The batches
-        that diverged are skipped: the shard moves on."""
+        that diverged are skipped: the data position moves on."""
         t, task = self.spec.train, self.task
         # Counted across restarts too (it is in the checkpoint): a retry after giving up starts
         # with the rollbacks already spent.
@@ -210,11 +224,13 @@ class Worker:
         task.load_state_dict(to_cpu(self.good["state"]))
         task.set_lr_scale(scale)
         task.rollbacks = rollbacks
-        set_rng_state(self.good["rng"])
+        randomness.restore(self.good["rng"])
         event = {"step": self.good["step"], "event": "rollback", "rollback": rollbacks, "diverged_at": step,
                  "lr_scale": task.lr_scale, "reason": why, "time": time.time()}
         if self.log:
             self.log.rollback(event)
+        if self.tb:
+            self.tb.restart(self.good["step"])
         if self.monitor and self.rank == 0:
             self.monitor.put.remote(event)
         return self.good["step"]
@@ -228,10 +244,11 @@ class Worker:
         metrics |= task.learning_rates() | self.restored | self.placed | (
             {"rollbacks": task.rollbacks} if task.rollbacks else {})
         self.restored, self.placed = {}, {}
-        if self.val_shard is not None and due.checkpoint:
-            metrics |= task.validate(self.val_shard, self.spec.per_worker_batch)
-        if self.evaluator and due.evaluate:
-            metrics |= self.evaluator(task)
+        with randomness.isolated():  # evaluation never moves the training streams
+            if self.val_shard is not None and due.checkpoint:
+                metrics |= task.validate(self.val_shard, self.spec.train.batch_size // self.world)
+            if self.evaluator and due.evaluate:
+                metrics |= self.evaluator(task)
         return metrics
 
     def publish(self, step: int, metrics: dict, due: Due) -> None:
@@ -243,7 +260,8 @@ class Worker:
         spec = self.spec
         if self.monitor:
             self.monitor.put.remote(metrics)  # fire and forget
-        png = self.task.sample_png(spec.samples.n, spec.samples.seed) if due.sample else None
+        with randomness.isolated():
+            png = self.task.sample_png(spec.samples.n, spec.samples.seed) if due.sample else None
         if png:
             Store(spec.run_url, spec.storage.endpoint_url).write_bytes(png, "samples", f"step_{step:06d}.png")
         self.log.append(metrics, force=due.checkpoint)
@@ -255,14 +273,15 @@ class Worker:
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.all_gather_object(rng, rng_state())
+            dist.all_gather_object(rng, randomness.capture())
         else:
-            rng = [rng_state()]
+            rng = [randomness.capture()]
         # One CPU copy serves as the rollback state and as what the checkpoint writes.
-        self.good = {"state": to_cpu(self.task.state_dict()) | {"batches": self.batches_read}, "step": step,
-                     "rng": rng_state()}
-        report_checkpoint(self.spec, self.good["state"], step, metrics, self.num_classes, rng, self.lineage,
-                          self.rank)
+        state = to_cpu(self.task.state_dict()) | {"position": self.position.to_dict(), "generation": self.generation,
+                                                   "world": self.world}
+        self.good = {"state": state, "step": step, "rng": rng[self.rank]}
+        report_checkpoint(self.spec, state, step, metrics, self.num_classes, rng, self.lineage, self.rank,
+                          generation=self.generation)
         self.telemetry.checkpointed()
 
     def flush(self) -> None:
@@ -270,31 +289,6 @@ class Worker:
             if pending:
                 with contextlib.suppress(Exception):  # a store outage already has its own error
                     pending.flush()
-
-
-def batches(spec: JobSpec, device, rank: int, world: int, start: int):
-    """Model inputs and their batches (labels, marks), epoch after epoch of the worker's shard
-    (2-D points: of the worker's own copy, after the `start` batches the run already took), without end."""
-    if spec.data.source == "gaussian_mixture":
-        d, bs = spec.data, spec.per_worker_batch
-        labels = torch.zeros(bs, dtype=torch.long, device=device)
-        for x in points.batches(d.mixture, d.num_points, bs, spec.train.seed, rank, world,
-                                start=start, device=device):
-            yield x, {"image": x, "label": labels}
-    import ray.train
-
-    shard = ray.train.get_dataset_shard("train")
-    while True:
-        n = 0
-        for batch in epoch_batches(shard, spec, device):
-            n += 1
-            x = rdata.model_input(batch["image"])
-            if spec.train.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, batch
-        if n == 0:
-            raise rdata.DataError(f"data: a worker's shard yielded no full batch of {spec.per_worker_batch}; "
-                                  f"the dataset is smaller than train.batch_size={spec.train.batch_size}")
 
 
 def train_loop(config: dict) -> None:
@@ -311,11 +305,16 @@ def train_loop(config: dict) -> None:
     try:
         if step >= w.total:  # resumed at the end: nothing left to train
             return
-        for it, (x, batch) in enumerate(batches(w.spec, w.device, w.rank, w.world, w.batches_read)):
+        for pos, batch in w.reader.batches(w.position):
             w.first_step_at = w.first_step_at or time.time()  # the first batch enters training
-            w.batches_read += 1
+            w.position = order.after(pos, t.batch_size)
+            w.trace(pos, batch)
+            x = rdata.model_input(batch["image"])
+            if t.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             task.schedule(step, w.total)
-            stepped, stats = task.step(x, batch["label"], it, step, w.total)
+            draws = randomness.Draws(t.seed, pos.batches, w.rank, w.world, w.device)
+            stepped, stats = task.step(x, batch["label"], pos.batches, step, w.total, draws)
             interval.add(stats, x.shape[0] * w.world, t.max_grad_norm, batch)
             if not stepped:  # a discriminator-only update (train.d_steps > 1)
                 continue

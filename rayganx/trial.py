@@ -31,7 +31,8 @@ def _to_tune_callback(queue):
 
     class ToTune(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            queue.put((metrics[0], checkpoint is not None))
+            # The folder's own name: it carries a generation after a PBT exploit (checkpointing.folder_name).
+            queue.put((metrics[0], checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if checkpoint else None))
 
     return ToTune()
 
@@ -85,6 +86,8 @@ def run_trial(config: dict, sweep_raw: dict, source: str) -> None:
     if spec.eval.every:
         runner.prepare_eval(spec, p)
     init_from = _restore_point(spec, tune.get_checkpoint())
+    # A trial's spec changes by design (PBT's mutations): every attempt's is kept, none refused.
+    runner.begin_attempt(spec, runner.last_step(spec), allow_changes=True)
     hp_metrics = list(dict.fromkeys([sw.metric, *(("loss_d", "loss_g") if spec.is_gan else ("loss",))]))
     _write_hparams(spec, config, hp_metrics)
     queue = Queue(actor_options={"num_cpus": 0})
@@ -102,13 +105,13 @@ def run_trial(config: dict, sweep_raw: dict, source: str) -> None:
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
     while (item := queue.get()) is not None:
-        metrics, checkpointed = item
+        metrics, folder = item
         report = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
-        if not checkpointed:
+        if not folder:
             tune.report(report)
             continue
         with tempfile.TemporaryDirectory() as d:
-            url = f"{spec.run_url}/checkpoint_{metrics['step']:06d}"
+            url = f"{spec.run_url}/{folder}"
             Path(d, "pointer.json").write_text(json.dumps({"checkpoint": url, "step": metrics["step"]}))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
     thread.join()

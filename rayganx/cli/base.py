@@ -62,6 +62,11 @@ EndpointOpt = typer.Option(None, "--endpoint-url", envvar="AWS_ENDPOINT_URL",
 ForceOpt = typer.Option(False, "--force", help="take over the run even if another live process holds its lock")
 
 
+AllowChangesOpt = typer.Option(False, "--allow-changes",
+                               help="continue a stored run even though the job's spec changed in ways continuing "
+                                    "cannot honour (a new learning rate, model, data ...)")
+
+
 CrdsOpt = typer.Option(None, "--crds", help="directory with the KubeRay RayJob/RayCluster CRDs (default: "
                                              "RAYGANX_KUBERAY_CRDS, the current kube context's cluster, the cache)")
 

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from rayganx import spec as jobspec
-from rayganx.cli.base import AddressOpt, ForceOpt, OnClusterOpt, STATE, SetOpt, app, command, data_app, err, out, warn
+from rayganx.cli.base import AddressOpt, AllowChangesOpt, ForceOpt, OnClusterOpt, STATE, SetOpt, app, command, data_app, err, out, warn
 from rayganx.cli.display import RunDisplay, print_run_summary, when
 
 
@@ -24,7 +24,7 @@ def validate(job: str, set_: Optional[list[str]] = SetOpt):
     sys.stdout.write(spec.to_yaml())
 
 
-def _run_here(spec: jobspec.JobSpec, force: bool = False) -> None:
+def _run_here(spec: jobspec.JobSpec, force: bool = False, allow_changes: bool = False) -> None:
     from rayganx import runner
     from rayganx.runs import list_checkpoints
     from rayganx.storage import Store
@@ -33,7 +33,7 @@ def _run_here(spec: jobspec.JobSpec, force: bool = False) -> None:
     t0 = time.monotonic()
     try:
         result = runner.run(spec, verbose=STATE["verbose"], printer=display.update, on_start=display.start,
-                            force=force, notify=warn)
+                            force=force, notify=warn, allow_changes=allow_changes)
     except KeyboardInterrupt:
         display.stop()
         ckpts = list_checkpoints(Store(runner.resolve_paths(spec).run_url, spec.storage.endpoint_url), warn=False)
@@ -55,7 +55,8 @@ def _run_here(spec: jobspec.JobSpec, force: bool = False) -> None:
 def submit(job: str, set_: Optional[list[str]] = SetOpt,
            address: Optional[str] = AddressOpt,
            follow: bool = typer.Option(False, "--follow", "-f", help="stream logs until the job ends"),
-           paths_on_cluster: bool = OnClusterOpt, force: bool = ForceOpt):
+           paths_on_cluster: bool = OnClusterOpt, force: bool = ForceOpt,
+           allow_changes: bool = AllowChangesOpt):
     """Run a job: on an embedded local Ray, or on a cluster through the Jobs API with --address
     (the job travels with every --set applied; datasets never do)."""
     spec = jobspec.load(job, set_)
@@ -63,14 +64,14 @@ def submit(job: str, set_: Optional[list[str]] = SetOpt,
     if address:
         from rayganx import remote
 
-        job_id = remote.submit(spec, address, paths_on_cluster, force)
+        job_id = remote.submit(spec, address, paths_on_cluster, force, allow_changes)
         out.print(f"submitted {job_id} to {address}", highlight=False)
         if not follow:
             out.print(f"follow it with: rayganx logs {job_id} --follow --address {address}", highlight=False)
             return
         follow_job(address, job_id)
         return
-    _run_here(spec, force)
+    _run_here(spec, force, allow_changes)
 
 
 def follow_job(address: str, job_id: str) -> None:
@@ -158,9 +159,10 @@ def list_cmd(address: Optional[str] = AddressOpt):
 
 @app.command("run")
 @command
-def run_cmd(job: str, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
+def run_cmd(job: str, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
+            allow_changes: bool = AllowChangesOpt):
     """Run a job in this process on the Ray cluster it is started in (the Jobs API entrypoint)."""
-    _run_here(jobspec.load(job, set_), force)
+    _run_here(jobspec.load(job, set_), force, allow_changes)
 
 
 @data_app.command("prepare")

@@ -73,6 +73,7 @@ def runs_show(run: str = typer.Argument(..., help="run URL or path, or the job Y
     (view,) = compare.load_runs([Store(url, endpoint)])
     out.print(compare_table([view], f"{view.name}: spec keys set away from the defaults (cyan), latest metrics "
                                      f"(best @ step)", [(k, [v]) for k, v in compare.non_default(view)]))
+    _attempts(Store(url, endpoint), view)
     if view.checkpoints:
         table = Table(title="checkpoints")
         for col in ("step", "time", "size", "metrics"):
@@ -95,6 +96,24 @@ def runs_show(run: str = typer.Argument(..., help="run URL or path, or the job Y
     if out_png:
         compare.figure([view], out_png)
         out.print(f"wrote {out_png}", highlight=False)
+
+
+def _attempts(run, view) -> None:
+    """Which steps ran under which spec: one line per attempt, with what it changed."""
+    from rayganx.runs import spec_history
+    from rayganx.spec import changed_keys
+
+    history = spec_history(run)
+    if len(history) < 2:
+        return
+    last = max([r["step"] for r in view.rows if "step" in r], default=None)
+    for i, h in enumerate(history):
+        end = history[i + 1]["start_step"] if i + 1 < len(history) else last
+        line = f"attempt {h['attempt']}: steps {h['start_step']}-{'' if end is None else end}, started {when(h.get('time'))}"
+        if i:
+            changes = changed_keys(history[i - 1]["spec"], h["spec"])
+            line += "; " + ("; ".join(f"{k}: {a} -> {b}" for k, a, b in changes) if changes else "same spec")
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 @ckpt_app.command("list")
