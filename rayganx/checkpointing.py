@@ -118,35 +118,55 @@ def _alive(pid: int) -> bool:
 
 
 def report_checkpoint(spec: JobSpec, state: dict, step: int, metrics: dict, num_classes, rng: list, lineage,
-                      rank: int, generation: int = 0) -> None:
+                      rank: int, generation: int = 0, lock_token: str | None = None, done=None) -> None:
     """Every rank reports (a barrier); rank 0's folder is written and uploaded, its marker last.
 
     state: a CPU copy of the task's state that nothing changes afterwards (the rollback copy):
     with the asynchronous upload the folder is written in Ray's upload thread, so the training
-    step pays only for that copy."""
+    step pays only for that copy. The upload retries through a store outage of up to
+    storage.outage_tolerance_s; the marker is written only while the run's lock is still this
+    run's (lock_token), so a run that lost its lock never completes a checkpoint. done: set when
+    the upload has ended, either way."""
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
+
+    from rayganx.lock import LockLostError, holds
+    from rayganx.uploads import retrying
 
     # ray.train.report is a barrier whose queue the controller drains on its own poll interval:
     # reporting every log step stalled training by half. Logs go to the metrics log and Ray's
     # metrics; Ray Train hears from us at checkpoints.
     checkpoint, upload = None, None
+    name = folder_name(step, generation)
     if rank == 0:
         sweep_stale_copies()
         # Empty until the upload thread writes it; removed by Ray once uploaded, by
         # sweep_stale_copies when its writer died first.
         checkpoint = Checkpoint.from_directory(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{os.getpid()}_"))
+        run = Store(spec.run_url, spec.storage.endpoint_url)
 
         def upload(checkpoint, dir_name: str):
             try:
                 save_checkpoint(checkpoint.path, spec, state, step, metrics, num_classes, rng, lineage)
+
+                def persist():
+                    if not holds(run, lock_token):
+                        raise LockLostError(f"{spec.run_url}: the run lock was taken over; {dir_name} left "
+                                            f"incomplete and this run stopped")
+                    return upload_with_marker(checkpoint, dir_name)
+
+                return retrying(persist, f"{spec.run_url}/{dir_name}", spec.storage.outage_tolerance_s)
             except BaseException:
                 shutil.rmtree(checkpoint.path, ignore_errors=True)  # the run fails; no copy is left behind
                 raise
-            return upload_with_marker(checkpoint, dir_name)
+            finally:
+                if done is not None:
+                    done.set()
+    elif done is not None:
+        done.set()
     # Asynchronous: writing, uploading and the marker run in a background thread while training
     # goes on; a failure there fails the run at the next step.
     mode = CheckpointUploadMode.ASYNC if spec.storage.async_upload else CheckpointUploadMode.SYNC
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=folder_name(step, generation),
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
                      checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=checkpoint is not None,
                      checkpoint_upload_fn=upload)

@@ -18,7 +18,7 @@ import torch
 from rayganx.inpaint import (BLENDS, CONTEXTS, METHODS, Mask, Model, Search, complete_batch, image_seed, load_model,
                              parse_mask, read_hole, synthetic_hole)
 from rayganx.spec import SpecError
-from rayganx.storage import Store
+from rayganx.storage import Store, contained, relative_key
 
 MANIFEST = "complete.json"
 GRID = "grid.png"
@@ -85,12 +85,14 @@ def _list_input(job: Job) -> None:
         for f in parquet:
             with store.fs.open(f, "rb") as fh:
                 rows = pq.ParquetFile(fh).metadata.num_rows
-            stem = posixpath.splitext(posixpath.relpath(f, posixpath.dirname(store.root) if f == store.root
-                                                        else store.root))[0]
+            key = posixpath.basename(f) if f == store.root else relative_key(f, store.root)
+            stem = posixpath.splitext(contained(key, f"--input {job.input_url}"))[0]
             job.items += [(f"{stem}-{r:06d}", f, r) for r in range(rows)]
     else:
         images = _images_under(store)
-        job.items = [(posixpath.splitext(posixpath.relpath(f, store.root))[0], f, None) for f in images]
+        # Output names come from input keys: each is checked to stay inside --out before anything runs.
+        job.items = [(posixpath.splitext(contained(relative_key(f, store.root), f"--input {job.input_url}"))[0], f, None)
+                     for f in images]
     if not job.items:
         raise SpecError(f"--input {job.input_url}: no images (png, jpg, ...) or Parquet rows there")
 
@@ -99,7 +101,8 @@ def _match_masks(job: Job) -> None:
     """A mask folder holds one mask per input image, same relative name; every one is read and
     checked now, so a bad one stops the run before anything is written."""
     store = Store(job.mask.url, job.endpoint_url)
-    found = {posixpath.splitext(posixpath.relpath(f, store.root))[0]: f for f in _images_under(store)}
+    found = {posixpath.splitext(contained(relative_key(f, store.root), f"--mask {job.mask.url}"))[0]: f
+             for f in _images_under(store)}
     if len(found) != len(job.items):
         raise SpecError(f"--mask {job.mask.url}: {len(found)} mask images for {len(job.items)} input images")
     for key, _, _ in job.items:

@@ -197,11 +197,13 @@ def data_config():
     return _RunDataConfig()
 
 
-def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = None, monitor=None):
+def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = None, monitor=None,
+                lock_token: str | None = None):
     """The TorchTrainer for a job, with its rows, storage and checkpoint policy.
 
     init_from: a checkpoint URL to start from when the run has no checkpoint of its own.
-    monitor: the run's `run_monitor()` actor, when something follows the run live."""
+    monitor: the run's `run_monitor()` actor, when something follows the run live.
+    lock_token: the run lock held for it (`locked`): the workers write under it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -225,7 +227,7 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
                            # a reference, not the array: at Inception scale it is ~800 MB per worker
                            "real_features": ray.put(p.real_features) if p.real_features is not None else None,
                            "cas_data": ray.put(p.cas_data) if p.cas_data is not None else None,
-                           "init_from": init_from, "monitor": monitor,
+                           "init_from": init_from, "monitor": monitor, "lock_token": lock_token,
                            "faults": {k: v for k, v in os.environ.items() if k.startswith("RAYGANX_FAULT_")}},
         scaling_config=ScalingConfig(num_workers=s.worker_range if s.elastic else s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources, placement_strategy=s.placement_strategy,
@@ -240,6 +242,49 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
         dataset_config=data_config(),
     )
     return trainer
+
+
+def _stop_callback(flag: str):
+    """A Ray Train controller callback that ends the run when `flag` (a file) appears. The
+    controller runs on the driver's node and calls it at every state update (each health check);
+    an error raised there ends the run without a retry, its workers stopped."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class StopWhenFlagged(ControllerCallback):
+        def after_controller_state_update(self, previous_state, current_state):
+            if os.path.exists(flag):
+                from rayganx.lock import LockLostError
+
+                with open(flag) as f:
+                    raise LockLostError(f.read().strip())
+
+    return StopWhenFlagged()
+
+
+@contextlib.contextmanager
+def locked(spec: JobSpec, force: bool = False, notify: Callable[[str], None] | None = None):
+    """The run's lock for as long as it trains: yields (the lock, a Ray Train callback that ends
+    the run within a heartbeat once the lock is taken over)."""
+    import tempfile
+
+    from rayganx.lock import RunLock
+
+    flag = os.path.join(tempfile.gettempdir(), f"rayganx-stop-{os.getpid()}-{id(spec)}")
+
+    def lost(why: str) -> None:
+        with open(flag, "w") as f:
+            f.write(why)
+
+    lock = RunLock(Store(spec.run_url, spec.storage.endpoint_url), on_lost=lost)
+    note = lock.acquire(force=force)
+    if note and notify:
+        notify(note)
+    try:
+        yield lock, _stop_callback(flag)
+    finally:
+        lock.release()
+        with contextlib.suppress(OSError):
+            os.unlink(flag)
 
 
 def fit_interruptibly(trainer):
@@ -329,6 +374,40 @@ def begin_attempt(spec: JobSpec, start: int, allow_changes: bool = False) -> Non
     record_attempt(run, spec.to_yaml(), start)
 
 
+def _run_locked(spec: JobSpec, p: Plan, token: str, stop_on_lost, verbose: bool, printer, on_start,
+                allow_changes: bool) -> tuple[int, list | None]:
+    """The run itself, under its lock: returns where it started and the files it skipped."""
+    start = last_step(spec)
+    begin_attempt(spec, start, allow_changes)
+    embedded = not ray_is_up()
+    init_ray(verbose=verbose)
+    if embedded:
+        check_fits_locally(spec)
+    if spec.eval.every:
+        prepare_eval(spec, p)
+    monitor = run_monitor()
+    try:
+        trainer = trainer_for(spec, p, callbacks=[stop_on_lost], monitor=monitor, lock_token=token)
+        if on_start:
+            on_start(start, p.total_steps)
+        with Progress(monitor, start, printer or (lambda m: None)):
+            fit_interruptibly(trainer)
+        return start, monitor_skipped(monitor)
+    except KeyboardInterrupt:
+        if embedded:  # stop the workers before the lock goes: nothing may write after it
+            shutdown_embedded_ray()
+            monitor = None
+        raise
+    except Exception as e:
+        raise RunError(root_cause(e, spec.storage.path)) from e
+    finally:
+        if monitor is not None:
+            import ray
+
+            with contextlib.suppress(Exception):  # already gone with its node
+                ray.kill(monitor)
+
+
 def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None] | None = None,
         on_start: Callable[[int, int], None] | None = None, force: bool = False,
         notify: Callable[[str], None] | None = None, allow_changes: bool = False) -> RunResult:
@@ -337,47 +416,13 @@ def run(spec: JobSpec, *, verbose: bool = False, printer: Callable[[dict], None]
     The run folder is locked for the whole run (force: take over a live lock); notify hears the
     messages a user should see (a lock taken over). A stored run is continued only under the spec
     it was trained with, but for changes it can honour (allow_changes: any)."""
-    from rayganx.runs import RunLock, list_checkpoints, read_metrics
+    from rayganx.runs import list_checkpoints, read_metrics
 
     spec = resolve_paths(spec)
     p = plan(spec)
     run_store = Store(spec.run_url, spec.storage.endpoint_url)
-    lock = RunLock(run_store)
-    note = lock.acquire(force=force)
-    if note and notify:
-        notify(note)
-    monitor = None
-    try:
-        start = last_step(spec)
-        begin_attempt(spec, start, allow_changes)
-        embedded = not ray_is_up()
-        init_ray(verbose=verbose)
-        if embedded:
-            check_fits_locally(spec)
-        if spec.eval.every:
-            prepare_eval(spec, p)
-        monitor = run_monitor()
-        try:
-            trainer = trainer_for(spec, p, monitor=monitor)
-            if on_start:
-                on_start(start, p.total_steps)
-            with Progress(monitor, start, printer or (lambda m: None)):
-                fit_interruptibly(trainer)
-        except KeyboardInterrupt:
-            if embedded:  # stop the workers before the lock goes: nothing may write after it
-                shutdown_embedded_ray()
-                monitor = None
-            raise
-        except Exception as e:
-            raise RunError(root_cause(e, spec.storage.path)) from e
-        skipped = monitor_skipped(monitor)
-    finally:
-        lock.release()
-        if monitor is not None:
-            import ray
-
-            with contextlib.suppress(Exception):  # already gone with its node
-                ray.kill(monitor)
+    with locked(spec, force, notify) as (lock, stop_on_lost):
+        start, skipped = _run_locked(spec, p, lock.token, stop_on_lost, verbose, printer, on_start, allow_changes)
     ckpts = list_checkpoints(run_store)
     samples = sorted(f["name"] for f in run_store.listdir("samples"))
     history = read_metrics(run_store)

@@ -7,32 +7,27 @@ for a complete one. Run layout (stable, documented in docs/storage.md):
     <storage>/<job name>/samples/step_XXXXXX.png  sample grids from fixed noise
     <storage>/<job name>/checkpoint_XXXXXX/       Ray Train checkpoints: state.pt, meta.json,
                                                   spec.yaml, and complete.json written last
-    <storage>/<job name>/lock.json                the run lock (owner, host, heartbeat)
+    <storage>/<job name>/lock.json                the run lock (rayganx.lock: owner, host, token, heartbeat)
     <storage>/<job name>/checkpoint_manager_snapshot.json   Ray's own bookkeeping
 """
 
 from __future__ import annotations
 
 import contextlib
-import getpass
 import hashlib
 import json
 import logging
 import os
 import posixpath
 import re
-import socket
-import threading
 import time
-import uuid
 
-from rayganx.storage import Store, StorageError, load_bytes
+from rayganx.storage import Store, StorageError, load_bytes, unsafe_key
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)(?:_(\d+))?$")  # step, generation (checkpointing.folder_name)
 MARKER = "complete.json"  # written last into a checkpoint folder: without it the folder is partial
 METRICS_DIR = "metrics"
-PART_RE = re.compile(r"^part_(\d+)\.jsonl$")
-LOCK = "lock.json"
+PART_RE = re.compile(r"^part_(\d+)(?:_([0-9a-f]+))?\.jsonl$")  # sequence, writer
 
 log = logging.getLogger("rayganx")
 
@@ -42,8 +37,10 @@ def _parts(run: Store) -> list[tuple[int, str]]:
     for entry in run.listdir(METRICS_DIR):
         m = PART_RE.match(posixpath.basename(entry["name"]))
         if m and entry.get("type") == "file":
-            out.append((int(m.group(1)), posixpath.basename(entry["name"])))
-    return sorted(out)
+            # In write order: by sequence, then (two writers at once) by the time each part was written.
+            out.append((int(m.group(1)), entry.get("mtime") or entry.get("LastModified") or 0,
+                        posixpath.basename(entry["name"])))
+    return [(seq, name) for seq, _, name in sorted(out, key=lambda t: (t[0], str(t[1]), t[2]))]
 
 
 def _parse_lines(text: str, where: str) -> list[dict]:
@@ -97,10 +94,15 @@ class MetricsLog:
     """Appends a run's metrics as whole numbered part files: nothing is ever rewritten, a reader
     never sees half a file, and a crash loses at most the rows not yet flushed (the resumed run
     logs those steps again). Object-storage traffic stays linear in the run: one small PUT per
-    flush, at checkpoints and at most every `flush_every_s` seconds between them."""
+    flush, at checkpoints and at most every `flush_every_s` seconds between them.
 
-    def __init__(self, run: Store, start_step: int, flush_every_s: float = 30.0):
-        self.run, self.flush_every_s = run, flush_every_s
+    writer: this attempt's name in its part files (its run-lock token), so two processes that
+    both believe they hold the run never overwrite each other's parts: each part is created, never
+    replaced, and says who wrote it. uploader: writes go through it, off the training thread."""
+
+    def __init__(self, run: Store, start_step: int, flush_every_s: float = 30.0, writer: str = "",
+                 uploader=None):
+        self.run, self.flush_every_s, self.writer, self.uploader = run, flush_every_s, writer[:8], uploader
         parts = _parts(run)
         self.seq = parts[-1][0] + 1 if parts else 0
         # An attempt that resumes from a checkpoint at step S supersedes what was logged after S.
@@ -120,8 +122,12 @@ class MetricsLog:
     def flush(self) -> None:
         if not self.pending:
             return
-        text = "".join(json.dumps(r) + "\n" for r in self.pending)
-        self.run.write_text(text, METRICS_DIR, f"part_{self.seq:06d}.jsonl")
+        data = "".join(json.dumps(r) + "\n" for r in self.pending).encode()
+        name = f"part_{self.seq:06d}" + (f"_{self.writer}" if self.writer else "") + ".jsonl"
+        if self.uploader is not None:
+            self.uploader.put(self.run, data, METRICS_DIR, name, create=True)
+        else:
+            self.run.create(data, METRICS_DIR, name)
         self.seq, self.pending, self.last_flush = self.seq + 1, [], time.monotonic()
 
 
@@ -156,6 +162,10 @@ def _write_order(c: dict) -> tuple[int, int]:
 
 
 def _incomplete_reason(run: Store, name: str, listing: list[dict]) -> tuple[str | None, dict]:
+    for f in listing:
+        odd = unsafe_key(posixpath.basename(f["name"].rstrip("/")) or f["name"])
+        if odd:
+            return f"refused: it holds an entry {posixpath.basename(f['name'].rstrip('/'))!r} ({odd})", {}
     sizes = {posixpath.basename(f["name"]): f.get("size") for f in listing if f.get("type") == "file"}
     if MARKER not in sizes:
         return "no completion marker (cut off while being written?)", {}
@@ -270,78 +280,6 @@ def record_attempt(run: Store, spec_yaml: str, start_step: int) -> int:
     run.write_text(yaml.safe_dump(row, sort_keys=False), SPECS_DIR, f"attempt_{attempt:04d}.yaml")
     run.write_text(spec_yaml, "spec.yaml")
     return attempt
-
-
-class RunLockedError(StorageError):
-    """Another live process holds the run."""
-
-
-class RunLock:
-    """One writer per run: lock.json in the run folder names the owner, host and process, and a
-    heartbeat thread refreshes it. A lock whose heartbeat is older than `stale_after` seconds
-    belongs to a process that died without releasing it, and is taken over."""
-
-    def __init__(self, run: Store, heartbeat_s: float = 10.0, stale_after: float = 60.0):
-        self.run, self.heartbeat_s, self.stale_after = run, heartbeat_s, stale_after
-        self.token = uuid.uuid4().hex
-        self.info = {"owner": getpass.getuser(), "host": socket.gethostname(), "pid": os.getpid(),
-                     "token": self.token, "started": time.time()}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def holder(self) -> dict | None:
-        try:
-            return json.loads(self.run.read_text(LOCK))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}  # a torn lock file: treated as stale
-
-    def _write(self) -> None:
-        self.run.write_text(json.dumps(self.info | {"heartbeat": time.time()}), LOCK)
-
-    def acquire(self, force: bool = False) -> str | None:
-        """Take the lock; returns a message when a stale (or, with force, a live) lock was taken over."""
-        held, note = self.holder(), None
-        if held is not None:
-            age = time.time() - float(held.get("heartbeat") or 0)
-            who = f"{held.get('owner', '?')}@{held.get('host', '?')} (pid {held.get('pid', '?')})"
-            if age < self.stale_after and not force:
-                raise RunLockedError(
-                    f"{self.run.url}: in use by {who}, last heartbeat {age:.0f} s ago; wait for it to end or stop "
-                    f"it, or pass --force to take the run over")
-            note = (f"took over the run lock of {who}" +
-                    (f" (no heartbeat for {age:.0f} s)" if age >= self.stale_after else " (--force)"))
-        self._write()
-        time.sleep(0.2)  # two takers at once: the later write wins, the other backs off
-        if (self.holder() or {}).get("token") != self.token:
-            raise RunLockedError(f"{self.run.url}: another process took the run lock at the same moment")
-        self._thread = threading.Thread(target=self._beat, name="rayganx-run-lock", daemon=True)
-        self._thread.start()
-        return note
-
-    def _beat(self) -> None:
-        lost = False
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                held = self.holder() or {}
-                if held.get("token") == self.token:
-                    self._write()
-                elif not lost:  # taken over (--force, or our heartbeats failed for too long)
-                    lost = True
-                    log.warning("%s: the run lock was taken over by %s@%s (pid %s); this run no longer holds it",
-                                self.run.url, held.get("owner", "?"), held.get("host", "?"), held.get("pid", "?"))
-            except Exception:  # a store outage is the run's to report, not the heartbeat's
-                pass
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread:
-            # Wait out a heartbeat write in flight: removed first, it would put the lock back.
-            self._thread.join()
-        with contextlib.suppress(Exception):
-            if (self.holder() or {}).get("token") == self.token:
-                self.run.remove(LOCK)
 
 
 def split_checkpoint_url(url: str) -> tuple[str, str]:

@@ -178,6 +178,8 @@ class StorageSpec(Section):
     keep: int = Field(2, ge=1)
     keep_best_by: str | None = Field(None, description="metric to rank checkpoints by, e.g. fid")
     async_upload: bool = Field(True, description="upload checkpoints in the background while training goes on")
+    outage_tolerance_s: float = Field(300.0, gt=0, description="how long writes to the store are retried (in the "
+                                                              "background) before a run ends for a store outage")
 
 
 class SamplesSpec(Section):
@@ -430,7 +432,7 @@ def metric_problems(spec: JobSpec) -> list[str]:
 # Keys a resumed run can honour when they change: how far and how wide it trains, and how often
 # it logs, samples, evaluates and checkpoints. Any other change would mix two jobs in one run.
 CONTINUABLE = ("train.steps", "train.epochs", "train.log_every", "samples.", "eval.every", "storage.checkpoint_every",
-               "storage.keep", "storage.async_upload", "scaling.")
+               "storage.keep", "storage.async_upload", "storage.outage_tolerance_s", "scaling.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -5,8 +5,10 @@ every `flush_every_s` between them, the end), one new numbered file each time, n
 to or rewritten: the store's whole-file write is a single PUT on object storage and a rename
 on local disk, so no reader ever sees half a file. File names sort in write order, which is
 the order TensorBoard's directory reader needs. A resumed attempt or a divergence rollback
-logs steps again; TensorBoard drops the superseded points of a tag when an earlier step
-arrives (its out-of-order purge), as the metrics log does with `restart_from`.
+logs steps again: every attempt begins, and every rollback is marked, with a SessionLog START
+event at the step it goes on from, on which TensorBoard drops every point at or after that
+step (its restart purge; the first START of a run only marks its beginning), so the curves show
+one line, as the metrics log does with `restart_from`.
 
 Only TensorBoard's protobufs are used: no TensorFlow, no writer thread.
 """
@@ -55,8 +57,12 @@ def next_seq(tb: Store) -> int:
     return max(seqs) + 1 if seqs else 0
 
 
+def event_name(seq: int, tag: str = "rayganx") -> str:
+    return f"events.out.tfevents.{seq:06d}.{int(time.time())}.{socket.gethostname()}.{tag}"
+
+
 def write_events(tb: Store, events: list, seq: int, tag: str = "rayganx") -> str:
-    name = f"events.out.tfevents.{seq:06d}.{int(time.time())}.{socket.gethostname()}.{tag}"
+    name = event_name(seq, tag)
     tb.write_bytes(event_file(events), name)
     return name
 
@@ -70,11 +76,17 @@ def scalar_values(row: dict) -> dict[str, float]:
 class TensorBoardLog:
     """Rank 0's TensorBoard log of one run attempt: scalars, sample grids, the spec as text."""
 
-    def __init__(self, run: Store, flush_every_s: float = 30.0):
-        self.tb, self.flush_every_s = run.child(TB_DIR), flush_every_s
+    def __init__(self, run: Store, flush_every_s: float = 30.0, uploader=None):
+        self.tb, self.flush_every_s, self.uploader = run.child(TB_DIR), flush_every_s, uploader
         self.seq = next_seq(self.tb)
         self.pending: list = []
         self.last_flush = time.monotonic()
+
+    def restart(self, step: int) -> None:
+        """Points at `step` and after, logged before, are superseded (a resume, a rollback)."""
+        event_pb2, _ = _pb()
+        self.pending.append(event_pb2.Event(wall_time=time.time(), step=step, session_log=event_pb2.SessionLog(
+            status=event_pb2.SessionLog.START)))
 
     def _event(self, step: int, values: list, wall_time: float | None = None):
         event_pb2, summary_pb2 = _pb()
@@ -116,11 +128,14 @@ class TensorBoardLog:
     def flush(self) -> None:
         if not self.pending:
             return
-        write_events(self.tb, self.pending, self.seq)
+        if self.uploader is not None:
+            self.uploader.put(self.tb, event_file(self.pending), event_name(self.seq))
+        else:
+            write_events(self.tb, self.pending, self.seq)
         self.seq, self.pending, self.last_flush = self.seq + 1, [], time.monotonic()
 
 
-def open_log(run_url: str, endpoint_url: str | None, step: int, spec_yaml: str) -> TensorBoardLog | None:
+def open_log(run_url: str, endpoint_url: str | None, step: int, spec_yaml: str, uploader=None) -> TensorBoardLog | None:
     """Rank 0's log, or None (with one warning) where TensorBoard is not installed: curves are
     a convenience, and the metrics log holds the same numbers."""
     try:
@@ -128,7 +143,8 @@ def open_log(run_url: str, endpoint_url: str | None, step: int, spec_yaml: str) 
     except ImportError:
         log.warning("tensorboard is not installed on the workers; no TensorBoard events for this run")
         return None
-    tb = TensorBoardLog(Store(run_url, endpoint_url))
+    tb = TensorBoardLog(Store(run_url, endpoint_url), uploader=uploader)
+    tb.restart(step)
     tb.spec(step, spec_yaml)
     return tb
 

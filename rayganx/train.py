@@ -12,6 +12,7 @@ import contextlib
 import copy
 import math
 import resource
+import threading
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from rayganx.runs import MetricsLog
 from rayganx.spec import JobSpec
 from rayganx.storage import Store
 from rayganx.tasks import TASKS, ClassifierTask, Task, all_reduce
+from rayganx.uploads import Uploader
 
 
 class DivergenceError(UserError, RuntimeError):
@@ -147,7 +149,10 @@ class Worker:
                                   multiple=self.spec.model.pack)
         self.evaluator = Evaluator(self.spec, config, rank, world, device) if self.spec.eval.every else None
         self.val_shard = ray.train.get_dataset_shard("val") if isinstance(self.task, ClassifierTask) else None
-        self.log = self.tb = None
+        self.log = self.tb = self.uploader = None
+        self.lock_token = config.get("lock_token")  # the driver's run lock (rayganx.lock): parts and commits carry it
+        self.upload_done = threading.Event()  # at most one checkpoint upload in flight
+        self.upload_done.set()
         self.telemetry = tracking.Telemetry(self.spec.name, rank)
         self.first_step_at = None
 
@@ -175,10 +180,12 @@ class Worker:
             randomness.seed_all(randomness.mix(spec.train.seed, rank, step))
         del state
         if rank == 0:
-            self.log = MetricsLog(Store(spec.run_url, spec.storage.endpoint_url), step)
+            self.uploader = Uploader(spec.storage.outage_tolerance_s)
+            self.log = MetricsLog(Store(spec.run_url, spec.storage.endpoint_url), step, writer=self.lock_token or "",
+                                  uploader=self.uploader)
             if note:
                 self.log.append({"step": step, "event": "resume", "note": note}, force=True)
-            self.tb = tracking.open_log(spec.run_url, spec.storage.endpoint_url, step, spec.to_yaml())
+            self.tb = tracking.open_log(spec.run_url, spec.storage.endpoint_url, step, spec.to_yaml(), self.uploader)
         # The state rollbacks return to: where this attempt starts, then each checkpoint.
         self.good = {"state": to_cpu(self.task.state_dict()), "step": step, "rng": randomness.capture()}
         # Where each rank runs, in the first row after every (re)start: placement is visible in the run.
@@ -263,7 +270,7 @@ class Worker:
         with randomness.isolated():
             png = self.task.sample_png(spec.samples.n, spec.samples.seed) if due.sample else None
         if png:
-            Store(spec.run_url, spec.storage.endpoint_url).write_bytes(png, "samples", f"step_{step:06d}.png")
+            self.uploader.put(Store(spec.run_url, spec.storage.endpoint_url), png, "samples", f"step_{step:06d}.png")
         self.log.append(metrics, force=due.checkpoint)
         if self.tb:
             self.tb.log(metrics, png, force=due.checkpoint)
@@ -280,15 +287,35 @@ class Worker:
         state = to_cpu(self.task.state_dict()) | {"position": self.position.to_dict(), "generation": self.generation,
                                                    "world": self.world}
         self.good = {"state": state, "step": step, "rng": rng[self.rank]}
+        # The previous upload first: a store slower than the checkpoints makes training wait, not
+        # queue one more full copy of the state per checkpoint.
+        self.upload_done.wait()
+        self.upload_done.clear()
         report_checkpoint(self.spec, state, step, metrics, self.num_classes, rng, self.lineage, self.rank,
-                          generation=self.generation)
+                          generation=self.generation, lock_token=self.lock_token, done=self.upload_done)
         self.telemetry.checkpointed()
 
-    def flush(self) -> None:
+    def check(self) -> None:
+        """Raise on the training thread what ended a background write (a store outage)."""
+        if self.uploader is not None:
+            self.uploader.check()
+
+    def flush(self, failed: bool) -> None:
+        """Everything logged reaches the store before the worker ends (each write retried for up to the
+        outage tolerance); after a failure, what can be written without waiting on the store again."""
         for pending in (self.log, self.tb):
             if pending:
                 with contextlib.suppress(Exception):  # a store outage already has its own error
                     pending.flush()
+        if self.uploader is None:
+            return
+        if failed:
+            self.uploader.close()
+            return
+        try:
+            self.uploader.drain()
+        finally:
+            self.uploader.close()
 
 
 def train_loop(config: dict) -> None:
@@ -302,8 +329,10 @@ def train_loop(config: dict) -> None:
     task, t = w.task, w.spec.train
     step = w.start()
     interval = Interval(task, w.device, step, mixing=w.spec.data.synthetic is not None)
+    failed = True
     try:
         if step >= w.total:  # resumed at the end: nothing left to train
+            failed = False
             return
         for pos, batch in w.reader.batches(w.position):
             w.first_step_at = w.first_step_at or time.time()  # the first batch enters training
@@ -315,6 +344,7 @@ def train_loop(config: dict) -> None:
             task.schedule(step, w.total)
             draws = randomness.Draws(t.seed, pos.batches, w.rank, w.world, w.device)
             stepped, stats = task.step(x, batch["label"], pos.batches, step, w.total, draws)
+            w.check()
             interval.add(stats, x.shape[0] * w.world, t.max_grad_norm, batch)
             if not stepped:  # a discriminator-only update (train.d_steps > 1)
                 continue
@@ -335,8 +365,9 @@ def train_loop(config: dict) -> None:
                 w.checkpoint(step, metrics)
             if step >= w.total:
                 break
+        failed = False
     finally:
-        w.flush()
+        w.flush(failed)
 
 
 class Evaluator:

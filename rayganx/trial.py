@@ -76,7 +76,6 @@ def _write_hparams(spec: JobSpec, config: dict, metrics: list[str], **kwargs) ->
 def run_trial(config: dict, sweep_raw: dict, source: str) -> None:
     """The Tune function trainable: drives one trial's TorchTrainer."""
     from ray import tune
-    from ray.util.queue import Queue
 
     from rayganx import runner
 
@@ -86,12 +85,30 @@ def run_trial(config: dict, sweep_raw: dict, source: str) -> None:
     if spec.eval.every:
         runner.prepare_eval(spec, p)
     init_from = _restore_point(spec, tune.get_checkpoint())
-    # A trial's spec changes by design (PBT's mutations): every attempt's is kept, none refused.
-    runner.begin_attempt(spec, runner.last_step(spec), allow_changes=True)
     hp_metrics = list(dict.fromkeys([sw.metric, *(("loss_d", "loss_g") if spec.is_gan else ("loss",))]))
-    _write_hparams(spec, config, hp_metrics)
+    # A trial holds its run's lock like any run, and a trial's newest attempt wins it: Tune stops a
+    # trial's actor for a PBT exploit or a pause without a word to it, and a predecessor that still
+    # writes (on a node that was cut off) stops within a heartbeat of the takeover.
+    with runner.locked(spec, force=True) as (lock, stop_on_lost):
+        # A trial's spec changes by design (PBT's mutations): every attempt's is kept, none refused.
+        runner.begin_attempt(spec, runner.last_step(spec), allow_changes=True)
+        _write_hparams(spec, config, hp_metrics)
+        failure = _drive(spec, p, init_from, lock.token, stop_on_lost)
+    _write_hparams(spec, config, hp_metrics, status="failure" if failure else "success")
+    if failure:
+        raise runner.RunError(runner.root_cause(failure[0])) from failure[0]
+
+
+def _drive(spec: JobSpec, p, init_from: str | None, token: str, stop_on_lost) -> list[BaseException]:
+    """Fit the trial's TorchTrainer in a thread, reporting each of its reports to Tune."""
+    from ray import tune
+    from ray.util.queue import Queue
+
+    from rayganx import runner
+
     queue = Queue(actor_options={"num_cpus": 0})
-    trainer = runner.trainer_for(spec, p, callbacks=[_to_tune_callback(queue)], init_from=init_from)
+    trainer = runner.trainer_for(spec, p, callbacks=[_to_tune_callback(queue), stop_on_lost], init_from=init_from,
+                                 lock_token=token)
     failure: list[BaseException] = []
 
     def fit():
@@ -115,6 +132,5 @@ def run_trial(config: dict, sweep_raw: dict, source: str) -> None:
             Path(d, "pointer.json").write_text(json.dumps({"checkpoint": url, "step": metrics["step"]}))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
     thread.join()
-    _write_hparams(spec, config, hp_metrics, status="failure" if failure else "success")
-    if failure:
-        raise runner.RunError(runner.root_cause(failure[0])) from failure[0]
+    return failure
+
