@@ -35,8 +35,11 @@ def init_ray(address: str | None = None, verbose: bool = False, num_cpus: int | 
     if address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
         ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        # Logical CPUs are scheduling slots: a machine the workers fill still has Ray Data's.
-        ray.init(num_cpus=num_cpus or (os.cpu_count() or 2) + DATA_CPUS, include_dashboard=True, **kwargs)
+        # Logical CPUs are scheduling slots: a machine the workers fill still has Ray Data's. "local":
+        # a Ray of this process's own, even where `ray start` left a cluster behind (ray.init would
+        # join that one unasked), and beside another embedded run's.
+        ray.init(address="local", num_cpus=num_cpus or (os.cpu_count() or 2) + DATA_CPUS, include_dashboard=True,
+                 **kwargs)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -44,6 +47,16 @@ def init_ray(address: str | None = None, verbose: bool = False, num_cpus: int | 
     ctx.print_on_execution_start = verbose
     if not verbose:  # Ray Data logs each execution in the driver (data.cache materialises one)
         logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def logs_dir() -> str:
+    """Where this Ray's own logs are (the details behind a failure)."""
+    try:
+        from ray._private.worker import _global_node
+
+        return _global_node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001 - not started here, or another Ray version
+        return "/tmp/ray/session_latest/logs"
 
 
 def ray_is_up() -> bool:

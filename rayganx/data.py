@@ -20,7 +20,7 @@ import numpy as np
 
 from rayganx.errors import UserError
 from rayganx.spec import DataSpec
-from rayganx.storage import Store, explain, pyarrow_filesystem
+from rayganx.storage import Store, explain, pyarrow_filesystem, relative_key
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +137,48 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=8)
-def _listing(url: str, endpoint_url: str | None) -> tuple[str, ...]:
-    """The image files under a folder, sorted, listed once per process (planning, class discovery
-    and the dataset all need them; on object storage each listing of 200k objects takes minutes)."""
+def _sized_listing(url: str, endpoint_url: str | None) -> tuple[tuple[str, int], ...]:
+    """The image files under a folder with their sizes, sorted, listed once per process (planning,
+    class discovery, the dataset and its fingerprint all need them; on object storage each
+    listing of 200k objects takes minutes)."""
     store = Store(url, endpoint_url)
     try:
-        files = store.fs.find(store.root)
+        files = store.fs.find(store.root, detail=True)
     except Exception as e:
         raise explain(store.url, e) from None
-    return tuple(sorted(f for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS))
+    return tuple(sorted((f, int(info.get("size") or 0)) for f, info in files.items()
+                       if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS))
+
+
+def _listing(url: str, endpoint_url: str | None) -> tuple[str, ...]:
+    return tuple(f for f, _ in _sized_listing(url, endpoint_url))
+
+
+def fingerprint(data: DataSpec) -> str:
+    """A hash of a dataset's content as far as a listing tells it without reading every file: each
+    file's path (relative to the dataset's folder) and size, each Parquet file's rows and size (a
+    prepared dataset's manifest hash when it has one). The same data on local disk, object storage
+    or a mount has the same fingerprint; caches of what was computed from it are keyed by it."""
+    import hashlib
+
+    h = hashlib.sha256(f"{data.source}|{data.image_size}|{data.channels}|{data.crop}|{data.mixture}".encode())
+    if data.source == "digits":
+        h.update(b"sklearn-digits")
+    elif data.source == "gaussian_mixture":
+        h.update(str(data.num_points).encode())
+    elif data.source == "parquet":
+        import pyarrow.parquet as pq
+
+        store = _open(data)
+        for f in _parquet_files(store):
+            with store.fs.open(f, "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+            h.update(f"{relative_key(f, store.root)}|{meta.num_rows}|{meta.serialized_size}".encode())
+    else:
+        store = _image_store(data)
+        for f, size in _sized_listing(store.url, store.endpoint_url):
+            h.update(f"{posixpath.relpath(f, store.root)}|{size}\n".encode())
+    return h.hexdigest()
 
 
 def _open(data: DataSpec, path: str | None = None) -> Store:

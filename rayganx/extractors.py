@@ -130,7 +130,28 @@ def _check_pinned(url: str, data: bytes, sha256: str | None) -> None:
 
 
 def load_extractor(ev: EvalSpec, channels: int, endpoint_url: str | None = None) -> Extractor:
-    """Build the job's extractor; a missing or unreadable file is a clear error."""
+    """Build the job's extractor; a missing or unreadable file is a clear error. Its `identity` is
+    a hash of what it computes (its weights, or its pinned file), not of where it was read from:
+    cached real-data features are keyed by it."""
+    ex = _load_extractor(ev, channels, endpoint_url)
+    if ev.features == "random":
+        ex.identity = f"random-cnn/1/{channels}"
+    elif ev.features == "inception":
+        from rayganx.inception import expected_sha256
+
+        ex.identity = f"inception/{expected_sha256()}"
+    elif ev.features == "torchscript":
+        ex.identity = f"torchscript/{ev.extractor_sha256.lower()}"
+    else:
+        h = hashlib.sha256()
+        for k, v in sorted(ex.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        ex.identity = f"classifier/{h.hexdigest()}"
+    return ex
+
+
+def _load_extractor(ev: EvalSpec, channels: int, endpoint_url: str | None = None) -> Extractor:
     if ev.features == "random":
         return RandomCNN(channels)
     if ev.features == "inception":

@@ -220,27 +220,27 @@ def assemble(parts: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
     return feats, (torch.cat(logits) if logits[0] is not None else None)
 
 
-def stats_key(spec: JobSpec) -> str:
-    """Identifies real-data features: dataset, image size, channels and extractor."""
-    d, e = spec.data, spec.eval
-    ident = [d.source, d.path, d.mixture, d.image_size, d.channels, d.crop, e.features, e.extractor]
-    if e.features == "inception":  # the weights, not where they were read from
-        from rayganx.inception import expected_sha256
+def stats_key(spec: JobSpec, extractor: Extractor) -> str:
+    """Identifies real-data features by content: the dataset's fingerprint (its files and sizes,
+    wherever they are) and the extractor's identity (its weights), with the image size."""
+    from rayganx.data import fingerprint
 
-        ident.append(expected_sha256())
-    ident = json.dumps(ident)
+    d = spec.data
+    ident = json.dumps([fingerprint(d), d.image_size, d.channels, d.crop, getattr(extractor, "identity", None)])
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def real_features(spec: JobSpec, extractor: Extractor, limit: int, verbose: bool = False) -> torch.Tensor:
-    """Real-data features, from the storage cache (<storage>/_stats/) or computed once and cached."""
+def real_features(spec: JobSpec, extractor: Extractor, limit: int, verbose: bool = False, workers: int | None = None,
+                  gpu: bool = False) -> torch.Tensor:
+    """Real-data features, from the storage cache (<storage>/_stats/) or computed once and cached;
+    workers: by that many Ray Data actors across the cluster (`rayganx.scoring`)."""
     import ray
 
     from rayganx import data as rdata
     from rayganx.storage import Store
 
     store = Store(spec.storage.path, spec.storage.endpoint_url)
-    name = f"real_{stats_key(spec)}_{limit}.pt"
+    name = f"real_{stats_key(spec, extractor)}_{limit}.pt"
     if store.exists("_stats", name):
         with store.fs.open(store.path("_stats", name), "rb") as f:
             return torch.load(f, weights_only=True)
@@ -248,14 +248,19 @@ def real_features(spec: JobSpec, extractor: Extractor, limit: int, verbose: bool
         from rayganx.cluster import init_ray
 
         init_ray(verbose=verbose)
-    feats, seen = [], 0
-    for batch in rdata.build(spec.data, "all").iter_torch_batches(batch_size=256):
-        images = batch["image"][:limit - seen]  # past the limit they would be extracted for nothing
-        feats.append(features_of(extractor, rdata.model_input(images))[0])
-        seen += len(images)
-        if seen >= limit:
-            break
-    real = torch.cat(feats)
+    if workers:
+        from rayganx import scoring
+
+        real = scoring.real_features(spec, limit, workers, gpu)
+    else:
+        feats, seen = [], 0
+        for batch in rdata.build(spec.data, "all").iter_torch_batches(batch_size=256):
+            images = batch["image"][:limit - seen]  # past the limit they would be extracted for nothing
+            feats.append(features_of(extractor, rdata.model_input(images))[0])
+            seen += len(images)
+            if seen >= limit:
+                break
+        real = torch.cat(feats)
     buf = io.BytesIO()
     torch.save(real, buf)
     store.write_bytes(buf.getvalue(), "_stats", name)
@@ -263,9 +268,11 @@ def real_features(spec: JobSpec, extractor: Extractor, limit: int, verbose: bool
 
 
 def evaluate_generator(g, spec: JobSpec, num_classes, metrics: list[str], num_samples: int, seed: int = 0,
-                       verbose: bool = False, cas_steps: int | None = None) -> dict:
-    """Single-process evaluation of a generator against the job's data (the CLI path). cas_steps:
-    the CAS classifiers' steps (default CAS_RECIPE's)."""
+                       verbose: bool = False, cas_steps: int | None = None, checkpoint: str | None = None,
+                       workers: int | None = None, gpu: bool = False) -> dict:
+    """Evaluation of a generator against the job's data (the CLI path): in this process, or with
+    `workers` Ray Data actors across the cluster making and extracting the samples of `checkpoint`.
+    cas_steps: the CAS classifiers' steps (default CAS_RECIPE's)."""
     if spec.data.source == "gaussian_mixture":
         return mode_metrics(g, spec, metrics, num_samples, spec.eval.sample_sets, seed)
     check_request(metrics, spec.eval)
@@ -274,8 +281,14 @@ def evaluate_generator(g, spec: JobSpec, num_classes, metrics: list[str], num_sa
         check_cas(spec, num_classes)  # refused before any feature is extracted
     if any(n != "cas" for n in metrics):
         extractor = load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url)
-        real = real_features(spec, extractor, max(num_samples, 2), verbose)
-        fake, logits = assemble([generated_features(g, spec, num_classes, extractor, num_samples, seed)])
+        real = real_features(spec, extractor, max(num_samples, 2), verbose, workers, gpu)
+        if workers and checkpoint:
+            from rayganx import scoring
+
+            fake, logits = scoring.generated_features(checkpoint, spec, num_samples, seed, workers, gpu,
+                                                      spec.storage.endpoint_url)
+        else:
+            fake, logits = assemble([generated_features(g, spec, num_classes, extractor, num_samples, seed)])
         out = compute(metrics, real, fake, logits)
     if "cas" in metrics:
         out |= classification_accuracy_score(g, spec, num_classes, real_splits(spec, verbose), seed=seed,

@@ -182,12 +182,14 @@ def package_sweep(sweep) -> str:
     return workdir
 
 
-def submit_sweep(sweep, address: str, resume: bool = False, paths_on_cluster: bool = False) -> str:
+def submit_sweep(sweep, address: str, resume: bool = False, paths_on_cluster: bool = False,
+                 trust_state: bool = False) -> str:
     """Submit `rayganx tune` to a cluster; returns its submission id."""
     problems = path_problems(sweep.base, paths_on_cluster, sweep.storage)
     if problems:
         raise RemoteError("\n".join(problems))
-    entry = "python -m rayganx.cli tune sweep.yaml" + (" --resume" if resume else "")
+    entry = ("python -m rayganx.cli tune sweep.yaml" + (" --resume" if resume else "")
+             + (" --trust-sweep-state" if trust_state else ""))
     meta = job_metadata(sweep.base, sweep.root) | {"job_name": sweep.spec.name, "rayganx_job": sweep.spec.name}
     return _submit(address, sweep.spec.name, package_sweep(sweep), entry, job_env(sweep.base), meta)
 

@@ -93,6 +93,18 @@ def root_cause(err: BaseException, storage_url: str | None = None) -> str:
     return (lines[-1] if lines else type(err).__name__)[:500]
 
 
+def failure_line(err: BaseException, storage_url: str | None = None, embedded: bool = True) -> str:
+    """The one line a failed run ends with: what failed and, for what Ray reports (a lost worker or
+    node, lost objects), where the details are."""
+    line = root_cause(err, storage_url)
+    if any(isinstance(e, UserError) for e in seen_errors(err)) or line.endswith("unreachable"):
+        return line
+    from rayganx.cluster import logs_dir
+
+    where = f"Ray's logs in {logs_dir()}" if embedded else "the job's logs (rayganx logs JOB_ID --address ...)"
+    return f"the run failed in Ray: {line} (details: run with --verbose, and {where})"
+
+
 @dataclass
 class Plan:
     """What a job needs decided before Ray starts (and fails fast on bad data or storage)."""
@@ -287,6 +299,9 @@ def locked(spec: JobSpec, force: bool = False, notify: Callable[[str], None] | N
             os.unlink(flag)
 
 
+STOPPED_BY = ["SIGINT"]  # the signal that ended the last interrupted fit
+
+
 def fit_interruptibly(trainer):
     """trainer.fit() in a thread. In the main thread Ray Train installs its own Ctrl-C handler,
     which ends the process through sys.exit; here Ctrl-C reaches the caller as KeyboardInterrupt
@@ -302,6 +317,7 @@ def fit_interruptibly(trainer):
 
     def on_sigint(signum, frame):
         interrupted.set()
+        STOPPED_BY[0] = signal.Signals(signum).name
         raise KeyboardInterrupt
 
     # Python runs a signal handler wherever the main thread is, and a KeyboardInterrupt raised
@@ -309,10 +325,14 @@ def fit_interruptibly(trainer):
     # A caller that ignores SIGINT (a background job) keeps ignoring it.
     main = (threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
-    previous = None
+    previous = previous_term = None
     try:
         if main:
             previous = signal.signal(signal.SIGINT, on_sigint)
+            # SIGTERM (a scheduler, `kill`) ends the run the same way, with its own line, instead of
+            # the process vanishing without a word.
+            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                previous_term = signal.signal(signal.SIGTERM, on_sigint)
         thread = threading.Thread(target=target, name="rayganx-fit", daemon=True)
         thread.start()
         while thread.is_alive():
@@ -322,6 +342,8 @@ def fit_interruptibly(trainer):
     finally:
         if main:  # None: the handler was not set from Python; Python's own is the sensible one
             signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
     if "error" in box:
         raise box["error"]
     return box["result"]
@@ -399,7 +421,7 @@ def _run_locked(spec: JobSpec, p: Plan, token: str, stop_on_lost, verbose: bool,
             monitor = None
         raise
     except Exception as e:
-        raise RunError(root_cause(e, spec.storage.path)) from e
+        raise RunError(failure_line(e, spec.storage.path, embedded)) from e
     finally:
         if monitor is not None:
             import ray

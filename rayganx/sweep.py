@@ -19,7 +19,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from rayganx import spec as jobspec
-from rayganx.config import describe_error, job_keys, load_yaml, parse_overrides, set_dotted
+from rayganx.config import describe_error, expand_env, job_keys, load_yaml, parse_overrides, set_dotted
 from rayganx.spec import EVAL_RESULTS, METRIC_MODES, JobSpec, SpecError, Section
 
 # Values a sweep can sample. Anything else in `space` is a constant for every trial.
@@ -254,6 +254,11 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 
 
 def from_dict(raw: dict, source: str = "<sweep>", base_dir: Path | None = None) -> Sweep:
+    # ${VAR} in the sweep's own keys as in a job's (the base job expands its own, keeping its placeholders).
+    try:
+        raw = expand_env({k: v for k, v in raw.items() if k != "job"}) | ({"job": raw["job"]} if "job" in raw else {})
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from None
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:

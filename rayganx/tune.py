@@ -108,8 +108,12 @@ def _concurrency(sw: Sweep) -> int:
 
 
 def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
-        printer: Callable[[str, str, dict | None, dict], None] | None = None) -> dict:
-    """Run a sweep to completion; returns the leaderboard (also written to storage)."""
+        printer: Callable[[str, str, dict | None, dict], None] | None = None, trust_state: bool = False) -> dict:
+    """Run a sweep to completion; returns the leaderboard (also written to storage).
+
+    Resuming makes Tune unpickle its state (tuner.pkl, the experiment state) from the sweep
+    folder: code runs on this machine as whoever wrote it. From a local folder it is this user's
+    own; from object storage, shared with others, it is refused unless trust_state."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
@@ -125,6 +129,10 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
                               f"or change its name")
     if resume and not exists:
         raise runner.RunError(f"--resume: no sweep {sw.spec.name} at {sw.root} to continue")
+    if resume and is_remote(sw.root) and not trust_state:
+        raise runner.RunError(f"--resume: {sw.root}/tune holds Tune's pickled state, which resuming runs as code; on "
+                              f"object storage anyone who can write the folder could plant it. Check who can, then "
+                              f"pass --trust-sweep-state (docs/tune.md)")
 
     if not verbose:
         import warnings

@@ -12,7 +12,8 @@ import typer
 from rich.table import Table
 
 from rayganx import spec as jobspec
-from rayganx.cli.base import AddressOpt, AllowChangesOpt, ForceOpt, OnClusterOpt, STATE, SetOpt, app, command, data_app, err, out, warn
+from rayganx.cli.base import (AddressOpt, AllowChangesOpt, EndpointOpt, ForceOpt, OnClusterOpt, STATE, SetOpt, app,
+                              command, data_app, err, out, warn)
 from rayganx.cli.display import RunDisplay, print_run_summary, when
 
 
@@ -38,7 +39,8 @@ def _run_here(spec: jobspec.JobSpec, force: bool = False, allow_changes: bool = 
         display.stop()
         ckpts = list_checkpoints(Store(runner.resolve_paths(spec).run_url, spec.storage.endpoint_url), warn=False)
         where = f"step {ckpts[-1]['step']}" if ckpts else "the start (no checkpoint yet)"
-        err.print(f"[yellow]interrupted[/yellow]: {spec.name} stopped; submit the same job again to continue "
+        by = "" if runner.STOPPED_BY[0] == "SIGINT" else f" by {runner.STOPPED_BY[0]}"
+        err.print(f"[yellow]interrupted{by}[/yellow]: {spec.name} stopped; submit the same job again to continue "
                   f"from {where}", highlight=False, soft_wrap=True)
         # Everything that must happen has: the workers are stopped, the lock released, the user
         # told. Exit now rather than wait on threads Ray or Ray Train left behind at shutdown.
@@ -167,15 +169,49 @@ def run_cmd(job: str, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt
 
 @data_app.command("prepare")
 @command
-def data_prepare(dataset: str = typer.Argument(..., help="built-in dataset: digits"),
+def data_prepare(source: str = typer.Argument(..., help="digits (built in), or an image folder or a .zip of one "
+                                                        "(local or URL), e.g. img_align_celeba.zip"),
                  out_dir: str = typer.Option(..., "--out", help="directory or URL to write"),
-                 fmt: str = typer.Option("folder", "--format", help="folder | parquet"),
-                 size: int = typer.Option(32, "--size", help="image size in pixels"),
-                 endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url")):
-    """Write a built-in dataset in the on-disk formats users have."""
+                 fmt: str = typer.Option("folder", "--format", help="digits only: folder | parquet"),
+                 size: Optional[int] = typer.Option(None, "--size", help="image size in pixels (digits 32, else 64)"),
+                 crop: Optional[int] = typer.Option(None, "--crop", help="centre crop before resizing (CelebA: 108)"),
+                 channels: int = typer.Option(3, "--channels", help="1 (grey) or 3 (RGB)"),
+                 labels: bool = typer.Option(False, "--labels", help="a label column from the class sub-folders"),
+                 partition: Optional[str] = typer.Option(
+                     None, "--partition", help="a split column from a partition file (CelebA's list_eval_partition.txt)"),
+                 shard_mb: float = typer.Option(256.0, "--shard-mb", help="Parquet shard size in MB"),
+                 address: Optional[str] = typer.Option(None, "--address", help="a Ray cluster (ray://, host:port) to "
+                                                                             "prepare on; default: this machine"),
+                 endpoint_url: Optional[str] = EndpointOpt):
+    """Write a dataset in the formats training reads fast: your own image folder or zip as Parquet shards
+    (cropped and resized once, resumable), or the built-in digits as a folder or Parquet."""
     from rayganx.data import DataError, prepare_digits
 
-    if dataset != "digits":
-        raise DataError(f"unknown dataset {dataset!r}; built in: digits")
-    n = prepare_digits(out_dir, fmt, size, endpoint_url)
-    out.print(f"wrote {n} digits images ({fmt}, {size}x{size}) to {out_dir}")
+    if source == "digits":
+        n = prepare_digits(out_dir, fmt, size or 32, endpoint_url)
+        out.print(f"wrote {n} digits images ({fmt}, {size or 32}x{size or 32}) to {out_dir}")
+        return
+    if channels not in (1, 3):
+        raise DataError(f"--channels: 1 or 3, got {channels}")
+    if shard_mb <= 0:
+        raise DataError(f"--shard-mb: must be positive, got {shard_mb:g}")
+    from rich.progress import Progress
+
+    from rayganx import prepare
+    from rayganx.cluster import init_ray
+
+    if address:
+        init_ray(address=address)
+    settings = prepare.Settings(size=size or 64, crop=crop, channels=channels, labels=labels, shard_mb=shard_mb,
+                                partition=partition)
+    p = prepare.plan(source, settings, endpoint_url)
+    out.print(f"{len(p.members)} images from {source} -> {p.shards} shard(s) of up to {p.rows_per_shard} images",
+              highlight=False)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("shards", total=p.shards)
+        manifest = prepare.run(p, out_dir, progress=lambda done, total: bar.update(task, completed=done))
+    if manifest["corrupt"]:
+        warn(f"skipped {len(manifest['corrupt'])} corrupt image(s): {', '.join(manifest['corrupt'][:5])}"
+             + (" ..." if len(manifest["corrupt"]) > 5 else ""))
+    out.print(f"wrote {manifest['rows']} images ({manifest['bytes'] / 2**20:.1f} MB in {len(manifest['shards'])} "
+              f"shards, content {manifest['content_sha256'][:12]}) to {out_dir}", highlight=False)

@@ -19,6 +19,10 @@ from rayganx.cli.jobs import follow_job, jobs_address_from_env
 def tune_cmd(sweep: Optional[str] = typer.Argument(None, help="sweep YAML"),
              set_: Optional[list[str]] = typer.Option(None, "--set", help="override a sweep key: key=value"),
              resume: bool = typer.Option(False, "--resume", help="continue an interrupted sweep"),
+             trust_sweep_state: bool = typer.Option(
+                 False, "--trust-sweep-state",
+                 help="with --resume of a sweep on object storage: load Tune's state from there (Tune unpickles "
+                      "it: anyone who can write the sweep folder could run code here)"),
              defaults: bool = typer.Option(False, "--defaults", help="print the built-in search spaces"),
              address: Optional[str] = AddressOpt,
              follow: bool = typer.Option(False, "--follow", "-f", help="with --address: stream logs until it ends"),
@@ -36,7 +40,7 @@ def tune_cmd(sweep: Optional[str] = typer.Argument(None, help="sweep YAML"),
     if address:
         from rayganx import remote
 
-        job_id = remote.submit_sweep(sw, address, resume, paths_on_cluster)
+        job_id = remote.submit_sweep(sw, address, resume, paths_on_cluster, trust_sweep_state)
         out.print(f"submitted {job_id} to {address}", highlight=False)
         if follow:
             follow_job(address, job_id)
@@ -46,7 +50,7 @@ def tune_cmd(sweep: Optional[str] = typer.Argument(None, help="sweep YAML"),
     table = TrialTable(sw)
     t0 = time.monotonic()
     try:
-        board = tune.run(sw, resume=resume, verbose=STATE["verbose"], printer=table)
+        board = tune.run(sw, resume=resume, verbose=STATE["verbose"], printer=table, trust_state=trust_sweep_state)
     finally:
         table.stop()
     if board["unfinished"]:
