@@ -177,21 +177,38 @@ def _bare_startup(tmp: str) -> float:
 
 
 def stand_in_data(spec: JobSpec, folder: str, n: int = 512) -> JobSpec:
-    """Generated images of the job's size (in folder) when its dataset is not on this machine."""
-    spec = spec.model_copy(deep=True)
-    rng = np.random.default_rng(0)
+    """Generated images of the job's size (in folder) when its dataset is not on this machine: JPEGs
+    in CelebA's layout for a celeba job, a Parquet file of PNGs for a Parquet job (what `rayganx
+    data prepare` writes), a folder of JPEGs otherwise."""
+    import io
+
     from PIL import Image
 
+    spec = spec.model_copy(deep=True)
+    rng = np.random.default_rng(0)
     sub = os.path.join(folder, "img_align_celeba") if spec.data.source == "celeba" else folder
     os.makedirs(sub, exist_ok=True)
     h, w = (218, 178) if spec.data.source == "celeba" else (spec.data.image_size,) * 2
     mode = "L" if spec.data.channels == 1 else "RGB"
+    encoded = []
     for i in range(n):
         arr = rng.integers(0, 255, (h, w) if mode == "L" else (h, w, 3), dtype=np.uint8)
-        Image.fromarray(arr, mode=mode).save(os.path.join(sub, f"{i:06d}.jpg"), quality=90)
-    spec.data.path = folder
+        buf = io.BytesIO()
+        Image.fromarray(arr, mode=mode).save(buf, format="PNG" if spec.data.source == "parquet" else "JPEG",
+                                             quality=90)
+        encoded.append(buf.getvalue())
     if spec.data.source == "parquet":
-        spec.data.source = "image_folder"
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({spec.data.image_column: pa.array(encoded, pa.binary()),
+                                 spec.data.label_column: pa.array(np.zeros(n, np.int64))}),
+                       os.path.join(sub, "part-00000.parquet"))
+    else:
+        for i, data in enumerate(encoded):
+            with open(os.path.join(sub, f"{i:06d}.jpg"), "wb") as f:
+                f.write(data)
+    spec.data.path = folder
     return spec
 
 

@@ -118,7 +118,8 @@ def _alive(pid: int) -> bool:
 
 
 def report_checkpoint(spec: JobSpec, state: dict, step: int, metrics: dict, num_classes, rng: list, lineage,
-                      rank: int, generation: int = 0, lock_token: str | None = None, done=None) -> None:
+                      rank: int, generation: int = 0, lock_token: str | None = None, done=None,
+                      slow: float = 0.0) -> None:
     """Every rank reports (a barrier); rank 0's folder is written and uploaded, its marker last.
 
     state: a CPU copy of the task's state that nothing changes afterwards (the rollback copy):
@@ -126,7 +127,8 @@ def report_checkpoint(spec: JobSpec, state: dict, step: int, metrics: dict, num_
     step pays only for that copy. The upload retries through a store outage of up to
     storage.outage_tolerance_s; the marker is written only while the run's lock is still this
     run's (lock_token), so a run that lost its lock never completes a checkpoint. done: set when
-    the upload has ended, either way."""
+    the upload has ended, either way. slow: seconds each upload waits first (a throttled store,
+    for the tests)."""
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
 
@@ -150,6 +152,8 @@ def report_checkpoint(spec: JobSpec, state: dict, step: int, metrics: dict, num_
                 save_checkpoint(checkpoint.path, spec, state, step, metrics, num_classes, rng, lineage)
 
                 def persist():
+                    if slow:  # a throttled store (the tests' fault hook)
+                        time.sleep(slow)
                     if not holds(run, lock_token):
                         raise LockLostError(f"{spec.run_url}: the run lock was taken over; {dir_name} left "
                                             f"incomplete and this run stopped")

@@ -264,7 +264,8 @@ def build(data: DataSpec, split: str = "all", counter=None):
     decode = dict(size=data.image_size, channels=data.channels)
     if data.source == "digits":
         images, labels = digits_images(data, split)
-        return canonical(ray.data.from_numpy({"image": images, "label": labels}))
+        rows = [{"image": im, "label": int(lb)} for im, lb in zip(images, labels)]
+        return canonical(ray.data.from_items(rows, override_num_blocks=min(4, len(rows))))
 
     if data.source == "gaussian_mixture":
         raise DataError("data.source: gaussian_mixture points are drawn in each worker (rayganx.points), "
@@ -283,11 +284,12 @@ def build(data: DataSpec, split: str = "all", counter=None):
     # image_folder and celeba: encoded files, recursively
     found = image_files(data, split)
     rows = [{"path": p, "label": lb, "id": i} for i, (p, lb) in enumerate(zip(found.paths, found.labels))]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 64, 256)))
+    # Blocks of 512 files or more: each is a task (and on a cold cluster, a worker to start).
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 512, 256)))
     crop = data.crop or (CELEBA_CROP if data.source == "celeba" else None)
     read = functools.partial(read_files, url=found.url, endpoint_url=found.endpoint_url, crop=crop,
                              on_corrupt=data.on_corrupt, counter=counter, **decode)
-    return canonical(ds.map_batches(read, batch_format="numpy", batch_size=64))
+    return canonical(ds.map_batches(read, batch_format="numpy", batch_size=256))
 
 
 def encoded_parquet(data: DataSpec, split: str = "all"):

@@ -3,7 +3,7 @@
 Image i is drawn from its own seed (`seed * 2**32 + i`), so any part can be regenerated alone and
 the set does not depend on how many workers made it. Parts are written whole (one object per
 part, local files renamed into place), so a part that exists is complete and a re-run only makes
-the missing ones. `generate.json` beside the parts records what they were made from; a re-run
+the missing ones. `_rayganx_generate.json` beside the parts records what they were made from; a re-run
 with different settings into the same place is refused instead of mixing two sets.
 """
 
@@ -22,7 +22,7 @@ import torch
 from rayganx.spec import SpecError
 from rayganx.storage import Store
 
-MANIFEST = "generate.json"
+MANIFEST = "_rayganx_generate.json"  # a leading underscore: Parquet readers (pandas, Spark, DuckDB) skip it
 PART = re.compile(r"part-(\d{6})\.parquet$")
 
 

@@ -57,8 +57,11 @@ class RunLock:
     holder is a process of this host that is gone, belongs to a process that died without
     releasing it, and is taken over; `force` takes over a live one."""
 
-    def __init__(self, run: Store, heartbeat_s: float = 10.0, stale_after: float = 60.0,
+    def __init__(self, run: Store, heartbeat_s: float | None = None, stale_after: float = 60.0,
                  on_lost: Callable[[str], None] | None = None):
+        # RAYGANX_LOCK_HEARTBEAT_S: a shorter heartbeat (tests; stores where a minute to notice a
+        # takeover is too long) costs one small conditional write per beat.
+        heartbeat_s = heartbeat_s or float(os.environ.get("RAYGANX_LOCK_HEARTBEAT_S") or 10.0)
         self.run, self.heartbeat_s, self.stale_after, self.on_lost = run, heartbeat_s, stale_after, on_lost
         self.token = uuid.uuid4().hex
         self.info = {"owner": getpass.getuser(), "host": socket.gethostname(), "pid": os.getpid(),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 import time
 from dataclasses import dataclass, field
@@ -194,7 +195,8 @@ def write_shard(item: dict, *, source: str, endpoint_url: str | None, zipped: bo
 
 
 def existing(out: Store, p: Plan) -> dict[int, dict]:
-    """Shards already written by an earlier run of the same plan (from its manifest's record)."""
+    """Shards an earlier run of the same plan wrote: those its manifest records, and those it wrote
+    but had no time to record (a shard is written whole, so one that is there is complete)."""
     if not out.exists(MANIFEST):
         return {}
     manifest = json.loads(out.read_text(MANIFEST))
@@ -202,7 +204,21 @@ def existing(out: Store, p: Plan) -> dict[int, dict]:
         raise DataError(f"{out.url}: holds a dataset prepared with other settings or inputs "
                         f"({MANIFEST}); write to another folder")
     names = {posixpath.basename(f["name"]) for f in out.listdir()}
-    return {int(k): v for k, v in manifest.get("shards", {}).items() if shard_name(int(k)) in names}
+    done = {int(k): v for k, v in manifest.get("shards", {}).items() if shard_name(int(k)) in names}
+    for i in range(p.shards):
+        if i not in done and shard_name(i) in names:
+            done[i] = _describe(out, i, len(p.shard_rows(i)))
+    return done
+
+
+def _describe(out: Store, i: int, expected: int) -> dict:
+    """The record of a shard found written but not recorded (its corrupt images: those missing)."""
+    import pyarrow.parquet as pq
+
+    data = out.read_bytes(shard_name(i))
+    rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+    return {"rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "corrupt": [f"{expected - rows} image(s) of {shard_name(i)}"] if rows < expected else []}
 
 
 def run(p: Plan, out_url: str, progress=None) -> dict:
@@ -229,13 +245,16 @@ def run(p: Plan, out_url: str, progress=None) -> dict:
         write = functools.partial(write_shard, source=p.source, endpoint_url=p.endpoint_url, zipped=p.zipped,
                                   settings=p.settings, out_url=out_url)
         ds = ds.map_batches(write, batch_size=1, batch_format="numpy")
-        for row in ds.iter_rows():
+        stop_after = int(os.environ.get("RAYGANX_FAULT_PREPARE_STOP_AFTER") or 0)  # the tests' interruption
+        for n, row in enumerate(ds.iter_rows(), 1):
             done[int(row["shard"])] = {"rows": int(row["rows"]), "bytes": int(row["bytes"]),
                                        "sha256": str(row["sha256"]), "corrupt": json.loads(row["corrupt"])}
             if progress:
                 progress(len(done), p.shards)
             manifest["shards"] = {str(k): v for k, v in sorted(done.items())}
             out.write_text(json.dumps(manifest | {"complete": False}, indent=1), MANIFEST)
+            if n == stop_after:
+                raise KeyboardInterrupt
     corrupt = [c for s in done.values() for c in s["corrupt"]]
     content = hashlib.sha256("".join(done[i]["sha256"] for i in sorted(done)).encode()).hexdigest()
     manifest |= {"shards": {str(k): v for k, v in sorted(done.items())}, "rows": sum(s["rows"] for s in done.values()),

@@ -105,6 +105,18 @@ def _python_state():
     return [version, torch.tensor(internal, dtype=torch.int64), gauss]
 
 
+def deterministic_kernels() -> None:
+    """train.deterministic: the same result for the same inputs on a GPU too. PyTorch then refuses
+    an op that has no deterministic kernel (an error naming it) rather than running a racy one;
+    cuBLAS needs its workspace size fixed before the first GEMM, cuDNN its autotuner off."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 @contextlib.contextmanager
 def isolated():
     """Work that must not move the training streams (evaluation, sample grids, CAS): every global

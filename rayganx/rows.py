@@ -106,25 +106,33 @@ def source(spec: JobSpec, split: str, rows: int, counter=None, synthetic=None):
             from rayganx import synthetic as rsynthetic
 
             ds = rdata.canonical(rsynthetic.mixed(ds, rsynthetic.dataset(spec, synthetic)))
-        return _table(ds.drop_columns(["id"]) if "id" in ds.schema().names else ds, "numpy")
+        return _table(ds)
     decode = dict(size=d.image_size, channels=d.channels, on_corrupt=d.on_corrupt,
                   crop=d.crop or (rdata.CELEBA_CROP if d.source == "celeba" else None))
     if d.source == "parquet":
-        return _table(rdata.encoded_parquet(d, split), "arrow", decode)
+        return _table(rdata.encoded_parquet(d, split), decode)
     return Files(rdata.image_files(d, split), decode)
 
 
-def _table(ds, fmt: str, decode: dict | None = None) -> Table:
-    import ray
+def _table(ds, decode: dict | None = None) -> Table:
+    """The dataset executed once, its blocks left where Ray Data made them, in its own order: their
+    refs and row counts (from the blocks' metadata: no task reads them again here)."""
+    refs, counts = [], []
+    for bundle in ds.iter_internal_ref_bundles():
+        for entry in bundle.blocks:
+            if entry.metadata.num_rows:
+                refs.append(entry.ref)
+                counts.append(entry.metadata.num_rows)
+    return Table(refs, counts, decode)
 
-    refs = ds.to_numpy_refs() if fmt == "numpy" else ds.to_arrow_refs()
-    count = ray.remote(num_cpus=0)(_count_rows)
-    counts = ray.get([count.remote(r) for r in refs])
-    return Table([r for r, c in zip(refs, counts) if c], [c for c in counts if c], decode)
 
+def numpy_block(block) -> dict:
+    """A block as a dict of NumPy arrays (zero-copy for the fixed-shape image tensors)."""
+    if isinstance(block, dict):
+        return block
+    from ray.data.block import BlockAccessor
 
-def _count_rows(block) -> int:
-    return len(block["label"]) if isinstance(block, dict) else block.num_rows
+    return BlockAccessor.for_block(block).to_batch_format("numpy")
 
 
 # --------------------------------------------------------------------------- a worker's reader
@@ -149,7 +157,7 @@ class Reader:
         elif isinstance(src, Table) and src.decode is None:
             import ray
 
-            self.blocks = ray.get(src.refs)  # zero-copy views of the object store on this node
+            self.blocks = [numpy_block(b) for b in ray.get(src.refs)]  # views of the object store on this node
         if self.blocks is not None:
             self.starts = np.cumsum([0] + [len(b["label"]) for b in self.blocks])
 

@@ -379,28 +379,34 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
     return spec
 
 
-def begin_attempt(spec: JobSpec, start: int, allow_changes: bool = False) -> None:
+def check_continuation(spec: JobSpec, start: int, allow_changes: bool = False) -> None:
     """Refuse to continue a stored run under a spec it was not trained with, unless every change
-    is one continuing can honour (or allow_changes); then keep this attempt's spec in the run."""
-    from rayganx.runs import record_attempt, stored_spec
+    is one continuing can honour (or allow_changes)."""
+    from rayganx.runs import stored_spec
     from rayganx.spec import continuation_problems
 
-    run = Store(spec.run_url, spec.storage.endpoint_url)
-    stored = stored_spec(run)
+    stored = stored_spec(Store(spec.run_url, spec.storage.endpoint_url))
     if start > 0 and stored is not None and not allow_changes:
         problems = continuation_problems(stored, spec)
         if problems:
             raise RunError("\n".join([f"{spec.run_url} was trained up to step {start} under another spec; continuing "
                                       f"it would mix two jobs in one run. Changed:", *(f"  {p}" for p in problems),
                                       "pass --allow-changes to continue it anyway, or give the job a new name"]))
-    record_attempt(run, spec.to_yaml(), start)
+
+
+def begin_attempt(spec: JobSpec, start: int) -> None:
+    """Keep this attempt's spec in the run (specs/, and spec.yaml): once its data is ready, just
+    before it trains, so a job that fails before training leaves the run as it was."""
+    from rayganx.runs import record_attempt
+
+    record_attempt(Store(spec.run_url, spec.storage.endpoint_url), spec.to_yaml(), start)
 
 
 def _run_locked(spec: JobSpec, p: Plan, token: str, stop_on_lost, verbose: bool, printer, on_start,
                 allow_changes: bool) -> tuple[int, list | None]:
     """The run itself, under its lock: returns where it started and the files it skipped."""
     start = last_step(spec)
-    begin_attempt(spec, start, allow_changes)
+    check_continuation(spec, start, allow_changes)
     embedded = not ray_is_up()
     init_ray(verbose=verbose)
     if embedded:
@@ -410,6 +416,7 @@ def _run_locked(spec: JobSpec, p: Plan, token: str, stop_on_lost, verbose: bool,
     monitor = run_monitor()
     try:
         trainer = trainer_for(spec, p, callbacks=[stop_on_lost], monitor=monitor, lock_token=token)
+        begin_attempt(spec, start)
         if on_start:
             on_start(start, p.total_steps)
         with Progress(monitor, start, printer or (lambda m: None)):

@@ -162,11 +162,11 @@ def _write_order(c: dict) -> tuple[int, int]:
 
 
 def _incomplete_reason(run: Store, name: str, listing: list[dict]) -> tuple[str | None, dict]:
-    for f in listing:
-        odd = unsafe_key(posixpath.basename(f["name"].rstrip("/")) or f["name"])
-        if odd:
-            return f"refused: it holds an entry {posixpath.basename(f['name'].rstrip('/'))!r} ({odd})", {}
-    sizes = {posixpath.basename(f["name"]): f.get("size") for f in listing if f.get("type") == "file"}
+    folder = run.path(name).rstrip("/")
+    # An object store lists "folder/" itself for a key with "//" in it: a directory entry named as the folder.
+    own = [f for f in listing if f["name"].rstrip("/") == folder and f.get("type") != "file"]
+    entries = {posixpath.basename(f["name"].rstrip("/")): f for f in listing if f["name"].rstrip("/") != folder}
+    sizes = {n: f.get("size") for n, f in entries.items() if f.get("type") == "file"}
     if MARKER not in sizes:
         return "no completion marker (cut off while being written?)", {}
     try:
@@ -174,6 +174,12 @@ def _incomplete_reason(run: Store, name: str, listing: list[dict]) -> tuple[str 
         files = {str(f): int(info["size"]) for f, info in manifest["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         return "unreadable completion marker", {}
+    # Nothing but what the marker lists: a shared bucket may hold keys planted beside a checkpoint.
+    extra = [n for n, f in entries.items() if n != MARKER and (n not in files or f.get("type") != "file")]
+    if own or extra:
+        what = repr(extra[0]) if extra else "a key with an empty segment"
+        odd = unsafe_key(extra[0]) if extra else "an absolute path"
+        return f"refused: it holds {what}, which its marker does not list" + (f" ({odd})" if odd else ""), {}
     for fname, size in files.items():
         if fname not in sizes:
             return f"{fname} is missing", {}

@@ -135,6 +135,9 @@ class TrainSpec(Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast on GPU only")
     channels_last: bool = False
     compile: bool = Field(False, description="torch.compile the networks (in place: checkpoints unchanged)")
+    deterministic: bool = Field(False, description="GPU: deterministic kernels only (torch.use_deterministic_algorithms, "
+                                                   "cuDNN deterministic, no autotuning), slower; CPU runs are "
+                                                   "bitwise reproducible either way (docs/jobs.md)")
     max_grad_norm: float = Field(1e4, gt=0, description="divergence guard threshold")
     max_rollbacks: int = Field(3, ge=0, description="divergence rollbacks to the last good state before failing")
     rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="learning rates x this at each rollback")

@@ -51,13 +51,16 @@ def describe_divergence(mean: dict, step: int, max_grad_norm: float) -> str:
 def _faults(config: dict) -> dict:
     """Test hooks, from the driver's environment: RAYGANX_FAULT_LR_AT=step:lr sets every learning
     rate to lr once, at that step, to force a real divergence; RAYGANX_FAULT_TRACE_IDS=DIR makes
-    every worker append the row ids of each batch it reads to a file there."""
+    every worker append the row ids of each batch it reads to a file there;
+    RAYGANX_FAULT_SLOW_UPLOAD_S=s makes every checkpoint upload wait s seconds (a throttled store)."""
     env, out = config.get("faults", {}), {}
     if env.get("RAYGANX_FAULT_LR_AT"):
         at, lr = env["RAYGANX_FAULT_LR_AT"].split(":")
         out |= {"lr_at": int(at), "lr": float(lr)}
     if env.get("RAYGANX_FAULT_TRACE_IDS"):
         out["trace"] = env["RAYGANX_FAULT_TRACE_IDS"]
+    if env.get("RAYGANX_FAULT_SLOW_UPLOAD_S"):
+        out["slow_upload"] = float(env["RAYGANX_FAULT_SLOW_UPLOAD_S"])
     return out
 
 
@@ -142,6 +145,8 @@ class Worker:
         self.rank, self.world, self.device = rank, world, device
         self.monitor, self.faults, self.init_from = config.get("monitor"), _faults(config), config.get("init_from")
         t = self.spec.train
+        if t.deterministic:
+            randomness.deterministic_kernels()
         # Identical initial weights on every rank; the run's other global draws (dropout) per rank.
         torch.manual_seed(t.seed)
         self.task = TASKS[self.spec.model.kind](self.spec, self.num_classes, device, world > 1)
@@ -212,7 +217,7 @@ class Worker:
             import os
 
             row = {"epoch": pos.epoch, "sample": pos.sample, "batches": pos.batches, "rank": self.rank,
-                   "world": self.world, "ids": batch["id"].tolist()}
+                   "world": self.world, "ids": batch["id"].tolist(), "time": time.time()}
             with open(os.path.join(self.faults["trace"], f"ids_{os.getpid()}.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -292,7 +297,8 @@ class Worker:
         self.upload_done.wait()
         self.upload_done.clear()
         report_checkpoint(self.spec, state, step, metrics, self.num_classes, rng, self.lineage, self.rank,
-                          generation=self.generation, lock_token=self.lock_token, done=self.upload_done)
+                          generation=self.generation, lock_token=self.lock_token, done=self.upload_done,
+                          slow=self.faults.get("slow_upload", 0.0))
         self.telemetry.checkpointed()
 
     def check(self) -> None:

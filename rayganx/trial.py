@@ -90,8 +90,6 @@ def run_trial(config: dict, sweep_raw: dict, source: str) -> None:
     # trial's actor for a PBT exploit or a pause without a word to it, and a predecessor that still
     # writes (on a node that was cut off) stops within a heartbeat of the takeover.
     with runner.locked(spec, force=True) as (lock, stop_on_lost):
-        # A trial's spec changes by design (PBT's mutations): every attempt's is kept, none refused.
-        runner.begin_attempt(spec, runner.last_step(spec), allow_changes=True)
         _write_hparams(spec, config, hp_metrics)
         failure = _drive(spec, p, init_from, lock.token, stop_on_lost)
     _write_hparams(spec, config, hp_metrics, status="failure" if failure else "success")
@@ -109,6 +107,8 @@ def _drive(spec: JobSpec, p, init_from: str | None, token: str, stop_on_lost) ->
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = runner.trainer_for(spec, p, callbacks=[_to_tune_callback(queue), stop_on_lost], init_from=init_from,
                                  lock_token=token)
+    # A trial's spec changes by design (PBT's mutations): every attempt's is kept, none refused.
+    runner.begin_attempt(spec, runner.last_step(spec))
     failure: list[BaseException] = []
 
     def fit():

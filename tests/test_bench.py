@@ -31,10 +31,13 @@ def test_bench_makes_stand_in_images_when_the_dataset_is_absent(tmp_path):
     from rayganx import spec as jobspec
     from rayganx.bench import stand_in_data
 
-    spec = jobspec.load(JOBS / "dcgan_celeba.yaml", [f"data.path={tmp_path}/none"])
-    s = stand_in_data(spec, str(tmp_path / "standin"), n=4)
     from rayganx.data import count_rows
 
+    spec = jobspec.load(JOBS / "dcgan_celeba.yaml", [f"data.path={tmp_path}/none"])  # prepared Parquet
+    s = stand_in_data(spec, str(tmp_path / "standin"), n=4)
+    assert count_rows(s.data) == 4 and s.data.source == "parquet"
+    folder = jobspec.load(JOBS / "dcgan_celeba.yaml", ["data.source=celeba", f"data.path={tmp_path}/none"])
+    s = stand_in_data(folder, str(tmp_path / "jpegs"), n=4)  # the unzipped archive's layout
     assert count_rows(s.data) == 4 and s.data.source == "celeba"
 
 

@@ -7,18 +7,32 @@ from tests.conftest import JOBS, rayganx
 
 
 @pytest.mark.slow
-def test_submit_digits_end_to_end(tmp_path):
-    r = rayganx("submit", JOBS / "dcgan_digits.yaml", "--set", "train.steps=6", "--set", "train.log_every=2",
-                "--set", f"storage.path={tmp_path}", "--set", "storage.checkpoint_every=3",
-                "--set", "samples.every=3", timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "step 6/6" in r.stdout and "loss_d" in r.stdout  # progress lines (not a terminal here)
-    assert "checkpoint_000006" in r.stdout and "samples" in r.stdout  # the closing summary
-    assert "Traceback" not in r.stderr and "WARNING" not in r.stderr
+def test_submit_digits_end_to_end_with_a_second_embedded_run_beside_it(tmp_path):
+    # Two `rayganx submit` started at once on one machine, each with its own embedded Ray: both work.
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def submit(name, *extra):
+        return subprocess.Popen(
+            [sys.executable, "-m", "rayganx.cli", "submit", str(JOBS / "dcgan_digits.yaml"), "--set", f"name={name}",
+             "--set", "train.steps=6", "--set", "train.log_every=2", "--set", f"storage.path={tmp_path}",
+             "--set", "storage.checkpoint_every=3", "--set", "samples.every=3", *extra],
+            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    procs = [submit("dcgan_digits"), submit("beside", "--set", "scaling.num_workers=1", "--set", "model.ngf=8")]
+    (out, err), (out2, err2) = (p.communicate(timeout=400) for p in procs)
+    assert procs[1].returncode == 0, out2 + err2
+    assert procs[0].returncode == 0, out + err
+    assert "step 6/6" in out and "loss_d" in out  # progress lines (not a terminal here)
+    assert "checkpoint_000006" in out and "samples" in out  # the closing summary
+    assert "Traceback" not in err and "WARNING" not in err
     run = tmp_path / "dcgan_digits"
     assert (run / "checkpoint_000003" / "state.pt").is_file() and (run / "checkpoint_000006" / "state.pt").is_file()
     assert Image.open(run / "samples" / "step_000006.png").size[0] > 64
     assert (run / "spec.yaml").is_file() and list((run / "metrics").glob("part_*.jsonl"))
+    assert (tmp_path / "beside" / "checkpoint_000006" / "state.pt").is_file()
 
 
 def test_submit_failure_is_one_line_and_nonzero(tmp_path):
@@ -29,7 +43,11 @@ def test_submit_failure_is_one_line_and_nonzero(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_job_on_a_cpu_machine_fails_fast(tmp_path):
+def test_a_job_asking_for_more_gpus_than_the_machine_has_fails_fast(tmp_path):
+    import torch
+
+    have = torch.cuda.device_count()
     r = rayganx("submit", JOBS / "dcgan_digits.yaml", "--set", "scaling.use_gpu=true",
-                "--set", f"storage.path={tmp_path}", timeout=120)
-    assert r.returncode == 1 and "scaling.use_gpu" in r.stderr and "has 0" in r.stderr
+                "--set", "scaling.gpus_per_worker=64", "--set", f"storage.path={tmp_path}", timeout=120)
+    assert r.returncode == 1 and "scaling.use_gpu: 2 workers x 64 GPU requested" in r.stderr, r.stderr
+    assert f"this machine has {have}" in r.stderr

@@ -7,7 +7,6 @@ from PIL import Image
 
 from rayganx import data as rdata
 from rayganx import points
-from rayganx.errors import UserError
 from rayganx.spec import DataSpec
 
 
@@ -70,29 +69,6 @@ def test_gaussian_ring():
     assert len(points.mixture_centres("grid")) == 25
 
 
-def test_point_batches_are_a_fresh_permutation_every_epoch_split_across_ranks():
-    n, bs, world, seed = 1000, 64, 2, 5  # 7 global batches of 128 an epoch; 104 points wait for the next
-    index = {tuple(p): i for i, p in enumerate(points.gaussian_mixture("ring", n, seed)[0].tolist())}
-
-    def take(rank, count, start=0):
-        feed = points.batches("ring", n, bs, seed, rank, world, start)
-        return [[index[tuple(p)] for p in next(feed).tolist()] for _ in range(count)]
-
-    r0, r1 = take(0, 21), take(1, 21)
-    assert all(len(b) == bs for b in r0 + r1)
-    epochs = [sum(r0[e * 7:(e + 1) * 7] + r1[e * 7:(e + 1) * 7], []) for e in range(3)]
-    assert all(len(set(e)) == len(e) == 896 for e in epochs)  # each point at most once an epoch, ranks disjoint
-    assert len(set(epochs[0]) | set(epochs[1])) > 896  # the dropped rest differs: a new order, not a fixed cut
-    assert epochs[0][:128] != epochs[1][:128]
-    assert take(0, 21) == r0  # the seed repeats the orders
-    drew_points = np.random.default_rng(seed).permutation(n)[:bs].tolist()
-    assert r0[0] != drew_points  # the orders are a stream of their own, not the one that drew the points
-    assert not torch.equal(next(points.batches("ring", n, bs, 6, 0, world)), next(points.batches("ring", n, bs, seed, 0, world)))
-    assert take(0, 10, start=5) == r0[5:15]  # a resumed run reads what an uninterrupted one would, across epochs
-    with pytest.raises(UserError, match="data.num_points: 100 points are fewer than one global batch"):
-        next(points.batches("ring", 100, 64, 0, world=2))
-
-
 def _folder_with_corrupt(tmp_path):
     folder = tmp_path / "imgs"
     rdata.prepare_digits(str(folder), "folder", size=8)
@@ -132,16 +108,16 @@ def test_missing_and_empty_paths(tmp_path):
         rdata.build(DataSpec(source="parquet", path=str(tmp_path / "empty")))
 
 
-def test_decoded_images_are_cached_when_they_fit(ray_session):
-    from rayganx import runner
+def test_decoded_images_are_kept_when_they_fit(ray_session):
+    from rayganx import rows
     from rayganx.spec import JobSpec
 
     def spec(cache):
         return JobSpec.model_validate({"name": "c", "data": {"image_size": 64, "channels": 3, "cache": cache}})
 
-    assert runner.cache_decoded(spec("auto"), 1797)  # 22 MB of uint8
-    assert not runner.cache_decoded(spec("auto"), 10**8)  # 1.2 TB: left streaming
-    assert runner.cache_decoded(spec(True), 10**8) and not runner.cache_decoded(spec(False), 10)
+    assert rows.keep_decoded(spec("auto"), 1797)  # 22 MB of uint8
+    assert not rows.keep_decoded(spec("auto"), 10**8)  # 1.2 TB: read as it is needed
+    assert rows.keep_decoded(spec(True), 10**8) and not rows.keep_decoded(spec(False), 10)
 
 
 def _class_folder(root, classes=10, per_class=40):
@@ -160,59 +136,87 @@ def _ids(images) -> list[int]:
     return (images[:, 0, 0, 0].long() * 256 + images[:, 0, 0, 1].long()).tolist()
 
 
-def _shard_epochs(spec, world=2, epochs=2):
-    """Per worker and epoch, the ids in each batch the training loop gets (real Ray Data, the
-    datasets and DataConfig a run hands to Ray Train, one thread per worker)."""
-    import threading
+def _read(spec, world=2, batches=24, start=None):
+    """Per worker, the image ids of each batch the training loop gets (real Ray Data: the row
+    source a run hands its workers, read by each worker's reader), and the positions."""
+    from rayganx import rows, runner
+    from rayganx.order import Position
 
-    import ray
-
-    from rayganx import runner
-    from rayganx.train import epoch_batches
-
-    node = ray.get_runtime_context().get_node_id()
-    shards = runner.data_config().configure(runner.train_datasets(spec, runner.plan(spec)), world, None,
-                                            [node] * world)
-    out = [[None] * epochs for _ in range(world)]
-
-    def consume(rank):
-        for e in range(epochs):
-            out[rank][e] = [_ids(b["image"]) for b in epoch_batches(shards[rank]["train"], spec)]
-
-    threads = [threading.Thread(target=consume, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    p = runner.plan(spec)
+    src = rows.source(spec, p.split, p.rows)
+    out = []
+    for rank in range(world):
+        reader = rows.Reader(src, spec.train.batch_size, spec.train.seed, rank, world)
+        feed = reader.batches(start or Position())
+        got = [next(feed) for _ in range(batches)]
+        out.append([(pos, _ids(b["image"]), b["id"].tolist()) for pos, b in got])
     return out
+
+
+def _spec(tmp_path, **data):
+    from rayganx.spec import from_dict
+
+    seed = data.pop("seed", 7)
+    return from_dict({"name": "s", "model": {"kind": "mlp_gan"}, "storage": {"path": str(tmp_path / "runs")},
+                      "data": {"source": "image_folder", "path": str(tmp_path / "imgs"), "image_size": 4,
+                               "labels": True, **data},
+                      "train": {"steps": 1, "batch_size": 32, "seed": seed}, "scaling": {"num_workers": 2}})
 
 
 @pytest.mark.parametrize("cache", [False, True])
 def test_every_epoch_is_a_fresh_permutation_that_the_seed_repeats(ray_session, tmp_path, cache):
-    from rayganx.spec import from_dict
-
     _class_folder(tmp_path / "imgs")
-
-    def spec(seed):
-        return from_dict({"name": "s", "model": {"kind": "mlp_gan"}, "storage": {"path": str(tmp_path / "runs")},
-                          "data": {"source": "image_folder", "path": str(tmp_path / "imgs"), "image_size": 4,
-                                   "labels": True, "cache": cache},
-                          "train": {"steps": 1, "batch_size": 32, "seed": seed}, "scaling": {"num_workers": 2}})
-
-    first = _shard_epochs(spec(7))
+    first = _read(_spec(tmp_path, cache=cache))
     for rank in range(2):
-        for epoch in range(2):
-            batches = first[rank][epoch]
-            assert len(batches) == 12 and all(len(b) == 16 for b in batches)  # 200 rows a worker
-            # 10 classes drawn at random: a batch of 16 holds about 7 classes, in path order one
-            largest = [max(np.bincount(np.asarray(b) // 40, minlength=10)) / 16 for b in batches]
-            assert np.mean(largest) < 0.4 and max(largest) <= 0.5, largest
-    seen = [sum(first[0][e] + first[1][e], []) for e in range(2)]
+        assert all(len(ids) == 16 for _, ids, _ in first[rank])  # 12 batches of 16 an epoch, per worker
+        # 10 classes drawn at random: a batch of 16 holds about 7 classes, in path order one
+        largest = [max(np.bincount(np.asarray(ids) // 40, minlength=10)) / 16 for _, ids, _ in first[rank]]
+        assert np.mean(largest) < 0.4 and max(largest) <= 0.5, largest
+        # the ids the reader reports are the rows' own (their place in path order)
+        assert all(ids == row_ids for _, ids, row_ids in first[rank])
+    seen = [sum([ids for r in range(2) for pos, ids, _ in first[r] if pos.epoch == e], []) for e in range(2)]
     assert all(len(set(s)) == len(s) == 384 for s in seen)  # rows of the whole dataset, each once
     assert seen[0] != seen[1]  # another order
-    assert set(sum(first[0][0], [])) != set(sum(first[0][1], []))  # not a fixed shard per worker
-    assert _shard_epochs(spec(7)) == first  # the seed repeats the sequence of orders
-    assert _shard_epochs(spec(8))[0][0] != first[0][0]  # and is not ignored
+    assert _read(_spec(tmp_path, cache=cache)) == first  # the seed repeats the sequence of orders
+    assert _read(_spec(tmp_path, cache=cache, seed=8))[0][0][1] != first[0][0][1]  # and is not ignored
+    # a resumed reader reads on from the exact row, mid-epoch and across the epoch's end
+    start = first[0][5][0]
+    assert [r[:19] for r in _read(_spec(tmp_path, cache=cache), start=start, batches=19)] == [r[5:] for r in first]
+    # one worker reads each global batch whole: the same rows as two workers' halves
+    one = _read(_spec(tmp_path, cache=cache), world=1, batches=12)[0]
+    assert [ids for _, ids, _ in one] == [a[1] + b[1] for a, b in zip(first[0][:12], first[1][:12])]
+
+
+def test_parquet_rows_are_read_in_the_same_order_decoded_or_not(ray_session, tmp_path):
+    rdata.prepare_digits(str(tmp_path / "pq"), "parquet", size=8)
+    spec = _spec(tmp_path, source="parquet", path=str(tmp_path / "pq"), image_size=8)
+    streamed = _read(spec.model_copy(update={"data": spec.data.model_copy(update={"cache": False})}), batches=6)
+    kept = _read(spec.model_copy(update={"data": spec.data.model_copy(update={"cache": True})}), batches=6)
+    assert [[ids for _, _, ids in r] for r in streamed] == [[ids for _, _, ids in r] for r in kept]
+
+
+def test_a_split_is_the_same_wherever_the_dataset_is(tmp_path):
+    # keyed by each file's path inside the dataset: a copy elsewhere (another disk, a bucket, a
+    # mount) holds out the same images
+    import shutil
+
+    _class_folder(tmp_path / "a" / "imgs", classes=3, per_class=30)
+    shutil.copytree(tmp_path / "a" / "imgs", tmp_path / "elsewhere" / "copy")
+    split = {}
+    for where in (tmp_path / "a" / "imgs", tmp_path / "elsewhere" / "copy"):
+        d = DataSpec(source="image_folder", path=str(where), labels=True, image_size=4, val_fraction=0.3)
+        split[where.name] = [p.rsplit("/", 2)[-2:] for p in rdata.image_files(d, "val").paths]
+    assert split["imgs"] == split["copy"] and 0 < len(split["imgs"]) < 90
+
+
+def test_a_stray_image_beside_the_class_folders_is_named_and_skipped(ray_session, tmp_path, caplog):
+    _class_folder(tmp_path / "imgs", classes=2, per_class=5)
+    Image.fromarray(np.zeros((4, 4), np.uint8), mode="L").save(tmp_path / "imgs" / "stray.png")
+    d = DataSpec(source="image_folder", path=str(tmp_path / "imgs"), labels=True, image_size=4, on_corrupt="skip")
+    images, labels = rows(rdata.build(d))
+    assert len(images) == 10 and sorted(set(labels.tolist())) == [0, 1]
+    assert any("stray.png" in r.getMessage() and "outside the class sub-folders" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_validation_counts_every_row_once_across_workers(ray_session, tmp_path):
@@ -232,7 +236,7 @@ def test_validation_counts_every_row_once_across_workers(ray_session, tmp_path):
     n_val = rdata.count_rows(spec.data, "val")
     world = next(w for w in range(2, 8) if n_val % w)  # where an equal split would drop rows
     node = ray.get_runtime_context().get_node_id()
-    shards = runner.data_config().configure(runner.train_datasets(spec, runner.plan(spec)), world, None,
+    shards = runner.data_config().configure(runner.val_dataset(spec, runner.plan(spec)), world, None,
                                             [node] * world)
     counted, ids = [None] * world, [None] * world
 
@@ -250,7 +254,7 @@ def test_validation_counts_every_row_once_across_workers(ray_session, tmp_path):
     assert sum(counted) == n_val  # what validation reports (val_images)
 
 
-def test_run_data_config_keeps_order_and_prints_no_ray_deprecation():
+def test_run_data_config_prints_no_ray_deprecation():
     import warnings
 
     from ray.util.annotations import RayDeprecationWarning
@@ -262,5 +266,5 @@ def test_run_data_config_keeps_order_and_prints_no_ray_deprecation():
         warnings.simplefilter("error", RayDeprecationWarning)
         cfg = runner.data_config()
         # "val" takes the default options, which Ray's DataConfig builds with the deprecated field
-        train, val = cfg._resolve_execution_options("train"), cfg._resolve_execution_options("val")
-    assert train.preserve_order is True and val.preserve_order is False
+        val = cfg._resolve_execution_options("val")
+    assert val.preserve_order is False

@@ -3,7 +3,6 @@ real faults injected into real runs (a killed worker, Ctrl-C, a store outage, di
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,10 +15,12 @@ import pytest
 import torch
 
 from rayganx import runner, spec as jobspec
-from rayganx.runs import (MARKER, MetricsLog, RunLock, RunLockedError, checkpoint_manifest, list_checkpoints,
-                          load_state, read_metrics, scan_checkpoints)
+from rayganx.lock import LockLostError, RunLock, RunLockedError
+from rayganx.runs import (MARKER, MetricsLog, checkpoint_manifest, list_checkpoints, load_state, read_metrics,
+                          scan_checkpoints)
 from rayganx.storage import Store, StorageError
 from tests.conftest import JOBS, ROOT, TEST_KEY_ID, TEST_SECRET, local_checkpoint, rayganx, tiny, write_job
+from tests.test_resume import assert_same_state
 
 
 def _checkpoint(run: Path, step: int, spec) -> Path:
@@ -113,22 +114,36 @@ def test_export_loads_with_torch_alone(small_run, tmp_path):
 
 def test_metrics_log_appends_parts_and_the_reader_survives_torn_lines(tmp_path):
     run = Store(str(tmp_path / "run"))
-    log = MetricsLog(run, 0, flush_every_s=3600)
+    log = MetricsLog(run, 0, flush_every_s=3600, writer="aaaa1111")
     for step in (2, 4):
         log.append({"step": step, "loss": step})
     log.append({"step": 6, "loss": 6}, force=True)  # a checkpoint step flushes
     log.append({"step": 8, "loss": 8})  # never flushed: the process dies here
     assert [m["step"] for m in read_metrics(run)] == [2, 4, 6]
     parts = sorted((tmp_path / "run" / "metrics").iterdir())
-    assert [p.name for p in parts] == ["part_000000.jsonl"]
+    assert [p.name for p in parts] == ["part_000000_aaaa1111.jsonl"]  # named by its writer
     # an attempt resumed from the checkpoint at step 4 supersedes what came after it
-    resumed = MetricsLog(run, 4, flush_every_s=3600)
+    resumed = MetricsLog(run, 4, flush_every_s=3600, writer="bbbb2222")
     resumed.append({"step": 6, "loss": 60}, force=True)
     assert [(m["step"], m["loss"]) for m in read_metrics(run)] == [(2, 2), (4, 4), (6, 60)]
     with open(parts[0], "a") as f:
         f.write('{"step": 7, "lo')  # a torn line (written by something else, or a bad disk)
     assert [m["step"] for m in read_metrics(run)] == [2, 4, 6]
     assert read_metrics(run, last_only=True)[0]["loss"] == 60
+
+
+def test_two_writers_of_one_run_never_overwrite_each_others_parts(tmp_path):
+    # Two processes that both think they hold the run pick the same next part number: each part
+    # is created, never replaced, and carries its writer's name, so both survive whole.
+    run = Store(str(tmp_path / "run"))
+    a, b = MetricsLog(run, 0, writer="aaaa1111"), MetricsLog(run, 0, writer="bbbb2222")
+    a.append({"step": 2, "who": "a"}, force=True)
+    b.append({"step": 2, "who": "b"}, force=True)
+    names = sorted(p.name for p in (tmp_path / "run" / "metrics").iterdir())
+    assert names == ["part_000000_aaaa1111.jsonl", "part_000000_bbbb2222.jsonl"]
+    assert {json.loads(p.read_text())["who"] for p in (tmp_path / "run" / "metrics").iterdir()} == {"a", "b"}
+    with pytest.raises(FileExistsError):  # the same writer's name twice is refused, not overwritten
+        run.create(b"x", "metrics", "part_000000_aaaa1111.jsonl")
 
 
 def test_local_checkpoint_copies_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
@@ -146,25 +161,74 @@ def test_local_checkpoint_copies_of_dead_writers_are_swept_and_live_ones_kept(tm
     assert not stale.exists() and live.exists() and other.exists()
 
 
-def test_run_lock_refuses_a_second_writer_and_takes_over_a_stale_one(tmp_path):
-    run = Store(str(tmp_path / "run"))
+def _lock_cases(tmp_path, s3_server):
+    return [Store(str(tmp_path / "run")), Store("s3://rayganx-test/locks/run", s3_server)]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_run_lock_refuses_a_second_writer_and_takes_over_a_stale_one(tmp_path, s3_server, where):
+    run = _lock_cases(tmp_path, s3_server)[["local", "s3"].index(where)]
     first = RunLock(run, heartbeat_s=0.2, stale_after=2)
     assert first.acquire() is None
     with pytest.raises(RunLockedError, match=r"in use by .*@.* \(pid \d+\), last heartbeat \d+ s ago; .*--force"):
         RunLock(run).acquire()
     time.sleep(1.0)
-    held = json.loads((tmp_path / "run" / "lock.json").read_text())
+    held, _ = first.holder()
     assert held["pid"] == os.getpid() and time.time() - held["heartbeat"] < 1.0  # the heartbeat runs
     forced = RunLock(run)
     assert "(--force)" in forced.acquire(force=True)
+    time.sleep(0.6)  # the first holder's next heartbeat finds another token: it has lost the lock
+    assert first.lost.is_set() and "taken over" in first.why_lost
+    with pytest.raises(LockLostError):
+        first.check()
     first.release()  # no longer the holder: leaves the new holder's lock alone
-    assert json.loads((tmp_path / "run" / "lock.json").read_text())["token"] == forced.token
+    assert forced.holder()[0]["token"] == forced.token
     forced._stop.set()  # the process "dies": no more heartbeats, no release
+    forced._thread.join()
     stale = RunLock(run, stale_after=0.5)
     time.sleep(0.6)
     assert "no heartbeat for" in stale.acquire()
     stale.release()
-    assert not (tmp_path / "run" / "lock.json").exists()
+    assert stale.holder() == (None, None)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_of_two_processes_taking_a_run_at_once_exactly_one_wins(tmp_path, s3_server, where):
+    # Conditional writes decide, not timing: eight takers at once (a fresh lock, then a stale one).
+    run = _lock_cases(tmp_path, s3_server)[["local", "s3"].index(where)]
+    for round_ in ("fresh", "stale"):
+        barrier, won, refused = threading.Barrier(8), [], []
+
+        def take():
+            lock = RunLock(run, stale_after=0.5)
+            barrier.wait()
+            try:
+                lock.acquire()
+                won.append(lock)
+            except RunLockedError:
+                refused.append(lock)
+
+        threads = [threading.Thread(target=take) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1 and len(refused) == 7, (round_, len(won))
+        assert won[0].still_held()
+        won[0]._stop.set()  # dies holding it: the next round finds a stale lock
+        won[0]._thread.join()
+        time.sleep(0.6)
+
+
+def test_a_lock_whose_process_is_gone_is_taken_over_at_once(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    run = Store(str(tmp_path / "run"))
+    lock = RunLock(run)
+    lock.info["pid"] = int(dead.stdout)
+    lock.acquire()
+    lock._stop.set()
+    lock._thread.join()
+    assert "its process is gone" in RunLock(run).acquire()
 
 
 def test_credentials_in_a_job_file_are_refused_and_placeholders_stay_placeholders(tmp_path):
@@ -200,41 +264,62 @@ def _kill_a_train_worker() -> int:
     raise AssertionError("no Ray Train worker process found")
 
 
-def test_worker_killed_mid_run_resumes_from_the_last_checkpoint(ray_session, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAYGANX_TEST_RUNS", str(tmp_path / "private-runs-dir"))
-    # The default asynchronous upload, and the kill lands right after a checkpoint step, while
-    # that checkpoint's upload may still be in flight: the run must resume from the last
-    # checkpoint whose upload finished (that one, or the one before), never from a cut-off copy.
-    sets = ["storage.checkpoint_every=4", "storage.path=${RAYGANX_TEST_RUNS}"]
-    spec = _digits(tmp_path, "killed", 16, sets=["scaling.max_failures=2", *sets])
-    assert spec.storage.async_upload
-    seen, killed = [], {}
+def _raw_rows(run: Store) -> list[dict]:
+    return [json.loads(line) for p in sorted(Path(run.root, "metrics").iterdir()) for line in p.read_text().splitlines()]
+
+
+# The job every exact-resume test runs: digits as an image folder, decoded by Ray Data, 2 DDP workers,
+# with the draws that make a resume hard to get right (EMA, DiffAugment, instance noise, lazy R1).
+EXACT = ["model.ngf=8", "model.ndf=8", "train.batch_size=32", "train.log_every=2", "storage.checkpoint_every=4",
+         "storage.keep=10", "train.ema_decay=0.9", "train.diffaug=[translation]", "train.instance_noise=0.05",
+         "train.r1_gamma=0.1", "train.r1_every=3", "samples.every=1000"]
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def exact(ray_session, tmp_path_factory):
+    """The exact-resume job, and its uninterrupted run to step 40 (the reference)."""
+    from rayganx.data import prepare_digits
+
+    tmp = tmp_path_factory.mktemp("exact")
+    prepare_digits(str(tmp / "digits"), "folder", size=32)
+    job = write_job(tmp / "exact.yaml", "dcgan_digits.yaml", name="exact", storage={"path": str(tmp / "runs")},
+                    data={"source": "image_folder", "path": str(tmp / "digits"), "labels": False})
+    sets = [*EXACT, f"train.steps={STEPS}"]
+    runner.run(jobspec.load(job, sets))
+    return {"job": job, "sets": sets, "tmp": tmp, "ref": load_state(f"{tmp}/runs/exact/checkpoint_{STEPS:06d}")}
+
+
+def test_a_worker_killed_mid_run_resumes_to_the_uninterrupted_run_bitwise(exact, monkeypatch):
+    # The default asynchronous upload, and the kill lands right after a checkpoint step, while that
+    # checkpoint's upload may still be in flight: the run resumes from it or, cut off, the one before;
+    # never from step 0, never from a cut-off copy; and ends with every tensor equal to the reference.
+    monkeypatch.setenv("RAYGANX_TEST_RUNS", str(exact["tmp"] / "private-runs-dir"))
+    spec = jobspec.load(exact["job"], [*exact["sets"], "name=killed", "scaling.max_failures=2",
+                                       "storage.path=${RAYGANX_TEST_RUNS}"])
+    killed = {}
 
     def printer(m):
-        seen.append(m["step"])
         if m["step"] >= 8 and m["step"] % 4 == 0 and not killed:
             killed.update(step=m["step"], pid=_kill_a_train_worker())
 
     t0 = time.monotonic()
     result = runner.run(spec, printer=printer)
-    assert killed and result.steps == 16
+    assert killed and result.steps == STEPS
     run = Store(spec.run_url)
-    assert [m["step"] for m in read_metrics(run)] == list(range(2, 17, 2))
-    restart = [json.loads(line) for p in sorted(Path(run.root, "metrics").iterdir())
-               for line in p.read_text().splitlines() if "restart_from" in line]
-    assert len(restart) == 1, restart
-    resumed_from = restart[0]["restart_from"]
-    # The worker died at or after the checkpoint step the printer saw: the run went back to that
-    # checkpoint or, its upload cut off, the one before; never further.
-    assert resumed_from % 4 == 0 and killed["step"] - 2 * spec.storage.checkpoint_every <= resumed_from < 16, \
-        (seen, resumed_from)
-    # every checkpoint listed at the end is complete, and loads
-    listed = list_checkpoints(run)
-    assert [c["step"] for c in listed][-1] == 16
-    for c in listed:
-        assert Path(run.root, f"checkpoint_{c['step']:06d}", MARKER).exists()
+    raw = _raw_rows(run)
+    restart = [i for i, r in enumerate(raw) if "restart_from" in r]
+    assert len(restart) == 1, raw
+    resumed_from = raw[restart[0]]["restart_from"]
+    reached = max(r["step"] for r in raw[:restart[0]] if "step" in r)  # logged before the restart
+    # a resume, not a restart from step 0, and at most one checkpoint interval lost
+    assert 0 < resumed_from and reached - resumed_from <= spec.storage.checkpoint_every, (killed, resumed_from, reached)
+    state = load_state(f"{spec.run_url}/checkpoint_{STEPS:06d}")
+    assert_same_state(state, exact["ref"])  # weights, optimisers and the EMA copy, bitwise
+    assert state["position"] == exact["ref"]["position"]
+    assert [m["step"] for m in read_metrics(run)] == list(range(2, STEPS + 1, 2))
     print(f"FIGURE worker-kill: killed after step {killed['step']} was logged, resumed from step {resumed_from}, "
-          f"run finished in {time.monotonic() - t0:.0f} s")
+          f"run finished in {time.monotonic() - t0:.0f} s, state equal to the uninterrupted run")
     # the killed worker's local copies are gone: the next rank 0 swept them at its checkpoint
     from rayganx.checkpointing import sweep_stale_copies
 
@@ -245,15 +330,42 @@ def test_worker_killed_mid_run_resumes_from_the_last_checkpoint(ray_session, tmp
             assert b"private-runs-dir" not in f.read_bytes(), f
     assert "${RAYGANX_TEST_RUNS}" in (Path(run.root) / "spec.yaml").read_text()
 
-    # the newest checkpoint cut off: a resubmission resumes from the one before, and says so
-    state = Path(run.root, "checkpoint_000016", "state.pt")
-    state.write_bytes(state.read_bytes()[:1000])
-    more = runner.run(_digits(tmp_path, "killed", 20, sets=sets))
-    assert more.steps == 20
+    # the newest checkpoint cut off: a resubmission resumes from the one before, says so, and the
+    # folders it writes from there carry a generation (the cut-off one's name is never reused)
+    state_file = Path(run.root, f"checkpoint_{STEPS:06d}", "state.pt")
+    state_file.write_bytes(state_file.read_bytes()[:1000])
+    more = runner.run(jobspec.load(exact["job"], [*exact["sets"], "name=killed", "storage.path=${RAYGANX_TEST_RUNS}",
+                                                  f"train.steps={STEPS + 4}"]))
+    assert more.steps == STEPS + 4
     rows = read_metrics(run)
-    assert [m["step"] for m in rows if "event" not in m] == list(range(2, 21, 2))
-    assert any(m.get("event") == "resume" and "checkpoint_000016 is incomplete" in m["note"] for m in rows)
-    assert list_checkpoints(run)[-1]["step"] == 20
+    assert any(m.get("event") == "resume" and f"checkpoint_{STEPS:06d} is incomplete" in m["note"] for m in rows)
+    assert [c["name"] for c in list_checkpoints(run)][-2:] == [f"checkpoint_{STEPS:06d}_1",
+                                                               f"checkpoint_{STEPS + 4:06d}_1"]
+
+
+def test_evaluation_every_few_steps_does_not_change_the_weights(exact):
+    spec = jobspec.load(exact["job"], [*exact["sets"], "name=evaluated", "eval.every=4", "eval.num_samples=64",
+                                       "samples.every=4"])
+    runner.run(spec)
+    assert_same_state(load_state(f"{spec.run_url}/checkpoint_{STEPS:06d}"), exact["ref"])
+    assert "fid" in read_metrics(Store(spec.run_url))[-1]  # it did evaluate (and sample) along the way
+
+
+def test_a_2d_job_killed_and_resumed_ends_equal_to_the_uninterrupted_run(ray_session, tmp_path):
+    sets = ["train.steps=60", "storage.checkpoint_every=20", "train.log_every=10", "storage.keep=5",
+            f"storage.path={tmp_path}", "samples.every=1000", "scaling.num_workers=1"]
+    assert runner.run(jobspec.load(JOBS / "pacgan_ring.yaml", [*sets, "name=ring_ref"])).steps == 60
+    killed = {}
+
+    def printer(m):
+        if m["step"] >= 30 and not killed:
+            killed["pid"] = _kill_a_train_worker()
+
+    spec = jobspec.load(JOBS / "pacgan_ring.yaml", [*sets, "name=ring_killed", "scaling.max_failures=1"])
+    assert runner.run(spec, printer=printer).steps == 60 and killed
+    assert any("restart_from" in r for r in _raw_rows(Store(spec.run_url)))
+    assert_same_state(load_state(f"{tmp_path}/ring_killed/checkpoint_000060"),
+                      load_state(f"{tmp_path}/ring_ref/checkpoint_000060"))
 
 
 def test_divergence_rolls_back_to_the_last_checkpoint_and_finishes(ray_session, tmp_path, monkeypatch):
@@ -268,7 +380,7 @@ def test_divergence_rolls_back_to_the_last_checkpoint_and_finishes(ray_session, 
     assert rows[-1]["lr_g"] == pytest.approx(0.5 * spec.train.optim_g.lr) and rows[-1]["rollbacks"] == 1
     state = load_state(f"{spec.run_url}/checkpoint_000012")
     assert state["lr_scale"] == 0.5
-    assert state["batches"] == 16  # 12 steps, and the 4 rolled back: the data is not rewound
+    assert state["position"]["batches"] == 16  # 12 steps, and the 4 rolled back: the data is not rewound
     assert all(torch.isfinite(v).all() for v in state["models"]["g"].values() if v.is_floating_point())
 
 
@@ -353,18 +465,19 @@ def test_a_caller_that_ignores_sigint_keeps_ignoring_it_during_fit():
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_promptly_and_the_same_submit_continues(tmp_path):
-    job = write_job(tmp_path / "ctrlc.yaml", "dcgan_digits.yaml",
-                    **tiny("ctrlc", tmp_path / "runs", steps=100_000, train={"log_every": 2}))
-    sets = ["--set", "storage.checkpoint_every=4", "--set", "model.ngf=16", "--set", "model.ndf=16",
-            "--set", "train.batch_size=32"]
-    # SIG_DFL in the child: a CLI started from a terminal, even when pytest runs with SIGINT ignored
+def test_ctrl_c_stops_promptly_and_the_same_submit_ends_equal_to_the_uninterrupted_run(exact):
+    job, sets = exact["job"], [a for s in [*exact["sets"], "name=ctrlc"] for a in ("--set", s)]
+    # SIG_DFL in the child: a CLI started from a terminal, even when pytest runs with SIGINT ignored.
+    # Its own embedded Ray: what Ctrl-C of `rayganx submit` means for a user. The very job of the
+    # reference (its step count too: the instance noise anneals over it), each upload made to take
+    # 2 s (a throttled store), so the run is still short of its end when the interrupt comes.
     proc = subprocess.Popen([sys.executable, "-m", "rayganx.cli", "submit", str(job), *sets], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "RAYGANX_FAULT_SLOW_UPLOAD_S": "2"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err_thread, err_lines = _drain(proc.stderr)
     try:
-        _wait_for(proc, "step 10/100000", 300)  # long enough that only Ctrl-C ends it
+        _wait_for(proc, f"step 10/{STEPS}", 300)
         _drain(proc.stdout)
         second = rayganx("submit", job, *sets, timeout=120)  # the same run, while it is going
         assert second.returncode == 1 and "in use by" in second.stderr and "--force" in second.stderr, second.stderr
@@ -386,50 +499,13 @@ def test_ctrl_c_stops_promptly_and_the_same_submit_continues(tmp_path):
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "submit the same job again to continue from step" in stderr, stderr
     assert "Traceback" not in stderr
-    run = tmp_path / "runs" / "ctrlc"
+    run = exact["tmp"] / "runs" / "ctrlc"
     assert not (run / "lock.json").exists()
     last = list_checkpoints(Store(str(run)))[-1]["step"]
-    assert last >= 8
+    assert 4 <= last < STEPS, last  # interrupted mid-run, after a checkpoint
     print(f"FIGURE ctrl-c: exited {took:.1f} s after SIGINT, last complete checkpoint step {last}")
-    r = rayganx("submit", job, *sets, "--set", f"train.steps={last + 4}", timeout=300)
+    # The same submit goes on from there to the end.
+    r = rayganx("submit", job, *sets, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert f"resuming from step {last}" in r.stdout and f"step {last + 4}/{last + 4}" in r.stdout
-
-
-def test_object_store_outage_ends_in_one_line_and_keeps_the_last_complete_checkpoint(ray_session, tmp_path):
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
-    spec = _digits(tmp_path, "outage", 400, sets=["storage.path=s3://outage/runs", f"storage.endpoint_url={endpoint}",
-                                                  "storage.checkpoint_every=4"])
-    stopped = {}
-
-    def printer(m):
-        if m["step"] >= 10 and not stopped:
-            server.stop()  # the store goes away mid-run
-            stopped["at"] = time.monotonic()
-
-    try:
-        with pytest.raises(runner.RunError) as err:
-            runner.run(spec, printer=printer)
-        took = time.monotonic() - stopped["at"]
-        message = str(err.value)
-        # named by whichever client saw it first: Ray's upload (the store) or rayganx's (the run)
-        assert re.fullmatch(r"s3://outage/runs(/outage(/\w+)*)?: the storage endpoint is unreachable", message), message
-        assert took < 180, took
-        print(f"FIGURE store-outage: failed {took:.1f} s after the store stopped: {message}")
-    finally:
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)  # moto keeps its state in-process
-        server.start()
-    try:
-        ckpts = list_checkpoints(Store("s3://outage/runs/outage", endpoint))
-        # the newest whose upload (asynchronous) finished before the store went away
-        assert ckpts and ckpts[-1]["step"] >= 4
-        assert load_state(ckpts[-1]["url"], endpoint)["step"] == ckpts[-1]["step"]
-    finally:
-        server.stop()
+    assert f"resuming from step {last}" in r.stdout and f"step {STEPS}/{STEPS}" in r.stdout
+    assert_same_state(load_state(str(run / f"checkpoint_{STEPS:06d}")), exact["ref"])

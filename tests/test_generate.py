@@ -35,9 +35,9 @@ def read_parts(store: Store) -> list[dict]:
     return rows
 
 
-def test_generate_to_s3_across_two_workers_then_a_rerun_writes_nothing(cgan_ckpt, s3_server):
+def test_generate_to_s3_across_two_workers_then_a_rerun_writes_nothing(cgan_ckpt, s3_server, on_head):
     out_url = "s3://rayganx-test/generated/cgan"
-    env = {"AWS_ENDPOINT_URL": s3_server}
+    env = {"AWS_ENDPOINT_URL": s3_server, **on_head}
     r = rayganx("generate", cgan_ckpt, "--n", "250", "--part-size", "60", "--workers", "2", "--labels", "3,7",
                 "--seed", "5", "--out", out_url, env=env)
     assert r.returncode == 0, r.stderr
@@ -47,9 +47,15 @@ def test_generate_to_s3_across_two_workers_then_a_rerun_writes_nothing(cgan_ckpt
     assert len(rows) == 250
     seeds = [row["seed"] for row in rows]
     assert sorted(seeds) == [5 * 2 ** 32 + i for i in range(250)]  # distinct, one per image
+    seeds = sorted(seeds)
     assert {row["label"] for row in rows} == {3, 7}
     im = Image.open(io.BytesIO(rows[0]["image"]))
     assert im.size == (32, 32) and im.mode == "L"
+    # The folder is a Parquet dataset as it is: pandas reads it whole (the manifest's leading "_" is skipped).
+    import pandas as pd
+
+    frame = pd.read_parquet(out_url, storage_options={"client_kwargs": {"endpoint_url": s3_server}})
+    assert len(frame) == 250 and sorted(frame["seed"]) == seeds and store.exists(generate.MANIFEST)
 
     # The same images again from the seeds alone, whichever worker made them.
     g, spec, n_cls = generate.load(cgan_ckpt, None)

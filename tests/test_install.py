@@ -14,7 +14,6 @@ import pytest
 from tests.conftest import JOBS, ROOT
 
 pytestmark = pytest.mark.slow
-CRDS = Path(os.environ.get("RAYGANX_KUBERAY_CRDS") or ROOT.parent / "shared" / "kuberay")
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +68,8 @@ def test_the_wheel_is_what_runs(venv):
     assert r.returncode == 0 and r.stdout.strip() == "0.1.0"
 
 
-@pytest.mark.skipif(not (CRDS / "ray.io_rayjobs.yaml").is_file(), reason=f"no KubeRay CRDs in {CRDS}")
-def test_render_and_validate_from_a_pip_install(venv):
+def test_render_and_validate_from_a_pip_install(venv, kuberay_crds):
+    CRDS = kuberay_crds
     job = ["dcgan_celeba.yaml", "--image", "REG/rayganx:0.1", "--set", "storage.path=s3://bucket/runs",
            "--set", "data.path=s3://bucket/celeba", "--set", "scaling.num_workers=4"]
     r = user(venv, "k8s", "render", *job, "--out", "rayjob.yaml")

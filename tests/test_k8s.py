@@ -1,20 +1,23 @@
-"""Manifests rendered and validated against the KubeRay v1.7.0 CRD schemas in ../shared/kuberay/
-(the test fixture; the package itself never looks there)."""
+"""Manifests rendered and validated against the KubeRay v1.7.0 CRD schemas shipped with the tests
+(tests/fixtures/kuberay/; the package itself never looks there)."""
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from rayganx import crds, k8s, spec as jobspec
-from tests.conftest import JOBS, ROOT, rayganx
+from tests.conftest import JOBS, rayganx
 
 K8S = JOBS.parent / "k8s"
-CRDS = Path(os.environ.get("RAYGANX_KUBERAY_CRDS") or ROOT.parent / "shared" / "kuberay")
-pytestmark = pytest.mark.skipif(not (CRDS / "ray.io_rayjobs.yaml").is_file(),
-                                reason=f"KubeRay CRD schemas not found in {CRDS} (set RAYGANX_KUBERAY_CRDS)")
+CRDS: Path  # the unpacked fixtures (conftest.kuberay_crds), set for every test here
+
+
+@pytest.fixture(autouse=True)
+def _crds(kuberay_crds):
+    global CRDS
+    CRDS = kuberay_crds
 IMAGE = "ghcr.io/example/rayganx:0.1.0"
 # How the checked-in RayJobs are made; test_checked_in_rayjobs_are_rendered keeps them so.
 RENDERED = {
@@ -28,8 +31,8 @@ RENDERED = {
 
 
 @pytest.fixture(scope="module")
-def schemas():
-    return crds.from_dir(CRDS)
+def schemas(kuberay_crds):
+    return crds.from_dir(kuberay_crds)
 
 
 def docs(path):
@@ -94,16 +97,16 @@ def test_set_values_reach_the_configmap_and_size_the_cluster(tmp_path):
 
 def test_placeholders_stay_for_the_pod_with_the_value_checked_here(tmp_path):
     r, (cm, job) = render(tmp_path, JOBS / "dcgan_celeba.yaml", "--image", "x", "--set", "storage.path=s3://b/runs",
-                          env={"CELEBA_DIR": "s3://b/celeba"})
+                          env={"CELEBA_PARQUET": "s3://b/celeba"})
     assert r.returncode == 0, r.stderr
-    assert yaml.safe_load(cm["data"]["job.yaml"])["data"]["path"] == "${CELEBA_DIR:-/data/celeba}"
+    assert yaml.safe_load(cm["data"]["job.yaml"])["data"]["path"] == "${CELEBA_PARQUET:-/data/celeba64}"
     for c in (job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0],
               worker_group(job)["template"]["spec"]["containers"][0]):
-        assert c["env"] == [{"name": "CELEBA_DIR", "value": "s3://b/celeba"}]
+        assert c["env"] == [{"name": "CELEBA_PARQUET", "value": "s3://b/celeba"}]
 
 
 def test_pod_local_storage_and_local_data_are_refused(tmp_path):
-    r, _ = render(tmp_path, JOBS / "dcgan_celeba.yaml", "--image", "x", env={"CELEBA_DIR": str(tmp_path)})
+    r, _ = render(tmp_path, JOBS / "dcgan_celeba.yaml", "--image", "x", env={"CELEBA_PARQUET": str(tmp_path)})
     assert r.returncode == 1 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 2, r.stderr

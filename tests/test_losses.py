@@ -215,7 +215,7 @@ def test_diffaugment_applies_the_same_policy_to_real_and_fake():
                       "scaling": {"num_workers": 1}})
     task = GANTask(spec, None, torch.device("cpu"), distributed=False)
     for x in (torch.ones(8, 1, 32, 32), -torch.ones(8, 1, 32, 32)):  # "real" and "fake"
-        assert ((task._d_input(x, 0, 10) == 0).flatten(1).sum(1) > 0).all()
+        assert ((task._d_input(x, 0, 10, None) == 0).flatten(1).sum(1) > 0).all()
 
 
 def test_gradient_penalty_interpolates_the_augmented_inputs_d_trains_on():

@@ -1,73 +1,22 @@
 """The Jobs API against a real head node started with `ray start --head` on 127.0.0.1."""
 
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
-import psutil
 import pytest
 import yaml
 
+from tests.cluster import free_port
 from tests.conftest import JOBS, rayganx
 
 
-# The venv's own `ray`, whether or not the venv is activated.
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-# Job entrypoints run `python -m rayganx.cli` from the head's PATH: this venv's, activated or not.
-VENV_PATH = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A real Ray head (token auth as Ray sets it); only its own processes are ended afterwards."""
-    import tempfile
-
-    temp = tempfile.mkdtemp(prefix="rgx", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    dash, metrics = free_port(), free_port()
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-cpus=3", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
-         f"--temp-dir={temp}", "--disable-usage-stats", "--include-dashboard=true",
-         # Free ports for the agents too: the defaults (52365, ...) may be held by another Ray here.
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=VENV_PATH)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:  # 401 without a token: the server is up
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        pytest.fail("the Ray head did not start")
-    yield {"address": address, "metrics": f"http://127.0.0.1:{metrics}/metrics", "tmp": temp}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:  # it drains for up to 30 s; nothing here needs draining
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    for p in psutil.process_iter(["cmdline"]):
-        if any(temp in arg for arg in (p.info["cmdline"] or [])):
-            p.kill()
-    shutil.rmtree(temp, ignore_errors=True)
+def head(ray_head):
+    """The session's Ray head (token auth as Ray sets it), through its Jobs API."""
+    return {"address": ray_head.dashboard, "metrics": f"http://127.0.0.1:{ray_head.metrics_port}/metrics"}
 
 
 def test_submit_follow_logs_list_and_status(head, s3_server, tmp_path):
@@ -109,7 +58,7 @@ def test_submit_follow_logs_list_and_status(head, s3_server, tmp_path):
 
 def test_local_data_and_storage_are_refused_before_anything_is_sent(tmp_path):
     unreachable = f"http://127.0.0.1:{free_port()}"  # refused before any connection is tried
-    r = rayganx("submit", JOBS / "dcgan_celeba.yaml", "--address", unreachable, env={"CELEBA_DIR": str(tmp_path)})
+    r = rayganx("submit", JOBS / "dcgan_celeba.yaml", "--address", unreachable, env={"CELEBA_PARQUET": str(tmp_path)})
     assert r.returncode == 1 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 2, r.stderr

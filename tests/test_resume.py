@@ -2,18 +2,17 @@
 spec, the seed and the position, whatever the number of workers and however a run was
 interrupted. Unit tests here need no Ray; the runs that prove it end to end are in test_faults."""
 
-import json
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from rayganx import order, randomness, rows, spec as jobspec
+from rayganx import order, randomness, rows
+from rayganx import spec as jobspec
 from rayganx.order import Position
-from rayganx.tasks import GANTask, unwrap
-from tests.conftest import ROOT, local_checkpoint, rayganx, write_job
-
+from rayganx.tasks import GANTask
+from tests.conftest import local_checkpoint, rayganx, write_job
 
 # --------------------------------------------------------------------------- the data order
 
@@ -87,6 +86,31 @@ def test_isolated_puts_every_global_stream_back():
         torch.rand(5), np.random.rand(5), random.random()
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(got[0], expect[0]) and np.array_equal(got[1], expect[1]) and got[2] == expect[2]
+
+
+def test_evaluation_leaves_the_training_streams_where_they_were():
+    # FID, KID and precision/recall, a sample grid, and CAS: none of them moves a global stream a
+    # training run draws from (KID's subsets and CAS's classifiers draw seeded numbers of their own).
+    from rayganx import metrics
+    from rayganx.spec import DataSpec, from_dict
+
+    spec = from_dict({"name": "e", "model": {"kind": "dcgan", "ngf": 4, "ndf": 4, "conditional": True},
+                      "data": {"labels": True, "image_size": 32}, "train": {"steps": 1}, "scaling": {"num_workers": 1}})
+    torch.manual_seed(0)
+    task = GANTask(spec, 10, torch.device("cpu"), distributed=False)
+    from rayganx.data import digits_images
+
+    d = DataSpec(source="digits", labels=True)
+    real = {s: tuple(torch.from_numpy(a)[:200] for a in digits_images(d, s)) for s in ("train", "val")}
+    feats = torch.randn(300, 8)
+    randomness.seed_all(3)
+    before = randomness.capture()
+    metrics.compute(["fid", "kid", "pr"], feats[:150], feats[150:], None)
+    task.sample_png(16, 1)
+    metrics.classification_accuracy_score(task.generator(), spec, 10, real, steps=2)
+    after = randomness.capture()
+    assert torch.equal(before["torch"], after["torch"]) and before["python"][1].equal(after["python"][1])
+    assert before["numpy"][1].equal(after["numpy"][1]) and before["numpy"][2] == after["numpy"][2]
 
 
 def test_captured_streams_round_trip_through_a_weights_only_file(tmp_path):
@@ -222,3 +246,10 @@ def test_runs_show_says_which_steps_ran_under_which_spec(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "attempt 1: steps 0-4" in r.stdout and "attempt 2: steps 4-" in r.stdout, r.stdout
     assert "train.optim_g.lr: 0.0002 -> 0.001" in r.stdout
+
+
+def test_a_dataset_smaller_than_a_global_batch_is_one_line():
+    from rayganx.data import DataError
+
+    with pytest.raises(DataError, match="data: 100 rows are fewer than one global batch"):
+        next(rows.Reader(rows.Points("ring", 100, 0), 128, 0, world=2).batches())

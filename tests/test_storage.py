@@ -139,3 +139,249 @@ def test_native_pyarrow_filesystem_per_scheme(s3_server, tmp_path):
     args = ray_storage(f"{BUCKET}/runs", s3_server)
     assert args["storage_path"] == "rayganx-test/runs" and isinstance(args["storage_filesystem"], pafs.S3FileSystem)
     assert ray_storage("runs") == {"storage_path": os.path.abspath("runs")}
+
+
+# --------------------------------------------------------------------------- a store shared with others
+
+
+def _copy_prefix(s3, src: str, dst: str) -> None:
+    for o in s3.list_objects_v2(Bucket="rayganx-test", Prefix=src)["Contents"]:
+        s3.copy_object(Bucket="rayganx-test", Key=dst + o["Key"][len(src):],
+                       CopySource={"Bucket": "rayganx-test", "Key": o["Key"]})
+
+
+CRAFTED = ["../../../escaped.txt", "/abs/escaped.txt", "sub/../../escaped.txt", "a/./b.txt"]
+
+
+@pytest.mark.parametrize("crafted", CRAFTED)
+def test_crafted_keys_in_a_shared_bucket_write_nothing_outside_the_destination(s3_run, tmp_path, crafted):
+    s3 = boto3.client("s3", endpoint_url=s3_run["endpoint"])
+    base = f"runs/crafted/checkpoint_000004"
+    _copy_prefix(s3, "runs/s3_digits/checkpoint_000004/", base + "/")  # a copy: the shared run stays as it is
+    s3.put_object(Bucket="rayganx-test", Key=f"{base}/{crafted}", Body=b"planted")
+    ep = ["--endpoint-url", s3_run["endpoint"]]
+    dest = tmp_path / "a" / "b" / "c" / "to"
+    url = f"{BUCKET}/{base}"
+    for args in (("checkpoints", "pull", f"{BUCKET}/runs/crafted", "--latest", "--to", dest),
+                 ("sample", url, "--out", dest / "x.png"), ("export", url, "--out", dest / "g.pt")):
+        r = rayganx(*args, *ep)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, (args[0], r.stderr)
+        assert "refused" in r.stderr or "no checkpoints" in r.stderr or "incomplete" in r.stderr, r.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing written anywhere under tmp_path
+    # image completion's outputs are named from its inputs' keys: a crafted one is refused, whole
+    inputs = "data/crafted_inputs"
+    s3.put_object(Bucket="rayganx-test", Key=f"{inputs}/ok.png", Body=_png())
+    s3.put_object(Bucket="rayganx-test", Key=f"{inputs}/{crafted.rstrip('.txt')}.png", Body=_png())
+    r = rayganx("complete", url.replace("crafted", "s3_digits"), "--input", f"{BUCKET}/{inputs}", "--mask", "center",
+                "--method", "mean", "--out", dest, *ep)
+    assert r.returncode == 1 and "refused the key" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    s3.delete_object(Bucket="rayganx-test", Key=f"{inputs}/{crafted.rstrip('.txt')}.png")
+
+
+def _png() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("L", (32, 32), 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_concurrent_probes_of_one_bucket_never_fail_each_other(s3_server):
+    import threading
+
+    failures = []
+
+    def probe():
+        try:
+            for _ in range(5):
+                Store(f"{BUCKET}/probes", s3_server).check_writable()
+        except Exception as e:  # noqa: BLE001
+            failures.append(e)
+
+    threads = [threading.Thread(target=probe) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
+def test_local_stores_write_files_others_can_read(tmp_path):
+    old = os.umask(0o022)
+    try:
+        import importlib
+
+        import rayganx.storage as storage
+
+        importlib.reload(storage)  # the umask is read once, at import
+        storage.Store(str(tmp_path)).write_text("x", "run", "spec.yaml")
+        storage.Store(str(tmp_path)).create(b"x", "run", "metrics", "part_000000.jsonl")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run" / "spec.yaml").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "run" / "metrics" / "part_000000.jsonl").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_tuner_pkl_planted_in_a_sweep_on_object_storage_does_not_run(s3_server, tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.put_object(Bucket="rayganx-test", Key="sweeps/planted/tune/tuner.pkl", Body=pickle.dumps(Payload()))
+    job = tmp_path / "job.yaml"
+    job.write_text((JOBS / "dcgan_digits.yaml").read_text().replace("path: runs", f"path: runs\n  endpoint_url: {s3_server}"))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"name: planted\njob: {job}\nstorage: s3://rayganx-test/sweeps\nmetric: loss_d\n"
+                     "space: {train.optim_g.lr: {grid: [0.0001, 0.0002]}}\nsearch: grid\n")
+    r = rayganx("tune", sweep, "--resume")
+    assert r.returncode == 1 and "--trust-sweep-state" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+class Outage:
+    """A moto server of its own on a fixed port, stopped and started again like a store's bad
+    minutes (moto keeps its objects in-process, so they are still there afterwards)."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        from tests.cluster import free_port
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
+        self.server.start()
+        boto3.client("s3", endpoint_url=self.endpoint).create_bucket(Bucket="outage")
+
+    def stop(self):
+        self.server.stop()
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
+        self.server.start()
+
+
+def test_a_store_outage_shorter_than_the_tolerance_loses_nothing_a_longer_one_ends_the_run_cleanly(
+        ray_session, tmp_path):
+    import threading
+    import time
+
+    store = Outage()
+    job = write_job(tmp_path / "o.yaml", "dcgan_digits.yaml", name="outage",
+                    storage={"path": "s3://outage/runs", "endpoint_url": store.endpoint, "checkpoint_every": 10,
+                             "keep": 10},
+                    model={"ngf": 8, "ndf": 8}, train={"batch_size": 32, "log_every": 2}, samples={"every": 10, "n": 4},
+                    scaling={"num_workers": 1})
+    down = {}
+
+    def printer(m):  # 20 s without the store from step 12 on, the run going on meanwhile
+        if m["step"] >= 12 and not down:
+            store.stop()
+            down["at"] = time.monotonic()
+            threading.Timer(20, store.start).start()
+
+    try:
+        result = runner.run(jobspec.load(job, ["train.steps=60", "storage.outage_tolerance_s=120"]), printer=printer)
+        assert result.steps == 60 and down
+        run = Store("s3://outage/runs/outage", store.endpoint)
+        assert [m["step"] for m in read_metrics(run) if "event" not in m] == list(range(2, 61, 2))  # every row
+        ckpts = list_checkpoints(run)
+        assert [c["step"] for c in ckpts] == [10, 20, 30, 40, 50, 60]  # none lost, every one complete
+        for c in ckpts:
+            assert load_state(c["url"], store.endpoint)["step"] == c["step"]
+        assert run.exists("samples", "step_000020.png")  # a grid made during the outage arrived too
+
+        # Longer than the tolerance: a clear end, the last complete checkpoint intact, and the next
+        # submit resumes once the store is back.
+        stopped = {}
+
+        def printer2(m):
+            if m["step"] >= 64 and not stopped:
+                store.stop()
+                stopped["at"] = time.monotonic()
+
+        with pytest.raises(runner.RunError) as err:
+            runner.run(jobspec.load(job, ["train.steps=100000", "storage.outage_tolerance_s=4"]), printer=printer2)
+        took = time.monotonic() - stopped["at"]
+        message = str(err.value)
+        assert "unreachable" in message and len(message.splitlines()) == 1, message
+        assert took < 120, took
+        print(f"FIGURE store-outage: ended {took:.1f} s after the store stopped for good: {message}")
+        store.start()
+        last = list_checkpoints(run)[-1]
+        assert last["step"] >= 60 and load_state(last["url"], store.endpoint)["step"] == last["step"]
+        more = runner.run(jobspec.load(job, [f"train.steps={last['step'] + 4}", "storage.outage_tolerance_s=120"]))
+        assert more.steps == last["step"] + 4
+    finally:
+        store.stop()
+
+
+def test_slow_uploads_keep_host_memory_bounded(ray_session, tmp_path, monkeypatch):
+    # A store much slower than the checkpoints: training waits for the upload before the next one
+    # instead of queueing a copy of the state per checkpoint (about 40 MB each here).
+    monkeypatch.setenv("RAYGANX_FAULT_SLOW_UPLOAD_S", "1.5")
+    job = write_job(tmp_path / "slow.yaml", "dcgan_digits.yaml", name="slow",
+                    storage={"path": str(tmp_path / "runs"), "checkpoint_every": 1, "keep": 1},
+                    model={"ngf": 64, "ndf": 64}, train={"batch_size": 8, "log_every": 1, "steps": 24},
+                    samples={"every": 1000}, scaling={"num_workers": 1})
+    result = runner.run(jobspec.load(job))
+    assert result.steps == 24
+    rss = [m["peak_rss_mb"] for m in read_metrics(Store(str(tmp_path / "runs" / "slow"))) if "event" not in m]
+    # 24 checkpoints of ~40 MB each queued behind 1.5 s uploads would add ~900 MB; bounded, it stays flat.
+    assert rss[-1] - rss[4] < 150, rss
+
+
+def test_two_submits_at_once_one_trains_and_a_forced_takeover_stops_the_first(on_head, tmp_path):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    job = write_job(tmp_path / "same.yaml", "dcgan_digits.yaml", name="same",
+                    storage={"path": str(tmp_path / "runs"), "checkpoint_every": 4},
+                    model={"ngf": 8, "ndf": 8}, train={"batch_size": 32, "log_every": 2, "steps": 8},
+                    samples={"every": 1000}, scaling={"num_workers": 1})
+    env = {**os.environ, **on_head, "RAYGANX_LOCK_HEARTBEAT_S": "1"}
+
+    def submit(*extra):
+        return subprocess.Popen([sys.executable, "-m", "rayganx.cli", "submit", str(job), *extra], cwd=ROOT,
+                                env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    a, b = submit(), submit()  # together
+    outs = [p.communicate(timeout=300) for p in (a, b)]
+    codes = sorted(p.returncode for p in (a, b))
+    assert codes == [0, 1], outs
+    refused = outs[[a.returncode, b.returncode].index(1)][1]
+    assert "in use by" in refused and len(refused.strip().splitlines()) == 1, refused
+
+    # A long run, then a forced takeover: the first stops writing within two heartbeats (1 s here).
+    first = submit("--set", "train.steps=100000", "--allow-changes")
+    run = tmp_path / "runs" / "same"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run / "metrics").glob("part_*")) or \
+            len(list((run / "metrics").glob("part_*"))) < 3:
+        time.sleep(0.5)
+    second = submit("--force", "--set", "train.steps=100000", "--set", "storage.checkpoint_every=1000",
+                    "--allow-changes")
+    t0 = time.monotonic()
+    out, err = first.communicate(timeout=120)
+    took = time.monotonic() - t0
+    assert first.returncode == 1 and "taken over" in err, err
+    assert took < 60, took  # the takeover itself, then at most two heartbeats (plus Ray's stop)
+    parts_at_stop = {p.name: p.read_bytes() for p in (run / "metrics").glob("part_*")}
+    time.sleep(3)
+    second.terminate()
+    second.communicate(timeout=60)
+    writers = {p.split("_")[2].split(".")[0] for p in parts_at_stop}
+    assert len(writers) == 2, parts_at_stop.keys()  # both runs' parts, each named by its writer
+    for name in parts_at_stop:  # every part whole, and the first's left as they were after it stopped
+        body = (run / "metrics" / name).read_bytes()
+        assert body == parts_at_stop[name] and all(json.loads(line) for line in body.decode().splitlines())

@@ -86,11 +86,11 @@ def test_per_class_on_an_image_folder(tmp_path):
     d = jobspec.from_dict({"name": "f", "model": {"kind": "cnn"}, "train": {"steps": 1},
                            "data": {"source": "image_folder", "path": str(tmp_path / "digits"), "labels": True,
                                     "image_size": 8, "per_class": 5}}).data
-    store = rdata._image_store(d)
-    files = rdata._folder_subset(d, store, rdata._list_images(store))
+    files = rdata.image_files(d, "train").paths
     assert rdata.count_rows(d, "train") == len(files) == 50
     assert sorted({f.split("/")[-2] for f in files}) == [str(c) for c in range(10)]
-    assert not any(rdata._in_split(f.encode(), "val", d.val_fraction) for f in files)
+    held_out = set(rdata.image_files(d.model_copy(update={"per_class": None}), "val").paths)
+    assert held_out and not held_out & set(files)
 
 
 def test_missing_unconditional_or_mismatched_generators_fail_in_one_line(tmp_path, cgan_ckpt):
@@ -188,3 +188,18 @@ def test_cas_on_a_tiny_conditional_run_from_the_cli(tmp_path, ray_session):
     r = rayganx("eval", dcgan, "--metrics", "cas")
     assert r.returncode == 1 and "cas (Classification Accuracy Score) needs a class-conditional generator" in r.stderr
     assert r.stderr.count("error:") == 1, r.stderr
+
+
+def test_cas_of_an_untrained_generator_is_near_chance(cgan_ckpt):
+    # A CAS classifier trained on an untrained generator's images has nothing to learn the classes
+    # from: near chance on the real held-out digits, while the same recipe on the real rows is far
+    # above it (a CAS that trained on the real rows by mistake would score like cas_real).
+    from rayganx import metrics, models
+    from rayganx.runs import load_state
+    from rayganx.spec import DataSpec
+
+    g, spec, classes = models.generator_from_state(load_state(cgan_ckpt))
+    d = DataSpec(source="digits", labels=True, image_size=spec.data.image_size)
+    real = {split: tuple(torch.from_numpy(a) for a in rdata.digits_images(d, split)) for split in ("train", "val")}
+    scores = metrics.classification_accuracy_score(g, spec, classes, real, steps=150)
+    assert scores["cas"] < 0.25 and scores["cas_real"] > 0.8, scores

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from rayganx import data as rdata, models, runner, spec as jobspec
+from rayganx.randomness import Draws
 from rayganx.runs import list_checkpoints, load_state, read_metrics
 from rayganx.storage import Store
 from rayganx.tasks import GANTask
@@ -76,10 +77,13 @@ def test_bad_data_fails_before_training_and_loses_nothing(ray_session, tmp_path)
     folder = tmp_path / "imgs"
     rdata.prepare_digits(str(folder), "folder", size=32)
     (folder / "3" / "bad.png").write_bytes(b"not a png")
-    spec = jobspec.load(job, [f"data.source=image_folder", f"data.path={folder}", "train.steps=4"])
-    with pytest.raises(runner.RunError, match="bad.png"):
+    spec = jobspec.load(job, ["data.source=image_folder", f"data.path={folder}", "train.steps=4"])
+    with pytest.raises(runner.RunError, match="another spec"):  # a changed job is refused first
         runner.run(spec)
+    with pytest.raises(runner.RunError, match="bad.png"):  # and, allowed, its bad data before anything is written
+        runner.run(spec, allow_changes=True)
     assert sorted(p.name for p in (tmp_path / "runs" / "keep").iterdir()) == before
+    assert "source: digits" in (tmp_path / "runs" / "keep" / "spec.yaml").read_text()
     assert [c["step"] for c in list_checkpoints(Store(str(tmp_path / "runs" / "keep")))] == [1, 2]
 
 
@@ -134,33 +138,24 @@ def _penalties_under_ddp(config):
         steps, b = config["steps"], spec.train.batch_size
         gen = torch.Generator().manual_seed(1)
         reals = torch.rand(steps, b, 1, 8, 8, generator=gen) * 2 - 1
-        zs = torch.randn(steps, b, spec.model.latent_dim, generator=gen)
-        alphas = torch.rand(steps, b, generator=gen)
 
-        class SameNoisePerRow(GANTask):
-            # Row i of the global batch gets the same latent and interpolation weight on any worker.
-            def latents(self, n):
-                return zs[self.it, self.lo:self.lo + n]
-
-            def interpolation_weights(self, n):
-                return alphas[self.it, self.lo:self.lo + n]
-
-        def train_steps(distributed, lo, n):
+        def train_steps(distributed, rank, world):
             torch.manual_seed(0)
-            task = SameNoisePerRow(spec, None, torch.device("cpu"), distributed)
+            task = GANTask(spec, None, torch.device("cpu"), distributed)
             flat = lambda attr: torch.cat([getattr(p, attr).detach().flatten()  # noqa: E731
                                            for net in (task.d, task.g) for p in unwrap(net).parameters()])
-            task.lo, grads, start = lo, [], flat("data").clone()
+            grads, start, n = [], flat("data").clone(), b // world
             for it in range(steps):  # d_steps 1: D and G step every time, D's gradient includes the penalty
-                task.it = it
-                task.step(reals[it, lo:lo + n], torch.zeros(n, dtype=torch.long), it, it, steps)
+                # Each worker's rows of the global batch, and their draws: row i's latent and interpolation
+                # weight are the same on any number of workers (rayganx.randomness.Draws).
+                task.step(reals[it, rank * n:(rank + 1) * n], torch.zeros(n, dtype=torch.long), it, it, steps,
+                          Draws(5, it, rank, world))
                 grads.append(flat("grad"))
             return torch.stack(grads), flat("data"), start
 
-        n = b // world
-        grads, params, _ = train_steps(True, rank * n, n)
+        grads, params, _ = train_steps(True, rank, world)
         if rank == 0:
-            ref_grads, ref_params, start = train_steps(False, 0, b)
+            ref_grads, ref_params, start = train_steps(False, 0, 1)
             result[name] = {"grad": ((grads - ref_grads).abs().max() / ref_grads.abs().max()).item(),
                             "param": (params - ref_params).abs().max().item(),
                             "moved": (ref_params - start).abs().max().item()}
@@ -169,9 +164,10 @@ def _penalties_under_ddp(config):
             json.dump(result, f)
 
 
-def test_gradient_penalty_and_r1_under_ddp_match_one_worker_with_the_whole_batch(ray_session, tmp_path):
-    # Both penalties differentiate D's input gradient again (double backward) through DDP. No
-    # BatchNorm, dropout or augmentation: the only difference left is float summation order.
+def test_two_workers_match_one_worker_with_the_whole_batch_penalties_included(ray_session, tmp_path):
+    # What an elastic resize relies on: the same global batch and the same draws per row on 2 workers
+    # and on 1 give the same updates. Both penalties differentiate D's input gradient again (double
+    # backward) through DDP. No BatchNorm or dropout: the only difference left is float summation order.
     adam = {"optim_g": {"lr": 1e-3}, "optim_d": {"lr": 1e-3}}
     cases = {"wgan_gp": {"loss": "wasserstein", "gp_lambda": 10.0, **adam},
              "r1": {"loss": "non_saturating", "r1_gamma": 1.0, **adam},

@@ -207,9 +207,14 @@ def data_prepare(source: str = typer.Argument(..., help="digits (built in), or a
     p = prepare.plan(source, settings, endpoint_url)
     out.print(f"{len(p.members)} images from {source} -> {p.shards} shard(s) of up to {p.rows_per_shard} images",
               highlight=False)
-    with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("shards", total=p.shards)
-        manifest = prepare.run(p, out_dir, progress=lambda done, total: bar.update(task, completed=done))
+    try:
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task("shards", total=p.shards)
+            manifest = prepare.run(p, out_dir, progress=lambda done, total: bar.update(task, completed=done))
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted[/yellow]: the shards written so far are kept; the same command again writes "
+                  f"only the missing ones", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
     if manifest["corrupt"]:
         warn(f"skipped {len(manifest['corrupt'])} corrupt image(s): {', '.join(manifest['corrupt'][:5])}"
              + (" ..." if len(manifest["corrupt"]) > 5 else ""))
