@@ -152,7 +152,7 @@ def reference_images(job: Job) -> np.ndarray:
 
     spec = load_model(job.checkpoint, job.endpoint_url).spec
     if spec.data.source == "digits" or spec.data.path:
-        batches = list(rdata.build(spec.data, "train", seed=None).iter_batches(batch_format="numpy", batch_size=4096))
+        batches = list(rdata.build(spec.data, "train").iter_batches(batch_format="numpy", batch_size=4096))
         images = [b["image"] for b in batches if len(b["image"])]
         if images:
             return np.concatenate(images)

@@ -86,7 +86,7 @@ def stack_images(images: list, labels: list, channels: int, size: int, **extra) 
     return {"image": stacked, "label": np.asarray(labels, dtype=np.int64)} | extra
 
 
-def _decode_batch(batch, *, size, channels, crop, on_corrupt, split, val_fraction, image_col, label_col,
+def decode_rows(batch, *, size, channels, crop, on_corrupt, split, val_fraction, image_col, label_col,
                   counter=None):
     """Encoded images (bytes) of Parquet rows (or `rayganx generate` parts) into uint8 arrays.
     Rows are split by their content (the first 4 kB): the same rows, wherever the file is."""
@@ -239,6 +239,9 @@ def image_files(data: DataSpec, split: str = "all") -> ImageFiles:
     keep = [i for i, r in enumerate(rel) if _in_split(r.encode(), split, data.val_fraction)
             and (not classes or "/" in r)]
     labels = [classes.index(rel[i].split("/")[0]) if classes else 0 for i in keep]
+    if data.classes:
+        keep, labels = [i for i, lb in zip(keep, labels) if lb in data.classes], [lb for lb in labels
+                                                                                   if lb in data.classes]
     if data.per_class and split != "val":
         chosen = set(first_per_class(keep, labels, data.per_class))
         labels = [lb for i, lb in zip(keep, labels) if i in chosen]
@@ -279,7 +282,7 @@ def build(data: DataSpec, split: str = "all", counter=None):
         opts = decode | dict(crop=data.crop, on_corrupt=data.on_corrupt, split=split, val_fraction=data.val_fraction,
                              image_col=data.image_column, label_col=data.label_column if data.labels else "__none__",
                              counter=counter)
-        return canonical(ds.map_batches(functools.partial(_decode_batch, **opts), batch_format="numpy"))
+        return canonical(ds.map_batches(functools.partial(decode_rows, **opts), batch_format="numpy"))
 
     # image_folder and celeba: encoded files, recursively
     found = image_files(data, split)
@@ -318,11 +321,18 @@ def digits_images(data: DataSpec, split: str = "all") -> tuple[np.ndarray, np.nd
     from PIL import Image
 
     raw, labels = digits_arrays()
-    keep = [i for i in range(len(raw)) if _in_split(str(i).encode(), split, data.val_fraction)]
-    if data.per_class and split != "val":
-        keep = _digits_subset(data)
+    keep = _digits_rows(data, split)
     images = [to_array(Image.fromarray(raw[i], mode="L"), data.image_size, data.channels, None) for i in keep]
     return np.stack(images), labels[keep]
+
+
+def _digits_rows(data: DataSpec, split: str) -> list[int]:
+    """The digits a split reads: data.val_fraction's split, then data.classes, then data.per_class."""
+    if data.per_class and split != "val":
+        return _digits_subset(data)
+    _, labels = digits_arrays()
+    return [i for i in range(len(labels)) if _in_split(str(i).encode(), split, data.val_fraction)
+            and (not data.classes or int(labels[i]) in data.classes)]
 
 
 def first_per_class(keys, labels, k: int) -> list:
@@ -341,7 +351,8 @@ def _digits_subset(data: DataSpec) -> list[int]:
     the dataset's own order), whether a classifier or a GAN trains on them, so a GAN and a
     classifier with the same k see the same images and neither sees the held-out ones."""
     _, labels = digits_arrays()
-    train = [i for i in range(len(labels)) if _in_split(str(i).encode(), "train", data.val_fraction)]
+    train = [i for i in range(len(labels)) if _in_split(str(i).encode(), "train", data.val_fraction)
+             and (not data.classes or int(labels[i]) in data.classes)]
     return first_per_class(train, [int(labels[i]) for i in train], data.per_class)
 
 
@@ -398,9 +409,7 @@ def prepare_digits(out: str, fmt: str, size: int = 32, endpoint_url: str | None 
 def count_rows(data: DataSpec, split: str = "all") -> int:
     """Rows one epoch yields, without decoding anything (epochs are converted to steps)."""
     if data.source == "digits":
-        if data.per_class and split != "val":
-            return len(_digits_subset(data))
-        return sum(_in_split(str(i).encode(), split, data.val_fraction) for i in range(1797))
+        return len(_digits_rows(data, split))
     if data.source == "gaussian_mixture":
         return data.num_points
     if data.source == "parquet":

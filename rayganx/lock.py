@@ -109,6 +109,9 @@ class RunLock:
             held, version = self.holder()
             if held is None:  # released in between: try once more from scratch
                 return self.acquire(force)
+            if held.get("token") == self.token:  # ours: a retried create whose first answer was lost
+                self.version = version
+                return self._start_beating(None)
             stale = self._stale(held)
             if not stale and not force:
                 age = time.time() - float(held.get("heartbeat") or 0)
@@ -120,6 +123,9 @@ class RunLock:
             except (VersionConflict, FileNotFoundError):
                 raise RunLockedError(f"{self.run.url}: another process took the run lock at the same moment") from None
             note = f"took over the run lock of {describe(held)} ({stale or '--force'})"
+        return self._start_beating(note)
+
+    def _start_beating(self, note: str | None) -> str | None:
         self._thread = threading.Thread(target=self._beat, name="rayganx-run-lock", daemon=True)
         self._thread.start()
         return note
@@ -129,7 +135,15 @@ class RunLock:
             try:
                 self.version = self.run.replace(self._body(), self.version, LOCK)
             except (VersionConflict, FileNotFoundError):
-                held, _ = self.holder()
+                try:
+                    held, version = self.holder()
+                except Exception:  # noqa: BLE001 - unreadable now: try again at the next beat
+                    continue
+                if held and held.get("token") == self.token:
+                    # Still ours: a heartbeat the store took while its answer was lost (an outage) moved
+                    # the version on. Go on from the version it holds.
+                    self.version = version
+                    continue
                 self._lose(f"{self.run.url}: the run lock was taken over by {describe(held or {})}; this run "
                            f"stopped writing")
                 return

@@ -330,7 +330,7 @@ def real_splits(spec: JobSpec, verbose: bool = False) -> dict[str, tuple[torch.T
     out = {}
     for split in ("train", "val"):
         xs, ys = [], []
-        for batch in rdata.build(spec.data, split, seed=None).iter_torch_batches(batch_size=1024):
+        for batch in rdata.build(spec.data, split).iter_torch_batches(batch_size=1024):
             xs.append(batch["image"])
             ys.append(batch["label"])
         out[split] = (torch.cat(xs), torch.cat(ys))

@@ -98,6 +98,8 @@ class DataSpec(Section):
                             "take at most a quarter of it")
     per_class: int | None = Field(None, ge=1, description="train on the first k images of each class of the "
                                                           "training split only (low-data runs; GANs too)")
+    classes: list[int] | None = Field(None, description="only the images of these classes (label numbers), in "
+                                                       "training and evaluation alike: a held-out part of a dataset")
     synthetic: SyntheticSpec | None = Field(None, description="classifiers: mix generated labelled images into "
                                                               "the training rows")
 
@@ -345,6 +347,10 @@ def check(spec: JobSpec) -> list[str]:
             p.append("model.conditional: needs data.labels: true")
         if m.kind not in ("dcgan", "resnet_gan"):
             p.append(f"model.conditional: supported by dcgan and resnet_gan, not {m.kind}")
+    if d.classes is not None and (not d.classes or d.source not in PER_CLASS_SOURCES):
+        p.append(f"data.classes: a non-empty list of labels, for {' and '.join(PER_CLASS_SOURCES)} data")
+    if d.classes and d.source == "image_folder" and not d.labels:
+        p.append("data.classes: picks images by class; needs data.labels: true")
     if d.per_class and d.source not in PER_CLASS_SOURCES:
         p.append(f"data.per_class: supported for {' and '.join(PER_CLASS_SOURCES)} data, not {d.source}")
     if d.per_class and not d.labels:

@@ -142,7 +142,7 @@ def _make(batch: dict, *, url: str, endpoint_url: str | None, seed: int, n: int)
 
 def _decode(batch: dict, *, n: int, decode: dict) -> dict:
     keep = (np.asarray(batch["seed"]) % 2 ** 32) < n  # image i has seed S * 2**32 + i: the first n
-    out = rdata._decode_batch({k: np.asarray(v)[keep] for k, v in batch.items()}, **decode)
+    out = rdata.decode_rows({k: np.asarray(v)[keep] for k, v in batch.items()}, **decode)
     return out | {"synthetic": np.ones(len(out["label"]), np.uint8)}
 
 
@@ -159,8 +159,8 @@ def dataset(spec: JobSpec, src: Source):
 
     store = Store(src.url, d.endpoint_url)
     files = [store.path(generate.part_name(p)) for p in range(math.ceil(src.rows / src.part_size))]
-    decode = dict(size=d.image_size, channels=d.channels, crop=None, on_corrupt="fail", classes=None, root="",
-                  split="all", val_fraction=0.0, image_col="image", label_col="label")
+    decode = dict(size=d.image_size, channels=d.channels, crop=None, on_corrupt="fail", split="all", val_fraction=0.0,
+                  image_col="image", label_col="label")
     ds = ray.data.read_parquet(files, filesystem=pyarrow_filesystem(store.url, store.endpoint_url)
                                ).select_columns(["image", "label", "seed"])
     return ds.map_batches(functools.partial(_decode, n=src.rows, decode=decode), batch_format="numpy")

@@ -84,7 +84,8 @@ def test_dcgan_celeba_trains_from_the_shards_and_2_workers_evaluate_as_1(prepare
     if not Store(f"{BUCKET}/celeba64", endpoint).exists("_rayganx_manifest.json"):
         assert rayganx(*prepared["args"], env=env).returncode == 0
     sets = ["--set", "data.source=parquet", "--set", f"data.path={BUCKET}/celeba64", "--set",
-            f"data.endpoint_url={endpoint}", "--set", "train.steps=2", "--set", "train.batch_size=8",
+            f"data.endpoint_url={endpoint}", "--set", "train.epochs=null", "--set", "train.steps=2",
+            "--set", "train.batch_size=8",
             "--set", "model.ngf=8", "--set", "model.ndf=8", "--set", f"storage.path={tmp}/runs",
             "--set", "storage.checkpoint_every=2", "--set", "samples.every=2", "--set", "train.log_every=1"]
     r = rayganx("submit", JOBS / "dcgan_celeba.yaml", *sets, env=env, timeout=300)

@@ -268,3 +268,17 @@ def test_run_data_config_prints_no_ray_deprecation():
         # "val" takes the default options, which Ray's DataConfig builds with the deprecated field
         val = cfg._resolve_execution_options("val")
     assert val.preserve_order is False
+
+
+def test_classes_keep_only_the_images_of_those_labels(tmp_path):
+    from rayganx.spec import from_dict
+
+    d = DataSpec(source="digits", classes=[5, 6, 7, 8, 9])
+    images, labels = rdata.digits_images(d)
+    assert sorted(set(labels.tolist())) == [5, 6, 7, 8, 9] and len(images) == rdata.count_rows(d) == 896
+    assert rdata.count_rows(DataSpec(source="digits", classes=[0, 1, 2, 3, 4])) + 896 == 1797
+    _class_folder(tmp_path / "imgs", classes=4, per_class=5)
+    f = DataSpec(source="image_folder", path=str(tmp_path / "imgs"), labels=True, classes=[1, 3])
+    assert sorted(set(rdata.image_files(f).labels)) == [1, 3] and rdata.count_rows(f) == 10
+    with pytest.raises(Exception, match="data.classes: picks images by class"):
+        from_dict({"name": "x", "train": {"steps": 1}, "data": {"source": "image_folder", "path": "p", "classes": [1]}})

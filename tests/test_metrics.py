@@ -146,12 +146,13 @@ def test_training_evaluates_keeps_best_and_cli_matches_the_two_worker_value(ray_
     from rayganx.storage import Store
     from tests.conftest import tiny, write_job
 
-    # From step 3 on, learning rates 100x the recipe's: the generator gets worse, so the best FID is
-    # an early checkpoint's, never the newest (training is deterministic: this holds every run).
-    monkeypatch.setenv("RAYGANX_FAULT_LR_AT", "3:0.02")
+    # At step 3 every learning rate jumps to 0.5 (the divergence guard off): the generator gets worse,
+    # so the best FID is an early checkpoint's, not the newest (training is deterministic: every run).
+    monkeypatch.setenv("RAYGANX_FAULT_LR_AT", "3:0.5")
     job = write_job(tmp_path / "ev.yaml", "dcgan_digits.yaml", **tiny("ev", tmp_path / "runs", steps=6),
                     eval={"every": 2, "num_samples": 500, "metrics": ["fid", "kid"], "features": "random"})
-    spec = jobspec.load(job, ["storage.keep_best_by=fid", "storage.keep=1", "storage.checkpoint_every=2"])
+    spec = jobspec.load(job, ["storage.keep_best_by=fid", "storage.keep=1", "storage.checkpoint_every=2",
+                              "train.max_grad_norm=1e9"])
     runner.run(spec)
     run = Store(spec.run_url)
     history = {m["step"]: m for m in read_metrics(run)}

@@ -330,7 +330,7 @@ def test_points_train_under_ddp_and_resume(ray_session, tmp_path):
                     **tiny("ddp_ring", tmp_path / "runs", steps=200, train={"log_every": 50},
                            scaling={"num_workers": 2}, eval={"every": 200, "sample_sets": 1}))
     spec = jobspec.load(job)
-    assert runner.train_datasets(spec, runner.plan(spec)) == {}
+    assert runner.val_dataset(spec, runner.plan(spec)) == {}  # no Ray dataset at all
     assert runner.run(spec).steps == 200
     longer = jobspec.load(job, ["train.steps=300"])
     assert runner.run(longer).steps == 300
@@ -339,5 +339,5 @@ def test_points_train_under_ddp_and_resume(ray_session, tmp_path):
     starts = [r for r in rows if "node_ids" in r]  # the first row of each start: the second at 200
     assert [r["step"] for r in starts] == [50, 250] and all(len(r["node_ids"]) == 2 for r in starts)
     assert [r["step"] for r in rows if "modes" in r] == [200, 300] and rows[-1]["modes"] >= 1
-    # the resumed run read on from batch 200 (points.batches: the same stream as without the stop)
-    assert load_state(f"{spec.run_url}/checkpoint_000300")["batches"] == 300
+    # the resumed run read on from batch 200 (rayganx.rows: the same order as without the stop)
+    assert load_state(f"{spec.run_url}/checkpoint_000300")["position"]["batches"] == 300

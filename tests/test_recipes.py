@@ -85,7 +85,7 @@ def test_forced_nan_rolls_back_then_fails_with_message_and_keeps_last_good_check
                                                      "train.max_rollbacks=2"])
     with pytest.raises(runner.RunError, match=r"training diverged by step 6: non-finite values \(loss_d=nan.*"
                                               r"gave up after train.max_rollbacks=2 rollback"):
-        runner.run(diverging)
+        runner.run(diverging, allow_changes=True)  # the same run, under a changed (broken) recipe
     assert [c["step"] for c in list_checkpoints(run)] == [2, 4]
     state = load_state(run.path("checkpoint_000004"))
     assert all(torch.isfinite(v).all() for v in state["models"]["g"].values() if v.is_floating_point())
@@ -94,4 +94,4 @@ def test_forced_nan_rolls_back_then_fails_with_message_and_keeps_last_good_check
     rollbacks = [m for m in rows if m.get("event") == "rollback"]
     assert [(m["step"], m["rollback"], m["lr_scale"]) for m in rollbacks] == [(4, 1, 0.5), (4, 2, 0.25)]
     # and the run continues from that checkpoint once the cause is fixed
-    assert runner.run(jobspec.load(tmp_path / "nan.yaml", ["train.steps=6"])).steps == 6
+    assert runner.run(jobspec.load(tmp_path / "nan.yaml", ["train.steps=6"]), allow_changes=True).steps == 6

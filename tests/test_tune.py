@@ -150,7 +150,7 @@ def test_async_pbt_at_two_speeds_never_reuses_a_checkpoint_folder_and_resumes_af
 
     # Trial d_steps=3 takes three batches a step: the other, faster and (its D weaker) worse by loss_d,
     # exploits it at a lower step than its own, asynchronously, again and again.
-    path = sweep_file(tmp_path, name="pbt", num_samples=1, report_every=10, search="grid",
+    path = sweep_file(tmp_path, name="pbt", num_samples=1, report_every=10, search="random",
                       space={"scaling.num_workers": 1, "train.batch_size": 32, "train.log_every": 5, **SMALL,
                              "storage.keep": 2, "train.d_steps": {"grid": [1, 3]}},
                       scheduler={"kind": "pbt", "max_steps": 80, "perturbation_interval": 20, "quantile_fraction": 0.5,

@@ -146,13 +146,15 @@ def checkpoints_pull(run: str = typer.Argument(..., help="run URL, or the job YA
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from rayganx.runs import list_checkpoints
+    from rayganx.runs import list_checkpoints, scan_checkpoints
     from rayganx.storage import Store, StorageError, download
 
     url, endpoint = run_location(run, endpoint_url)
+    complete, incomplete = scan_checkpoints(Store(url, endpoint))
+    if not complete:  # one line: why the newest folder is not a checkpoint to pull
+        why = f" ({incomplete[-1]['name']}: {incomplete[-1]['reason']})" if incomplete else ""
+        raise StorageError(f"{url}: no complete checkpoint{why}")
     ckpts = list_checkpoints(Store(url, endpoint))
-    if not ckpts:
-        raise StorageError(f"{url}: no checkpoints")
     chosen = [c for c in ckpts if c["step"] == step] if step is not None else ckpts[-1:]
     if not chosen:
         raise StorageError(f"{url}: no checkpoint at step {step} (have {', '.join(str(c['step']) for c in ckpts)})")
