@@ -149,7 +149,8 @@ class TrainSpec(Section):
 class ScalingSpec(Section):
     num_workers: int | tuple[int, int] = Field(
         2, description="workers, or [MIN, MAX]: elastic, the run goes on with the workers it can get (at least MIN) "
-                       "and grows back to MAX as nodes return")
+                       "and grows back to MAX as nodes return; Ray sizes it by free resources, not by nodes, so with "
+                       "STRICT_SPREAD give each worker a node's worth (cpus_per_worker, a GPU)")
     resize_check_s: float = Field(60.0, gt=0, description="elastic runs: seconds between checks for room to grow")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)

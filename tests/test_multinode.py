@@ -35,7 +35,7 @@ def cluster():
                 RAY_health_check_initial_delay_ms="1000", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
     try:
         c.start_head(num_cpus=0, object_store=150_000_000)  # no CPUs on the head, as on KubeRay
-        c.workers = [c.add_node() for _ in range(3)]  # 2 CPUs each: a Train worker and one for Ray Data
+        c.workers = [c.add_node() for _ in range(3)]  # 2 CPUs each, a Train worker's
         yield c
     finally:
         c.stop()
@@ -46,7 +46,10 @@ def job_file(tmp_path, s3_server: str, steps: int) -> Path:
     raw.update(name="elastic", samples={"every": 100000, "n": 4})
     raw["model"] |= {"ngf": 8, "ndf": 8}
     raw["train"] |= {"steps": steps, "batch_size": BATCH, "log_every": 5}
+    # A worker fills its node, as a GPU worker does its pod: Ray's elastic policy counts free CPUs, not
+    # nodes, and with one CPU each would try three workers on the two nodes left after a loss.
     raw["scaling"] |= {"num_workers": [1, 3], "placement_strategy": "STRICT_SPREAD", "max_failures": 3,
+                       "cpus_per_worker": 2,
                        "resize_check_s": 5}
     raw["storage"] = {"path": BUCKET, "endpoint_url": s3_server, "checkpoint_every": 10, "keep": 3}
     path = tmp_path / "elastic.yaml"
@@ -61,16 +64,16 @@ def rows(s3_server: str) -> list[dict]:
     return [r for r in read_metrics(Store(f"{BUCKET}/elastic", s3_server)) if "event" not in r]
 
 
-def wait_for(what, predicate, timeout: float, proc):
+def wait_for(what, predicate, timeout: float, proc, log: Path):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended before {what}: {proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"the run ended before {what}: {log.read_text()[-3000:]}")
         got = predicate()
         if got:
             return got
         time.sleep(0.5)
-    raise AssertionError(f"no {what} within {timeout} s")
+    raise AssertionError(f"no {what} within {timeout} s; the driver printed: {log.read_text()[-3000:]}")
 
 
 def counted_batches(trace_dir: Path) -> dict[int, list[dict]]:
@@ -91,15 +94,16 @@ def test_an_elastic_run_loses_a_node_goes_on_with_two_grows_back_and_reads_every
     trace.mkdir()
     steps = 260
     env = {**os.environ, **cluster.driver_env(), "PYTHONPATH": str(ROOT), "RAYGANX_FAULT_TRACE_IDS": str(trace)}
+    log = tmp_path / "driver.log"
     proc = subprocess.Popen([sys.executable, "-m", "rayganx.cli", "run", str(job_file(tmp_path, s3_server, steps))],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     t0 = time.monotonic()
     try:
         def on_three_past_two_checkpoints():
             rs = rows(s3_server)
             return rs if rs and rs[-1]["step"] > 20 and any(r.get("workers") == 3 for r in rs) else None
 
-        wait_for("three workers past two checkpoints", on_three_past_two_checkpoints, 240, proc)
+        wait_for("three workers past two checkpoints", on_three_past_two_checkpoints, 240, proc, log)
         placed = next(r for r in rows(s3_server) if r.get("workers") == 3)["node_ids"]
         assert len(set(placed)) == 3 and set(placed) <= set(cluster.workers), placed
         victim = placed[1]
@@ -108,19 +112,19 @@ def test_an_elastic_run_loses_a_node_goes_on_with_two_grows_back_and_reads_every
         killed_at = time.monotonic()
         # No node comes back for now: the run goes on with the two that remain.
         two = wait_for("a restart on two workers", lambda: [r for r in rows(s3_server) if r.get("workers") == 2],
-                       180, proc)[0]
+                       180, proc, log)[0]
         assert victim not in two["node_ids"]
         on_two_after = time.monotonic() - killed_at
         # A node returns: the run grows back to three.
         cluster.workers.append(cluster.add_node())
         wait_for("growing back to three workers",
-                 lambda: [r for r in rows(s3_server) if r.get("workers") == 3 and r["step"] > two["step"]], 180, proc)
-        out, _ = proc.communicate(timeout=400)
+                 lambda: [r for r in rows(s3_server) if r.get("workers") == 3 and r["step"] > two["step"]], 180, proc, log)
+        proc.wait(timeout=400)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 0, log.read_text()[-3000:]
     history = rows(s3_server)
     assert history[-1]["step"] == steps
     assert [r.get("workers") for r in history if "workers" in r] == [3, 2, 3], [(r["step"], r.get("workers"))
