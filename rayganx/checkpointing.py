@@ -147,7 +147,11 @@ def report_checkpoint(spec: JobSpec, state: dict, step: int, metrics: dict, num_
         checkpoint = Checkpoint.from_directory(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{os.getpid()}_"))
         run = Store(spec.run_url, spec.storage.endpoint_url)
 
+        failed: list[BaseException] = []
+
         def upload(checkpoint, dir_name: str):
+            if failed:  # called again after it failed (the local copy is gone): the same error
+                raise failed[0]
             try:
                 save_checkpoint(checkpoint.path, spec, state, step, metrics, num_classes, rng, lineage)
 
@@ -160,7 +164,8 @@ def report_checkpoint(spec: JobSpec, state: dict, step: int, metrics: dict, num_
                     return upload_with_marker(checkpoint, dir_name)
 
                 return retrying(persist, f"{spec.run_url}/{dir_name}", spec.storage.outage_tolerance_s)
-            except BaseException:
+            except BaseException as e:
+                failed.append(e)
                 shutil.rmtree(checkpoint.path, ignore_errors=True)  # the run fails; no copy is left behind
                 raise
             finally:

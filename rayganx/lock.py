@@ -52,6 +52,11 @@ def describe(held: dict) -> str:
     return f"{held.get('owner', '?')}@{held.get('host', '?')} (pid {held.get('pid', '?')})"
 
 
+# Tokens of the locks this process holds now: a lock of this process's whose token is not here was
+# left behind by a run of it that ended without removing it (the store away at that moment).
+_live_tokens: set[str] = set()
+
+
 class RunLock:
     """The lock of one run. A lock whose heartbeat is older than `stale_after` seconds, or whose
     holder is a process of this host that is gone, belongs to a process that died without
@@ -91,9 +96,11 @@ class RunLock:
         age = time.time() - float(held.get("heartbeat") or 0)
         if age >= self.stale_after:
             return f"no heartbeat for {age:.0f} s"
-        if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) \
-                and not _alive(held["pid"]):
-            return "its process is gone"
+        if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int):
+            if not _alive(held["pid"]):
+                return "its process is gone"
+            if held["pid"] == os.getpid() and held.get("token") not in _live_tokens:
+                return "an earlier run of this process ended without removing it"
         return None
 
     def acquire(self, force: bool = False) -> str | None:
@@ -126,6 +133,7 @@ class RunLock:
         return self._start_beating(note)
 
     def _start_beating(self, note: str | None) -> str | None:
+        _live_tokens.add(self.token)
         self._thread = threading.Thread(target=self._beat, name="rayganx-run-lock", daemon=True)
         self._thread.start()
         return note
@@ -168,6 +176,7 @@ class RunLock:
         return bool(held) and held.get("token") == self.token
 
     def release(self) -> None:
+        _live_tokens.discard(self.token)
         self._stop.set()
         if self._thread:
             # Wait out a heartbeat write in flight: removed first, it would put the lock back.

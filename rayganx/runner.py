@@ -245,7 +245,8 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
                                      resources_per_worker=resources, placement_strategy=s.placement_strategy,
                                      **elastic),
         run_config=RunConfig(
-            name=spec.name, **ray_storage(spec.storage.path, spec.storage.endpoint_url), callbacks=callbacks,
+            name=spec.name, **tolerant(ray_storage(spec.storage.path, spec.storage.endpoint_url), spec),
+            callbacks=callbacks,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=spec.storage.keep, checkpoint_score_attribute=best,
                 checkpoint_score_order=METRIC_MODES.get(best, "max") if best else "max"),
@@ -254,6 +255,19 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
         dataset_config=data_config(),
     )
     return trainer
+
+
+def tolerant(storage: dict, spec: JobSpec) -> dict:
+    """Ray Train's storage arguments with an S3 store's filesystem retrying through outages."""
+    from rayganx.storage import pyarrow_filesystem
+    from rayganx.uploads import tolerant_filesystem
+
+    if type(storage.get("storage_filesystem")).__name__ == "S3FileSystem":
+        # Writes in the calling thread: the wrapper is called from pyarrow's IO threads, and a
+        # background write from there waits on the pool it occupies.
+        inner = pyarrow_filesystem(spec.storage.path, spec.storage.endpoint_url, background_writes=False)
+        storage["storage_filesystem"] = tolerant_filesystem(inner, spec.run_url, spec.storage.outage_tolerance_s)
+    return storage
 
 
 def _stop_callback(flag: str):

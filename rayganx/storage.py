@@ -135,7 +135,7 @@ def s3_endpoint(endpoint_url: str | None) -> str | None:
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-def pyarrow_filesystem(url: str, endpoint_url: str | None = None):
+def pyarrow_filesystem(url: str, endpoint_url: str | None = None, background_writes: bool = True):
     """The pyarrow filesystem Ray Train and Ray Data use for a URL: pyarrow's own C++ S3 and GCS
     clients for s3:// and gs:// (parallel, no Python in the data path), fsspec through a handler
     for other schemes. Credentials are never passed: the clients read the environment, profile
@@ -147,7 +147,8 @@ def pyarrow_filesystem(url: str, endpoint_url: str | None = None):
         return pafs.LocalFileSystem()
     if protocol in ("s3", "s3a"):
         kwargs: dict[str, Any] = {"connect_timeout": 5, "request_timeout": 60,
-                                  "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)}
+                                  "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2),
+                                  "background_writes": background_writes}
         endpoint = s3_endpoint(endpoint_url)
         if endpoint:
             scheme, _, host = endpoint.partition("://")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from typing import Callable, TypeVar
@@ -119,3 +121,135 @@ def _write(store: Store, data: bytes, parts: tuple, create: bool) -> None:
         # Ours already when a retry follows a write whose answer was lost: the name is this writer's own.
         if store.read_bytes(*parts) != data:
             raise StorageError(f"{store.url}/{'/'.join(parts)}: exists with other contents") from None
+
+
+
+# Errors that say what is there, not that the store is away: never retried.
+_ANSWERS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+class _Spooled:
+    """A file pyarrow writes into; on close it is put whole, retried from the start."""
+
+    def __init__(self, handler: "TolerantHandler", path: str):
+        self.handler, self.path, self.closed = handler, path, False
+        self.buf = tempfile.SpooledTemporaryFile(max_size=8 << 20)
+
+    def write(self, data) -> int:
+        return self.buf.write(data)
+
+    def tell(self) -> int:
+        return self.buf.tell()
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+
+        def put():
+            self.buf.seek(0)
+            with self.handler.fs.open_output_stream(self.path) as out:
+                shutil.copyfileobj(self.buf, out, 4 << 20)
+        try:
+            self.handler.retry(put)
+        finally:
+            self.buf.close()
+
+
+def _pafs():
+    import pyarrow.fs
+    return pyarrow.fs
+
+
+class TolerantHandler(_pafs().FileSystemHandler):
+    """Every call of a pyarrow filesystem retried through a store outage of up to tolerance_s
+    (see tolerant_filesystem)."""
+
+    def __init__(self, fs, what: str, tolerance_s: float):
+        self.fs, self.what, self.tolerance_s = fs, what, tolerance_s
+
+    def retry(self, fn):
+        def answered():
+            try:
+                return fn(), None
+            except _ANSWERS as e:
+                return None, e
+        value, error = retrying(answered, self.what, self.tolerance_s)
+        if error is not None:
+            raise error
+        return value
+
+    def __eq__(self, other):
+        return isinstance(other, TolerantHandler) and other.fs.equals(self.fs) and other.what == self.what
+
+    def __ne__(self, other):
+        return not self == other
+
+    def get_type_name(self):
+        return f"rayganx-tolerant+{self.fs.type_name}"
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.retry(lambda: self.fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector):
+        return self.retry(lambda: self.fs.get_file_info(selector))
+
+    def create_dir(self, path, recursive):
+        self.retry(lambda: self.fs.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path):
+        self.retry(lambda: self.fs.delete_dir(path))
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.retry(lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self):
+        raise PermissionError("rayganx never empties a store's root")
+
+    def delete_file(self, path):
+        self.retry(lambda: self.fs.delete_file(path))
+
+    def move(self, src, dest):
+        self.retry(lambda: self.fs.move(src, dest))
+
+    def copy_file(self, src, dest):
+        self.retry(lambda: self.fs.copy_file(src, dest))
+
+    def open_input_stream(self, path):
+        import pyarrow as pa
+        return self.retry(lambda: pa.BufferReader(self.fs.open_input_stream(path).read()))
+
+    def open_input_file(self, path):
+        import pyarrow as pa
+        return self.retry(lambda: pa.BufferReader(self.fs.open_input_file(path).read()))
+
+    def open_output_stream(self, path, metadata):
+        import pyarrow as pa
+        return pa.PythonFile(_Spooled(self, path), mode="w")
+
+    def open_append_stream(self, path, metadata):
+        raise NotImplementedError("object stores do not append")
+
+
+def tolerant_filesystem(fs, what: str, tolerance_s: float):
+    """A pyarrow filesystem whose calls retry through a store outage of up to tolerance_s, for
+    Ray Train's own writes into a run store (the controller's checkpoint-manager snapshot, the
+    upload of a reported checkpoint): without it an outage of a few seconds at the wrong moment
+    ends the run from the controller. Files are spooled locally and put whole, so a put cut off by
+    the outage is made again from the start."""
+    return _pafs().PyFileSystem(TolerantHandler(fs, what, tolerance_s))

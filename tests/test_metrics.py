@@ -8,7 +8,7 @@ from rayganx import data as rdata
 from rayganx import extractors as ex
 from rayganx import metrics as m
 from rayganx.spec import EvalSpec, from_dict
-from tests.conftest import local_checkpoint
+from tests.conftest import local_checkpoint, rayganx
 
 
 def digits(size=32):
