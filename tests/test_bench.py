@@ -10,14 +10,14 @@ from tests.conftest import JOBS, rayganx
 @pytest.mark.slow
 def test_bench_json_has_every_field(tmp_path):
     out = tmp_path / "bench.json"
-    r = rayganx("bench", JOBS / "dcgan_digits.yaml", "--steps", "10", "--warmup", "2", "--workers", "1,2",
+    r = rayganx("bench", JOBS / "dcgan_digits.yaml", "--steps", "8", "--warmup", "2", "--workers", "1",
                 "--json", out, "--set", "model.ngf=8", "--set", "model.ndf=8", timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "plain PyTorch" in r.stdout and "input only" in r.stdout
     res = json.loads(out.read_text())
     assert res["plain"]["images_per_s"] > 0 and res["plain"]["flops_per_step"] > 0
     assert 0 < res["plain"]["flop_utilisation"] < 2
-    assert [row["workers"] for row in res["rayganx"]] == [1, 2]
+    assert [row["workers"] for row in res["rayganx"]] == [1]  # more workers: test_cli, test_train
     for row in res["rayganx"]:
         assert row["images_per_s"] > 0 and 0 < row["ratio_to_plain"] < 2
         assert 0 < row["scaling_efficiency"] < 2 and 0 < row["flop_utilisation"] < 2
