@@ -172,7 +172,7 @@ def picture(masks, methods, path: Path, n: int = 8) -> None:
             tiles.append(orig * (1 - hole))
             tiles += [outs[(mask, method)][key].astype(np.float32) / 127.5 - 1 for method in methods]
             tiles.append(orig)
-    from rayganx.data import grid_png
+    from rayganx.images import grid_png
 
     path.write_bytes(grid_png(torch.from_numpy(np.stack(tiles)), len(masks) * (len(methods) + 2)))
 

@@ -55,7 +55,7 @@ def grid(g, spec, num_classes, path: Path) -> None:
     """64 samples of the final generator (a conditional one: one class per row, 8 of each)."""
     import torch
 
-    from rayganx.data import grid_png
+    from rayganx.images import grid_png
     from rayganx.models import generate
 
     n = 80 if num_classes else 64
@@ -134,7 +134,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from rayganx import cluster, models, runner, spec as jobspec
-    from rayganx.metrics import evaluate_generator
+    from rayganx.scoring import evaluate_generator
     from rayganx.runs import load_state
 
     jobs = args.jobs.split(",") if args.jobs else [

@@ -82,12 +82,12 @@ class Bench:
 
     def cas(self, checkpoint: str) -> dict:
         """What `rayganx eval CHECKPOINT --metrics cas` computes."""
-        from rayganx import metrics, models
+        from rayganx import models, scoring
         from rayganx.runs import load_state
 
         g, spec, classes = models.generator_from_state(load_state(checkpoint))
         t0 = time.time()
-        scores = metrics.evaluate_generator(g, self.runner.resolve_paths(spec), classes, ["cas"], 2)
+        scores = scoring.evaluate_generator(g, self.runner.resolve_paths(spec), classes, ["cas"], 2)
         return scores | {"cas_s": time.time() - t0}
 
     def gan(self, k: int | str, seed: int, steps: int, cas: bool = True) -> dict:

@@ -78,11 +78,29 @@ def restore(spec: JobSpec, checkpoint, init_from: str | None, device) -> tuple[d
             ckpts = list_checkpoints(Store(spec.run_url, spec.storage.endpoint_url), warn=False)
             note = f"{name} is incomplete; " + (f"resumed from {ckpts[-1]['name']}" if ckpts else "started afresh")
             state = load_state(ckpts[-1]["url"], spec.storage.endpoint_url, map_location=device) if ckpts else None
+        else:
+            state, note = _newest_of_the_same_line(spec, name, state, device)
     if init_from and (state is None or state.get("lineage") != init_from):
         state = load_state(init_from, spec.storage.endpoint_url, map_location=device)
         state["lineage"] = init_from
         return state, None, True
     return state, note, False
+
+
+def _newest_of_the_same_line(spec: JobSpec, name: str, state: dict, device) -> tuple[dict, str | None]:
+    """Ray offers the last checkpoint its controller registered; one written after it may already
+    be complete in the store (a worker killed while the controller had not yet taken the report).
+    Resume from the newest complete checkpoint written after Ray's, of the same lineage (a PBT
+    trial's folders from before an exploit were written earlier, and are never taken)."""
+    ckpts = list_checkpoints(Store(spec.run_url, spec.storage.endpoint_url), warn=False)
+    names = [c["name"] for c in ckpts]
+    if name not in names or names.index(name) == len(names) - 1:
+        return state, None
+    newest = ckpts[-1]
+    candidate = load_state(newest["url"], spec.storage.endpoint_url, map_location=device)
+    if candidate.get("lineage") != state.get("lineage") or candidate["step"] <= state["step"]:
+        return state, None
+    return candidate, f"resumed from {newest['name']}, complete but not yet registered by Ray (it offered {name})"
 
 
 CKPT_PREFIX = "rayganx_ckpt_"

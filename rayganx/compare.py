@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from rayganx.spec import EVAL_RESULTS, METRIC_MODES, JobSpec
+from rayganx.metric_names import EVAL_RESULTS, METRIC_MODES
+from rayganx.spec import JobSpec
 from rayganx.runs import list_checkpoints, read_metrics
 from rayganx.storage import Store, StorageError
 

@@ -190,7 +190,8 @@ def _load_images(job: Job, items: list, store: Store) -> torch.Tensor:
 def complete_chunk(job: Job, i: int, model: Model | None, reference: torch.Tensor | None) -> dict:
     """Complete and write chunk i; returns its count, hole error (against the input's own pixels,
     when the mask was made here) and, for chunk 0, the preview grid's rows."""
-    from rayganx.data import model_input, png_bytes, to_uint8
+    from rayganx.data import model_input
+    from rayganx.images import png_bytes, to_uint8
 
     items = job.chunk(i)
     src, out = Store(job.input_url, job.endpoint_url), Store(job.out_url, job.endpoint_url)
@@ -215,7 +216,7 @@ def complete_chunk(job: Job, i: int, model: Model | None, reference: torch.Tenso
     sq = float(((u8.astype(np.float64) - original.numpy()) ** 2)[h].sum())
     preview = b""
     if i == 0:
-        from rayganx.data import grid_png
+        from rayganx.images import grid_png
 
         k = min(PREVIEW, len(items))
         shown = x[:k] * (1 - hole[:k])  # the hole shows mid grey

@@ -20,7 +20,8 @@ import numpy as np
 
 from rayganx.errors import UserError
 from rayganx.spec import DataSpec
-from rayganx.storage import Store, explain, pyarrow_filesystem, relative_key
+from rayganx.pyarrow_fs import pyarrow_filesystem
+from rayganx.storage import Store, explain, relative_key
 
 log = logging.getLogger(__name__)
 
@@ -376,36 +377,6 @@ def num_classes(data: DataSpec) -> int:
     raise DataError(f"data.labels: source {data.source} has no labels")
 
 
-# --------------------------------------------------------------------------- prepare
-
-
-def prepare_digits(out: str, fmt: str, size: int = 32, endpoint_url: str | None = None) -> int:
-    """Write scikit-learn's digits in the on-disk formats users have (folder / parquet)."""
-    from PIL import Image
-
-    images, labels = digits_arrays()
-    store = Store(out, endpoint_url)
-    encoded = []
-    for im in images:
-        buf = io.BytesIO()
-        Image.fromarray(im, mode="L").resize((size, size), Image.BICUBIC).save(buf, format="PNG")
-        encoded.append(buf.getvalue())
-    if fmt == "folder":
-        for i, (data, label) in enumerate(zip(encoded, labels)):
-            store.write_bytes(data, str(label), f"{i:05d}.png")
-    elif fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        table = pa.table({"image": pa.array(encoded, pa.binary()), "label": pa.array(labels)})
-        buf = pa.BufferOutputStream()
-        pq.write_table(table, buf)
-        store.write_bytes(buf.getvalue().to_pybytes(), "digits.parquet")
-    else:
-        raise DataError(f"--format: expected folder or parquet, got {fmt!r}")
-    return len(encoded)
-
-
 def count_rows(data: DataSpec, split: str = "all") -> int:
     """Rows one epoch yields, without decoding anything (epochs are converted to steps)."""
     if data.source == "digits":
@@ -423,39 +394,3 @@ def count_rows(data: DataSpec, split: str = "all") -> int:
         frac = {"all": 1.0, "train": 1 - data.val_fraction, "val": data.val_fraction}[split]
         return int(rows * frac)
     return len(image_files(data, split).paths)
-
-
-# --------------------------------------------------------------------------- image grids
-
-
-def to_uint8(images) -> np.ndarray:
-    """[-1, 1] float NCHW (torch or numpy) to uint8 NCHW."""
-    arr = images.detach().float().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
-    return ((arr.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """One uint8 CHW image (1 or 3 channels) as PNG bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def grid_png(images, nrow: int, pad: int = 2) -> bytes:
-    """PNG bytes of an image grid, `nrow` images per row."""
-    from PIL import Image
-
-    u8 = to_uint8(images)
-    n, c, h, w = u8.shape
-    rows = -(-n // nrow)
-    canvas = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), np.uint8)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        y, x = pad + r * (h + pad), pad + k * (w + pad)
-        canvas[y:y + h, x:x + w] = u8[i].transpose(1, 2, 0)
-    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode="L" if c == 1 else "RGB")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()

@@ -2,7 +2,7 @@
 
 Bad input, an unreachable store, a diverged run, a refused manifest: each module raises its own
 subclass, phrased for the user (what, where, what to do). The CLI prints the message, one line
-per problem, and exits 1; `runner.root_cause` finds the first of them inside Ray's layers of
+per problem, and exits 1; `failures.root_cause` finds the first of them inside Ray's layers of
 wrapping, including those that crossed a process boundary as text.
 """
 

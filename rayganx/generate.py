@@ -77,7 +77,7 @@ def labels_for(plan: Plan, rows: range, num_classes: int | None) -> np.ndarray |
 def make_images(g, spec, plan: Plan, rows: range, num_classes: int | None, device: str = "cpu"):
     """Images `rows` of a plan as uint8 NCHW, their labels (-1 when unconditional) and seeds.
     data.synthetic makes its rows with this too, so they are the images `rayganx generate` writes."""
-    from rayganx.data import to_uint8
+    from rayganx.images import to_uint8
     from rayganx.models import generate
 
     seeds = np.asarray([plan.seed * 2 ** 32 + i for i in rows], dtype=np.int64)
@@ -97,7 +97,7 @@ def make_part(g, spec, plan: Plan, part: int, num_classes: int | None, device: s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rayganx.data import png_bytes
+    from rayganx.images import png_bytes
 
     images, label, seeds = make_images(g, spec, plan, plan.rows(part), num_classes, device)
     pngs = [png_bytes(im) for im in images]

@@ -14,7 +14,7 @@ from rayganx.sweep import Sweep
 
 def leaderboard(sw: Sweep, grid) -> dict:
     """Trials ranked by their best reported metric (read from each trial's metrics log)."""
-    from rayganx.runner import root_cause
+    from rayganx.failures import root_cause
     from rayganx.runs import list_checkpoints, read_metrics
 
     rows = []

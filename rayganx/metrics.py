@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import math
 import warnings
@@ -21,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rayganx.randomness import isolated
-from rayganx.extractors import EvalError, Extractor, features_of, load_extractor
-from rayganx.spec import (FEATURES_WITH_LOGITS, IMAGE_METRICS, IS_NEEDS_LOGITS, MODE_METRICS, EvalSpec, JobSpec,
-                          from_dict)
+from rayganx.extractors import EvalError, Extractor, features_of
+from rayganx.metric_names import IMAGE_METRICS, MODE_METRICS
+from rayganx.spec import FEATURES_WITH_LOGITS, IS_NEEDS_LOGITS, EvalSpec, JobSpec, from_dict
 
 
 # --------------------------------------------------------------------------- metrics
@@ -230,72 +229,6 @@ def stats_key(spec: JobSpec, extractor: Extractor) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def real_features(spec: JobSpec, extractor: Extractor, limit: int, verbose: bool = False, workers: int | None = None,
-                  gpu: bool = False) -> torch.Tensor:
-    """Real-data features, from the storage cache (<storage>/_stats/) or computed once and cached;
-    workers: by that many Ray Data actors across the cluster (`rayganx.scoring`)."""
-    import ray
-
-    from rayganx import data as rdata
-    from rayganx.storage import Store
-
-    store = Store(spec.storage.path, spec.storage.endpoint_url)
-    name = f"real_{stats_key(spec, extractor)}_{limit}.pt"
-    if store.exists("_stats", name):
-        with store.fs.open(store.path("_stats", name), "rb") as f:
-            return torch.load(f, weights_only=True)
-    if not ray.is_initialized():
-        from rayganx.cluster import init_ray
-
-        init_ray(verbose=verbose)
-    if workers:
-        from rayganx import scoring
-
-        real = scoring.real_features(spec, limit, workers, gpu)
-    else:
-        feats, seen = [], 0
-        for batch in rdata.build(spec.data, "all").iter_torch_batches(batch_size=256):
-            images = batch["image"][:limit - seen]  # past the limit they would be extracted for nothing
-            feats.append(features_of(extractor, rdata.model_input(images))[0])
-            seen += len(images)
-            if seen >= limit:
-                break
-        real = torch.cat(feats)
-    buf = io.BytesIO()
-    torch.save(real, buf)
-    store.write_bytes(buf.getvalue(), "_stats", name)
-    return real
-
-
-def evaluate_generator(g, spec: JobSpec, num_classes, metrics: list[str], num_samples: int, seed: int = 0,
-                       verbose: bool = False, cas_steps: int | None = None, checkpoint: str | None = None,
-                       workers: int | None = None, gpu: bool = False) -> dict:
-    """Evaluation of a generator against the job's data (the CLI path): in this process, or with
-    `workers` Ray Data actors across the cluster making and extracting the samples of `checkpoint`.
-    cas_steps: the CAS classifiers' steps (default CAS_RECIPE's)."""
-    if spec.data.source == "gaussian_mixture":
-        return mode_metrics(g, spec, metrics, num_samples, spec.eval.sample_sets, seed)
-    check_request(metrics, spec.eval)
-    out = {}
-    if "cas" in metrics:
-        check_cas(spec, num_classes)  # refused before any feature is extracted
-    if any(n != "cas" for n in metrics):
-        extractor = load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url)
-        real = real_features(spec, extractor, max(num_samples, 2), verbose, workers, gpu)
-        if workers and checkpoint:
-            from rayganx import scoring
-
-            fake, logits = scoring.generated_features(checkpoint, spec, num_samples, seed, workers, gpu,
-                                                      spec.storage.endpoint_url)
-        else:
-            fake, logits = assemble([generated_features(g, spec, num_classes, extractor, num_samples, seed)])
-        out = compute(metrics, real, fake, logits)
-    if "cas" in metrics:
-        out |= classification_accuracy_score(g, spec, num_classes, real_splits(spec, verbose), seed=seed,
-                                             steps=cas_steps)
-    return out
-
-
 # --------------------------------------------------------------------------- Classification Accuracy Score
 # Ravuri & Vinyals 2019: train a classifier on generated images only, as many per class as the real
 # training set has, and test it on real held-out images; the same classifier trained on the real
@@ -379,7 +312,7 @@ def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> floa
 def generated_like(g, spec: JobSpec, labels: torch.Tensor, seed: int = 0, device="cpu") -> torch.Tensor:
     """One generated image for each label in `labels` (so as many per class), as uint8: quantised as
     saved images are, which is what the classifier of the protocol trains on."""
-    from rayganx.data import to_uint8
+    from rayganx.images import to_uint8
     from rayganx.models import generate
 
     gen = torch.Generator().manual_seed(seed * 100_003 + 7)

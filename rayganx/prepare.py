@@ -22,7 +22,7 @@ import posixpath
 import time
 from dataclasses import dataclass, field
 
-from rayganx.data import IMAGE_EXTENSIONS, DataError, to_array
+from rayganx.data import IMAGE_EXTENSIONS, DataError, digits_arrays, to_array
 from rayganx.storage import Store, contained, explain, relative_key
 
 MANIFEST = "_rayganx_manifest.json"
@@ -267,3 +267,29 @@ def run(p: Plan, out_url: str, progress=None) -> dict:
 def summary(manifest: dict) -> dict:
     return {k: manifest[k] for k in ("rows", "bytes", "corrupt", "content_sha256")} | {"shards": len(manifest["shards"])}
 
+
+def prepare_digits(out: str, fmt: str, size: int = 32, endpoint_url: str | None = None) -> int:
+    """Write scikit-learn's digits in the on-disk formats users have (folder / parquet)."""
+    from PIL import Image
+
+    images, labels = digits_arrays()
+    store = Store(out, endpoint_url)
+    encoded = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im, mode="L").resize((size, size), Image.BICUBIC).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    if fmt == "folder":
+        for i, (data, label) in enumerate(zip(encoded, labels)):
+            store.write_bytes(data, str(label), f"{i:05d}.png")
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"image": pa.array(encoded, pa.binary()), "label": pa.array(labels)})
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        store.write_bytes(buf.getvalue().to_pybytes(), "digits.parquet")
+    else:
+        raise DataError(f"--format: expected folder or parquet, got {fmt!r}")
+    return len(encoded)

@@ -18,8 +18,10 @@ from rayganx import data as rdata
 from rayganx.cluster import init_ray, ray_is_up
 from rayganx.progress import Progress, monitor_skipped, run_monitor
 from rayganx.errors import UserError
+from rayganx.failures import failure_line
 from rayganx.spec import JobSpec
-from rayganx.storage import Store, absolute, ray_storage
+from rayganx.pyarrow_fs import ray_storage
+from rayganx.storage import Store, absolute
 
 log = logging.getLogger("rayganx")
 
@@ -52,57 +54,6 @@ def check_fits_locally(spec: JobSpec) -> None:
     if have.get("CPU", 0) < n * s.cpus_per_worker:
         raise RunError(f"scaling: {n} workers x {s.cpus_per_worker:g} CPU requested, the local "
                        f"Ray has {have.get('CPU', 0):g}; lower scaling.num_workers or submit with --address")
-
-
-def seen_errors(err: BaseException) -> list[BaseException]:
-    out, stack = [], [err]
-    while stack:
-        e = stack.pop()
-        if e is None or any(e is o for o in out):
-            continue
-        out.append(e)
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__,
-                  getattr(e, "controller_failure", None), *getattr(e, "worker_failures", {}).values()]
-    return out
-
-
-def root_cause(err: BaseException, storage_url: str | None = None) -> str:
-    """The user-facing line inside Ray's layers of wrapping. storage_url: the run store, named
-    when the cause is that the store went away (Ray's own uploads fail with botocore's text)."""
-    from rayganx.errors import user_error_names
-    from rayganx.storage import explain
-
-    for e in seen_errors(err):
-        if isinstance(e, UserError):
-            return str(e).splitlines()[0]
-    if storage_url:  # the store went away under Ray's own uploads (botocore's or pyarrow's text)
-        for e in seen_errors(err):
-            line = str(explain(storage_url, e))
-            if line.endswith("unreachable"):
-                return line
-    # Ray Data re-raises worker errors as text: find our error's line in the whole chain.
-    import re
-
-    names = "|".join(user_error_names())
-    for text in (str(e) for e in seen_errors(err)):
-        m = re.search(rf"\b(?:{names}): (.+)", text)
-        if m:
-            return m.group(1).strip()
-    text = str(err).strip().splitlines()
-    lines = [ln for ln in text if ln.strip() and not ln.startswith(" ")]
-    return (lines[-1] if lines else type(err).__name__)[:500]
-
-
-def failure_line(err: BaseException, storage_url: str | None = None, embedded: bool = True) -> str:
-    """The one line a failed run ends with: what failed and, for what Ray reports (a lost worker or
-    node, lost objects), where the details are."""
-    line = root_cause(err, storage_url)
-    if any(isinstance(e, UserError) for e in seen_errors(err)) or line.endswith("unreachable"):
-        return line
-    from rayganx.cluster import logs_dir
-
-    where = f"Ray's logs in {logs_dir()}" if embedded else "the job's logs (rayganx logs JOB_ID --address ...)"
-    return f"the run failed in Ray: {line} (details: run with --verbose, and {where})"
 
 
 @dataclass
@@ -158,7 +109,8 @@ def prepare_eval(spec: JobSpec, p: Plan) -> None:
     if spec.data.source == "gaussian_mixture":  # 2-D points are scored against the mixture's known modes
         return
     from rayganx.extractors import load_extractor
-    from rayganx.metrics import real_features, real_splits
+    from rayganx.metrics import real_splits
+    from rayganx.scoring import real_features
 
     if "cas" in spec.eval.metrics:
         p.cas_data = real_splits(spec)
@@ -222,7 +174,7 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
     import ray
 
     from rayganx import rows
-    from rayganx.spec import METRIC_MODES
+    from rayganx.metric_names import METRIC_MODES
     from rayganx.train import train_loop
 
     # With data.cache (and digits), the first decoding pass runs here.
@@ -259,7 +211,7 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
 
 def tolerant(storage: dict, spec: JobSpec) -> dict:
     """Ray Train's storage arguments with an S3 store's filesystem retrying through outages."""
-    from rayganx.storage import pyarrow_filesystem
+    from rayganx.pyarrow_fs import pyarrow_filesystem
     from rayganx.uploads import tolerant_filesystem
 
     if type(storage.get("storage_filesystem")).__name__ == "S3FileSystem":
@@ -397,7 +349,7 @@ def check_continuation(spec: JobSpec, start: int, allow_changes: bool = False) -
     """Refuse to continue a stored run under a spec it was not trained with, unless every change
     is one continuing can honour (or allow_changes)."""
     from rayganx.runs import stored_spec
-    from rayganx.spec import continuation_problems
+    from rayganx.continuation import continuation_problems
 
     stored = stored_spec(Store(spec.run_url, spec.storage.endpoint_url))
     if start > 0 and stored is not None and not allow_changes:

@@ -15,35 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from rayganx.config import SpecError, describe_error, expand_env, load_yaml, parse_overrides, set_dotted
+from rayganx.metric_names import EVAL_METRICS, EVAL_RESULTS, IMAGE_METRICS, METRIC_MODES, MODE_METRICS
 
 GAN_KINDS = ("mlp_gan", "dcgan", "resnet_gan")
 # user:password@ in a URL (s3://key:secret@bucket, http://user:pass@minio:9000)
 URL_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
-# Metric names a run can be ranked by; "min" metrics are better when lower.
-METRIC_MODES = {"fid": "min", "kid": "min", "is": "max", "precision": "max", "recall": "max",
-                "modes": "max", "hq": "max", "kl": "min",
-                "cas": "max", "val_accuracy": "max", "loss_g": "min", "loss_d": "min", "elbo": "max"}
-# Evaluation metrics by name: what each scores (images, through a feature extractor, or the 2-D
-# points of a gaussian_mixture job, by the mode-collapse papers' protocol) and the values it
-# reports. metrics.py computes them under these names; checks, sweeps and comparisons read them here.
-EVAL_METRICS = {"fid": ("images", ("fid",)), "kid": ("images", ("kid",)), "is": ("images", ("is",)),
-                "pr": ("images", ("precision", "recall")),
-                "modes": ("points", ("modes",)), "hq": ("points", ("hq",)), "kl": ("points", ("kl",)),
-                # Classification Accuracy Score: a classifier trained on conditional samples, and its
-                # reference trained on the real images (no feature extractor).
-                "cas": ("images", ("cas", "cas_real"))}
-IMAGE_METRICS = tuple(k for k, (scores, _) in EVAL_METRICS.items() if scores == "images")
-MODE_METRICS = tuple(k for k, (scores, _) in EVAL_METRICS.items() if scores == "points")
-EVAL_RESULTS = tuple(r for _, results in EVAL_METRICS.values() for r in results)
-
-
-def metric_reporting(result: str, points: bool) -> str | None:
-    """The evaluation metric that reports `result` for a job of images or of points (precision:
-    pr), or None when no evaluation metric does (a training metric such as loss_g)."""
-    kind = "points" if points else "images"
-    return next((k for k, (scores, results) in EVAL_METRICS.items() if scores == kind and result in results), None)
-
-
 # Data sources that read data.path (the others generate their data in the package).
 PATH_SOURCES = ("image_folder", "parquet", "celeba")
 
@@ -435,40 +411,3 @@ def metric_problems(spec: JobSpec) -> list[str]:
                 f"take {', '.join(MODE_METRICS)}"]
     return [f"eval.metrics: {', '.join(wrong)} score 2-D gaussian_mixture points; {spec.data.source} "
             f"images take {', '.join(IMAGE_METRICS)}"]
-
-
-# --------------------------------------------------------------------------- continuing a stored run
-
-# Keys a resumed run can honour when they change: how far and how wide it trains, and how often
-# it logs, samples, evaluates and checkpoints. Any other change would mix two jobs in one run.
-CONTINUABLE = ("train.steps", "train.epochs", "train.log_every", "samples.", "eval.every", "storage.checkpoint_every",
-               "storage.keep", "storage.async_upload", "storage.outage_tolerance_s", "scaling.")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def changed_keys(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) of every key whose value differs (a key that only one
-    side has counts as None on the other)."""
-    a, b = _flat(old), _flat(new)
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def continuation_problems(stored: dict, spec: "JobSpec") -> list[str]:
-    """The changes from a run's stored spec that continuing it cannot honour, one line each
-    (old -> new); empty when it can continue. Fewer train.steps than stored is such a change."""
-    problems = []
-    for key, old, new in changed_keys(stored, spec.to_dict()):
-        if key == "train.steps" and isinstance(old, int) and isinstance(new, int) and new < old:
-            problems.append(f"{key}: {old} -> {new} (fewer steps than the run was set to train)")
-        elif not key.startswith(CONTINUABLE):
-            problems.append(f"{key}: {old!r} -> {new!r}")
-    return problems

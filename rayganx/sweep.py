@@ -20,7 +20,8 @@ from pydantic import Field, ValidationError
 
 from rayganx import spec as jobspec
 from rayganx.config import describe_error, expand_env, job_keys, load_yaml, parse_overrides, set_dotted
-from rayganx.spec import EVAL_RESULTS, METRIC_MODES, JobSpec, SpecError, Section
+from rayganx.metric_names import EVAL_RESULTS, METRIC_MODES, metric_reporting
+from rayganx.spec import JobSpec, SpecError, Section
 
 # Values a sweep can sample. Anything else in `space` is a constant for every trial.
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -130,7 +131,7 @@ class Sweep:
         """The evaluation metric behind the ranking metric (None: a training metric)."""
         if not (self.base.is_gan or self.base.model.kind == "vae"):
             return None
-        return jobspec.metric_reporting(self.metric, self.base.data.source == "gaussian_mixture")
+        return metric_reporting(self.metric, self.base.data.source == "gaussian_mixture")
 
     def trial_spec(self, config: dict, trial: str) -> JobSpec:
         """The job one trial runs: the base job with the trial's values and the sweep's reporting."""

@@ -21,7 +21,8 @@ import numpy as np
 
 from rayganx import data as rdata
 from rayganx.spec import JobSpec, SpecError
-from rayganx.storage import Store, StorageError, pyarrow_filesystem
+from rayganx.pyarrow_fs import pyarrow_filesystem
+from rayganx.storage import Store, StorageError
 
 KEY = "data.synthetic.generator"
 

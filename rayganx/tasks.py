@@ -17,6 +17,7 @@ from rayganx import data as rdata
 from rayganx import losses, models, points
 from rayganx.randomness import GlobalDraws
 from rayganx.spec import JobSpec
+from rayganx.images import grid_png
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -220,7 +221,7 @@ class GANTask(Task):
             z = torch.randn(2000, self.spec.model.latent_dim, generator=gen).to(self.device)
             png = points.scatter_png(g(z).cpu().numpy(), points.mixture_centres(self.spec.data.mixture))
         else:
-            png = rdata.grid_png(*models.sample_images(g, self.spec, self.num_classes, n, seed, self.device))
+            png = grid_png(*models.sample_images(g, self.spec, self.num_classes, n, seed, self.device))
         g.train(was_training)
         return png
 
@@ -297,7 +298,7 @@ class VAETask(Task):
     @torch.no_grad()
     def sample_png(self, n, seed):
         net = self.generator().eval()
-        png = rdata.grid_png(*models.sample_images(net, self.spec, None, n, seed, self.device))
+        png = grid_png(*models.sample_images(net, self.spec, None, n, seed, self.device))
         net.train()
         return png
 

@@ -9,7 +9,6 @@ updates are in `rayganx.tasks`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import resource
 import threading
@@ -24,6 +23,7 @@ from rayganx.checkpointing import report_checkpoint, restore, to_cpu
 from rayganx.errors import UserError
 from rayganx.order import Position
 from rayganx.runs import MetricsLog
+from rayganx.scoring import Evaluator
 from rayganx.spec import JobSpec
 from rayganx.storage import Store
 from rayganx.tasks import TASKS, ClassifierTask, Task, all_reduce
@@ -374,65 +374,3 @@ def train_loop(config: dict) -> None:
         failed = False
     finally:
         w.flush(failed)
-
-
-class Evaluator:
-    """Sample-quality metrics during training: every worker generates and extracts its share."""
-
-    def __init__(self, spec: JobSpec, config: dict, rank: int, world: int, device):
-        from rayganx import metrics as m
-        from rayganx.extractors import load_extractor
-
-        self.m, self.spec, self.rank, self.world, self.device = m, spec, rank, world, device
-        self.num_classes = config["num_classes"]
-        self.points = spec.data.source == "gaussian_mixture"
-        if self.points:  # scored against the mixture's known modes: no extractor, no real features
-            return
-        self.extractor = load_extractor(spec.eval, spec.data.channels, spec.storage.endpoint_url).to(device)
-        import ray
-
-        # Put in Ray's object store once by the driver; only rank 0 fetches them.
-        fetch = lambda ref: (ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref) if rank == 0 else None  # noqa: E731
-        self.real, self.cas_data = fetch(config.get("real_features")), fetch(config.get("cas_data"))
-        self.feature_metrics = [n for n in spec.eval.metrics if n != "cas"]
-
-    def __call__(self, task) -> dict:
-        import torch.distributed as dist
-
-        g = task.generator()
-        if self.points:
-            if self.rank != 0:  # a few thousand points from a small MLP: rank 0 alone
-                return {}
-            was_training = g.training
-            e = self.spec.eval
-            scores = self.m.mode_metrics(g.eval(), self.spec, e.metrics, e.num_samples, e.sample_sets, device=self.device)
-            g.train(was_training)
-            return scores
-        scores = {}
-        if self.cas_data is not None and self.rank == 0:
-            # Rank 0 alone trains the CAS classifiers (seconds on digits); the others wait at the gather.
-            scores = self.m.classification_accuracy_score(g, self.spec, self.num_classes, self.cas_data,
-                                                          device=self.device)
-        if not self.feature_metrics:
-            return scores
-        if self.world > 1:
-            # Each worker's BatchNorm running statistics are its own (buffers are not broadcast in
-            # training); the score must be the checkpointed generator's, rank 0's, so every
-            # worker generates its share with a copy holding rank 0's buffers.
-            g = copy.deepcopy(g)
-            for buf in g.buffers():
-                dist.broadcast(buf, src=0)
-        was_training = g.training
-        g.eval()
-        part = self.m.generated_features(g, self.spec, self.num_classes, self.extractor, self.spec.eval.num_samples,
-                                         seed=0, device=self.device, rank=self.rank, world=self.world)
-        g.train(was_training)
-        part = {i: (f.cpu(), None if lg is None else lg.cpu()) for i, (f, lg) in part.items()}
-        parts = [part]
-        if self.world > 1:
-            parts = [None] * self.world
-            dist.all_gather_object(parts, part)
-        if self.rank != 0:
-            return {}
-        fake, logits = self.m.assemble(parts)
-        return scores | self.m.compute(self.feature_metrics, self.real, fake, logits)

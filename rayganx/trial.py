@@ -19,6 +19,7 @@ from pathlib import Path
 from rayganx.spec import JobSpec
 from rayganx.storage import Store
 from rayganx.sweep import from_dict
+from rayganx.failures import root_cause
 
 
 def trial_name(trial_id: str) -> str:
@@ -94,7 +95,7 @@ def run_trial(config: dict, sweep_raw: dict, source: str) -> None:
         failure = _drive(spec, p, init_from, lock.token, stop_on_lost)
     _write_hparams(spec, config, hp_metrics, status="failure" if failure else "success")
     if failure:
-        raise runner.RunError(runner.root_cause(failure[0])) from failure[0]
+        raise runner.RunError(root_cause(failure[0])) from failure[0]
 
 
 def _drive(spec: JobSpec, p, init_from: str | None, token: str, stop_on_lost) -> list[BaseException]:

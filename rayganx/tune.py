@@ -118,7 +118,7 @@ def run(sw: Sweep, *, resume: bool = False, verbose: bool = False,
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     from rayganx import runner
-    from rayganx.storage import ray_storage
+    from rayganx.pyarrow_fs import ray_storage
 
     sw.spec.storage = absolute(sw.storage)
     root = Store(sw.root, sw.base.storage.endpoint_url)

@@ -7,6 +7,7 @@ from PIL import Image
 
 from rayganx import data as rdata
 from rayganx import points
+from rayganx.prepare import prepare_digits
 from rayganx.spec import DataSpec
 
 
@@ -34,7 +35,7 @@ def test_train_val_split_is_disjoint_and_complete(ray_session):
 
 @pytest.mark.parametrize("fmt,source", [("folder", "image_folder"), ("parquet", "parquet")])
 def test_prepared_digits_read_back_with_labels(ray_session, tmp_path, fmt, source):
-    rdata.prepare_digits(str(tmp_path / "digits"), fmt, size=16)
+    prepare_digits(str(tmp_path / "digits"), fmt, size=16)
     spec = DataSpec(source=source, path=str(tmp_path / "digits"), image_size=16, labels=True)
     images, labels = rows(rdata.build(spec))
     assert images.shape == (1797, 1, 16, 16)
@@ -71,7 +72,7 @@ def test_gaussian_ring():
 
 def _folder_with_corrupt(tmp_path):
     folder = tmp_path / "imgs"
-    rdata.prepare_digits(str(folder), "folder", size=8)
+    prepare_digits(str(folder), "folder", size=8)
     bad = folder / "3" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
     return folder, bad
@@ -188,7 +189,7 @@ def test_every_epoch_is_a_fresh_permutation_that_the_seed_repeats(ray_session, t
 
 
 def test_parquet_rows_are_read_in_the_same_order_decoded_or_not(ray_session, tmp_path):
-    rdata.prepare_digits(str(tmp_path / "pq"), "parquet", size=8)
+    prepare_digits(str(tmp_path / "pq"), "parquet", size=8)
     spec = _spec(tmp_path, source="parquet", path=str(tmp_path / "pq"), image_size=8)
     streamed = _read(spec.model_copy(update={"data": spec.data.model_copy(update={"cache": False})}), batches=6)
     kept = _read(spec.model_copy(update={"data": spec.data.model_copy(update={"cache": True})}), batches=6)

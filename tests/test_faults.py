@@ -16,7 +16,7 @@ import torch
 
 from rayganx import runner, spec as jobspec
 from rayganx.lock import LockLostError, RunLock, RunLockedError
-from rayganx.runs import (MARKER, MetricsLog, checkpoint_manifest, list_checkpoints, load_state, read_metrics,
+from rayganx.runs import (CHECKPOINT_RE, MARKER, MetricsLog, checkpoint_manifest, list_checkpoints, load_state, read_metrics,
                           scan_checkpoints)
 from rayganx.storage import Store, StorageError
 from tests.conftest import JOBS, ROOT, TEST_KEY_ID, TEST_SECRET, local_checkpoint, rayganx, tiny, write_job
@@ -279,7 +279,7 @@ STEPS = 40
 @pytest.fixture(scope="module")
 def exact(ray_session, tmp_path_factory):
     """The exact-resume job, and its uninterrupted run to step 40 (the reference)."""
-    from rayganx.data import prepare_digits
+    from rayganx.prepare import prepare_digits
 
     tmp = tmp_path_factory.mktemp("exact")
     prepare_digits(str(tmp / "digits"), "folder", size=32)
@@ -314,7 +314,9 @@ def test_a_worker_killed_mid_run_resumes_to_the_uninterrupted_run_bitwise(exact,
     reached = max(r["step"] for r in raw[:restart[0]] if "step" in r)  # logged before the restart
     # a resume, not a restart from step 0, and at most one checkpoint interval lost
     assert 0 < resumed_from and reached - resumed_from <= spec.storage.checkpoint_every, (killed, resumed_from, reached)
-    state = load_state(f"{spec.run_url}/checkpoint_{STEPS:06d}")
+    final = list_checkpoints(run)[-1]  # checkpoint_000040, with a generation when the resume took a newer one
+    assert final["step"] == STEPS
+    state = load_state(final["url"])
     assert_same_state(state, exact["ref"])  # weights, optimisers and the EMA copy, bitwise
     assert state["position"] == exact["ref"]["position"]
     assert [m["step"] for m in read_metrics(run)] == list(range(2, STEPS + 1, 2))
@@ -332,15 +334,16 @@ def test_a_worker_killed_mid_run_resumes_to_the_uninterrupted_run_bitwise(exact,
 
     # the newest checkpoint cut off: a resubmission resumes from the one before, says so, and the
     # folders it writes from there carry a generation (the cut-off one's name is never reused)
-    state_file = Path(run.root, f"checkpoint_{STEPS:06d}", "state.pt")
+    state_file = Path(run.root, final["name"], "state.pt")
+    generation = int(CHECKPOINT_RE.match(final["name"]).group(2) or 0)
     state_file.write_bytes(state_file.read_bytes()[:1000])
     more = runner.run(jobspec.load(exact["job"], [*exact["sets"], "name=killed", "storage.path=${RAYGANX_TEST_RUNS}",
                                                   f"train.steps={STEPS + 4}"]))
     assert more.steps == STEPS + 4
     rows = read_metrics(run)
-    assert any(m.get("event") == "resume" and f"checkpoint_{STEPS:06d} is incomplete" in m["note"] for m in rows)
-    assert [c["name"] for c in list_checkpoints(run)][-2:] == [f"checkpoint_{STEPS:06d}_1",
-                                                               f"checkpoint_{STEPS + 4:06d}_1"]
+    assert any(m.get("event") == "resume" and f"{final['name']} is incomplete" in m["note"] for m in rows)
+    assert [c["name"] for c in list_checkpoints(run)][-2:] == [f"checkpoint_{STEPS:06d}_{generation + 1}",
+                                                               f"checkpoint_{STEPS + 4:06d}_{generation + 1}"]
 
 
 def test_evaluation_every_few_steps_does_not_change_the_weights(exact):

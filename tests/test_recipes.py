@@ -9,7 +9,7 @@ from rayganx import runner, spec as jobspec
 from rayganx.runs import list_checkpoints, load_state, read_metrics
 from rayganx.storage import Store
 from rayganx.models import sample_inputs
-from tests.conftest import JOBS, tiny, write_job
+from tests.conftest import tiny, write_job
 
 
 def run_job(tmp_path, base, name, steps=4, overrides=(), **sections):

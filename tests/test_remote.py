@@ -22,7 +22,7 @@ def head(ray_head):
 def test_submit_follow_logs_list_and_status(head, s3_server, tmp_path):
     """The job is resolved once, here: --set values (an s3:// data path among them) reach the
     cluster as given, and nothing of the dataset travels with the job."""
-    from rayganx.data import prepare_digits
+    from rayganx.prepare import prepare_digits
     from rayganx.storage import Store
 
     prepare_digits("s3://rayganx-test/remote/digits", "parquet", 32, s3_server)

@@ -220,7 +220,8 @@ def test_a_changed_job_is_refused_naming_each_change_and_nothing_is_written(tmp_
 
 
 def test_changes_a_continued_run_can_honour_are_accepted_and_recorded():
-    from rayganx.spec import continuation_problems, from_dict
+    from rayganx.continuation import continuation_problems
+    from rayganx.spec import from_dict
 
     stored = from_dict({"name": "a", "train": {"steps": 8}}).to_dict()
     honoured = from_dict({"name": "a", "train": {"steps": 20, "log_every": 5}, "samples": {"every": 7},

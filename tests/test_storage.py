@@ -125,7 +125,7 @@ def test_native_pyarrow_filesystem_per_scheme(s3_server, tmp_path):
 
     import pyarrow.fs as pafs
 
-    from rayganx.storage import pyarrow_filesystem, ray_storage
+    from rayganx.pyarrow_fs import pyarrow_filesystem, ray_storage
 
     s3 = pyarrow_filesystem(f"{BUCKET}/native", s3_server)
     assert isinstance(s3, pafs.S3FileSystem)  # pyarrow's C++ client, not the fsspec shim

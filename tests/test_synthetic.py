@@ -11,6 +11,7 @@ from rayganx import generate, runner, synthetic
 from rayganx import spec as jobspec
 from rayganx.runs import read_metrics
 from rayganx.storage import Store
+from rayganx.prepare import prepare_digits
 from tests.conftest import JOBS, local_checkpoint, rayganx, tiny, write_job
 
 
@@ -82,7 +83,7 @@ def test_per_class_is_the_first_k_of_each_class_of_the_training_split():
 
 
 def test_per_class_on_an_image_folder(tmp_path):
-    rdata.prepare_digits(str(tmp_path / "digits"), "folder", size=8)
+    prepare_digits(str(tmp_path / "digits"), "folder", size=8)
     d = jobspec.from_dict({"name": "f", "model": {"kind": "cnn"}, "train": {"steps": 1},
                            "data": {"source": "image_folder", "path": str(tmp_path / "digits"), "labels": True,
                                     "image_size": 8, "per_class": 5}}).data

@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from rayganx import data as rdata, models, runner, spec as jobspec
+from rayganx import models, runner, spec as jobspec
 from rayganx.randomness import Draws
 from rayganx.runs import list_checkpoints, load_state, read_metrics
 from rayganx.storage import Store
 from rayganx.tasks import GANTask
+from rayganx.prepare import prepare_digits
 from tests.conftest import JOBS, tiny, write_job
 
 
@@ -75,7 +76,7 @@ def test_bad_data_fails_before_training_and_loses_nothing(ray_session, tmp_path)
     runner.run(jobspec.load(job))
     before = sorted(p.name for p in (tmp_path / "runs" / "keep").iterdir())
     folder = tmp_path / "imgs"
-    rdata.prepare_digits(str(folder), "folder", size=32)
+    prepare_digits(str(folder), "folder", size=32)
     (folder / "3" / "bad.png").write_bytes(b"not a png")
     spec = jobspec.load(job, ["data.source=image_folder", f"data.path={folder}", "train.steps=4"])
     with pytest.raises(runner.RunError, match="another spec"):  # a changed job is refused first

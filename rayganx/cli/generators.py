@@ -25,7 +25,7 @@ def sample(checkpoint: str = typer.Argument(..., help="checkpoint folder (local 
     import os
 
     from rayganx import models
-    from rayganx.data import grid_png, png_bytes, to_uint8
+    from rayganx.images import grid_png, png_bytes, to_uint8
 
     if not out_png and not out_dir:
         raise jobspec.SpecError("--out or --out-dir: say where to write the images")
@@ -194,7 +194,7 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
     import json
 
     from rayganx import models
-    from rayganx.metrics import evaluate_generator
+    from rayganx.scoring import evaluate_generator
     from rayganx.runs import load_state
 
     state = load_state(checkpoint, endpoint_url)

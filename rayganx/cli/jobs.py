@@ -185,7 +185,8 @@ def data_prepare(source: str = typer.Argument(..., help="digits (built in), or a
                  endpoint_url: Optional[str] = EndpointOpt):
     """Write a dataset in the formats training reads fast: your own image folder or zip as Parquet shards
     (cropped and resized once, resumable), or the built-in digits as a folder or Parquet."""
-    from rayganx.data import DataError, prepare_digits
+    from rayganx.data import DataError
+    from rayganx.prepare import prepare_digits
 
     if source == "digits":
         n = prepare_digits(out_dir, fmt, size or 32, endpoint_url)

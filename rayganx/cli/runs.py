@@ -101,7 +101,7 @@ def runs_show(run: str = typer.Argument(..., help="run URL or path, or the job Y
 def _attempts(run, view) -> None:
     """Which steps ran under which spec: one line per attempt, with what it changed."""
     from rayganx.runs import spec_history
-    from rayganx.spec import changed_keys
+    from rayganx.continuation import changed_keys
 
     history = spec_history(run)
     if len(history) < 2:
