@@ -211,10 +211,12 @@ def trainer_for(spec: JobSpec, p: Plan, callbacks=None, init_from: str | None = 
 
 def tolerant(storage: dict, spec: JobSpec) -> dict:
     """Ray Train's storage arguments with an S3 store's filesystem retrying through outages."""
+    import pyarrow.fs as pafs
+
     from rayganx.pyarrow_fs import pyarrow_filesystem
     from rayganx.uploads import tolerant_filesystem
 
-    if type(storage.get("storage_filesystem")).__name__ == "S3FileSystem":
+    if isinstance(storage.get("storage_filesystem"), pafs.S3FileSystem):
         # Writes in the calling thread: the wrapper is called from pyarrow's IO threads, and a
         # background write from there waits on the pool it occupies.
         inner = pyarrow_filesystem(spec.storage.path, spec.storage.endpoint_url, background_writes=False)

@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Callable, TypeVar
 
+import pyarrow.fs as pafs
+
 from rayganx.lock import LockLostError
 from rayganx.storage import Store, StorageError
 
@@ -168,12 +170,7 @@ class _Spooled:
             self.buf.close()
 
 
-def _pafs():
-    import pyarrow.fs
-    return pyarrow.fs
-
-
-class TolerantHandler(_pafs().FileSystemHandler):
+class TolerantHandler(pafs.FileSystemHandler):
     """Every call of a pyarrow filesystem retried through a store outage of up to tolerance_s
     (see tolerant_filesystem)."""
 
@@ -252,4 +249,4 @@ def tolerant_filesystem(fs, what: str, tolerance_s: float):
     upload of a reported checkpoint): without it an outage of a few seconds at the wrong moment
     ends the run from the controller. Files are spooled locally and put whole, so a put cut off by
     the outage is made again from the start."""
-    return _pafs().PyFileSystem(TolerantHandler(fs, what, tolerance_s))
+    return pafs.PyFileSystem(TolerantHandler(fs, what, tolerance_s))

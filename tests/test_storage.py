@@ -156,7 +156,7 @@ CRAFTED = ["../../../escaped.txt", "/abs/escaped.txt", "sub/../../escaped.txt", 
 @pytest.mark.parametrize("crafted", CRAFTED)
 def test_crafted_keys_in_a_shared_bucket_write_nothing_outside_the_destination(s3_run, tmp_path, crafted):
     s3 = boto3.client("s3", endpoint_url=s3_run["endpoint"])
-    base = f"runs/crafted/checkpoint_000004"
+    base = "runs/crafted/checkpoint_000004"
     _copy_prefix(s3, "runs/s3_digits/checkpoint_000004/", base + "/")  # a copy: the shared run stays as it is
     s3.put_object(Bucket="rayganx-test", Key=f"{base}/{crafted}", Body=b"planted")
     ep = ["--endpoint-url", s3_run["endpoint"]]

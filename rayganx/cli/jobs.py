@@ -213,8 +213,8 @@ def data_prepare(source: str = typer.Argument(..., help="digits (built in), or a
             task = bar.add_task("shards", total=p.shards)
             manifest = prepare.run(p, out_dir, progress=lambda done, total: bar.update(task, completed=done))
     except KeyboardInterrupt:
-        err.print(f"[yellow]interrupted[/yellow]: the shards written so far are kept; the same command again writes "
-                  f"only the missing ones", highlight=False, soft_wrap=True)
+        err.print("[yellow]interrupted[/yellow]: the shards written so far are kept; the same command again writes "
+                  "only the missing ones", highlight=False, soft_wrap=True)
         raise typer.Exit(130)
     if manifest["corrupt"]:
         warn(f"skipped {len(manifest['corrupt'])} corrupt image(s): {', '.join(manifest['corrupt'][:5])}"
