@@ -105,6 +105,16 @@ class RunLock:
 
     def acquire(self, force: bool = False) -> str | None:
         """Take the lock; returns a message when a stale (or, with force, a live) lock was taken over."""
+        # Live from before the first write: another taker in this process must not take this token's
+        # lock for one left behind between our create and our first heartbeat.
+        _live_tokens.add(self.token)
+        try:
+            return self._acquire(force)
+        except BaseException:
+            _live_tokens.discard(self.token)
+            raise
+
+    def _acquire(self, force: bool) -> str | None:
         if not self.run.atomic and self.run.url not in _warned:
             _warned.add(self.run.url)
             log.warning("%s: this store has no conditional writes; the run lock cannot stop two processes "
@@ -115,7 +125,7 @@ class RunLock:
         except FileExistsError:
             held, version = self.holder()
             if held is None:  # released in between: try once more from scratch
-                return self.acquire(force)
+                return self._acquire(force)
             if held.get("token") == self.token:  # ours: a retried create whose first answer was lost
                 self.version = version
                 return self._start_beating(None)
@@ -133,7 +143,6 @@ class RunLock:
         return self._start_beating(note)
 
     def _start_beating(self, note: str | None) -> str | None:
-        _live_tokens.add(self.token)
         self._thread = threading.Thread(target=self._beat, name="rayganx-run-lock", daemon=True)
         self._thread.start()
         return note
