@@ -246,10 +246,13 @@ def locked(spec: JobSpec, force: bool = False, notify: Callable[[str], None] | N
     """The run's lock for as long as it trains: yields (the lock, a Ray Train callback that ends
     the run within a heartbeat once the lock is taken over)."""
     import tempfile
+    import uuid
 
     from rayganx.lock import RunLock
 
-    flag = os.path.join(tempfile.gettempdir(), f"rayganx-stop-{os.getpid()}-{id(spec)}")
+    # Unique per take: a flag left by a killed process must never stop a later run that was given
+    # the same pid (pids wrap at 32768 on many hosts).
+    flag = os.path.join(tempfile.gettempdir(), f"rayganx-stop-{os.getpid()}-{uuid.uuid4().hex}")
 
     def lost(why: str) -> None:
         with open(flag, "w") as f:

@@ -186,10 +186,13 @@ def test_async_pbt_at_two_speeds_never_reuses_a_checkpoint_folder_and_resumes_af
     r = rayganx("tune", path, "--resume", timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
 
+    board = json.loads((runs / "leaderboard.json").read_text())
     lower = 0
     for trial in sorted(runs.glob("trial_*")):
         rows = read_metrics(Store(str(trial)))
-        assert rows[-1]["step"] == 80, (trial.name, rows[-1])
+        events = [json.loads(line) for part in sorted((trial / "metrics").glob("part_*.jsonl"))
+                  for line in part.read_text().splitlines() if "step" not in json.loads(line) or "event" in line]
+        assert rows[-1]["step"] == 80, (trial.name, rows[-1]["step"], board["trials"], events, r.stdout[-3000:])
         # The raw parts, in order (read_metrics drops the rows a restore superseded): a restore to a
         # step below the last one trained is a take-over of an earlier checkpoint.
         trained = 0
