@@ -20,8 +20,8 @@ import records  # noqa: E402
 
 
 def main() -> None:
-    from rayganx import spec as jobspec
-    from rayganx.bench import bench
+    from rayganx.job import spec as jobspec
+    from rayganx.training.bench import bench
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("job")

@@ -5,7 +5,7 @@
    Parquet shards (crop 108, 64 px): images/s, Ray's start included;
 2. input-only throughput (a Ray Train worker iterating the job's Ray Data pipeline, no model)
    from (a) the folder of JPEGs and (b) the prepared Parquet, against what one 64 px DCGAN
-   worker consumes (`rayganx.bench`, one process, same run);
+   worker consumes (`rayganx.training.bench`, one process, same run);
 3. `rayganx eval` (FID+KID) of a DCGAN-64 checkpoint at 1 and 2 workers: samples/s and the FID,
    which must agree.
 
@@ -92,8 +92,8 @@ def cli(*args, env: dict, timeout: int = 1800) -> subprocess.CompletedProcess:
 
 
 def bench_input(endpoint: str, source: str, path: str, gpu: bool) -> tuple[list[str], dict]:
-    from rayganx import spec as jobspec
-    from rayganx.bench import bench
+    from rayganx.job import spec as jobspec
+    from rayganx.training.bench import bench
 
     sets = [f"data.source={source}", f"data.path={path}", f"data.endpoint_url={endpoint}", "data.cache=false",
             "data.val_fraction=0", "scaling.num_workers=1", "train.batch_size=64"] + (["scaling.use_gpu=true"] if gpu else [])

@@ -47,7 +47,7 @@ def split_digits(val_fraction: float) -> tuple[int, int]:
     """train/<label>/<i>.png and heldout/<label>/<i>.png at 32 px, split as the CNN job splits."""
     from PIL import Image
 
-    from rayganx.data import _in_split, digits_arrays
+    from rayganx.data.sources import _in_split, digits_arrays
 
     images, labels = digits_arrays()
     counts = {"train": 0, "heldout": 0}
@@ -62,9 +62,11 @@ def split_digits(val_fraction: float) -> tuple[int, int]:
 
 def train(job: str, overrides: list[str], reuse: bool) -> tuple[str, float]:
     """The job's final checkpoint (trained now, or the one there with --reuse) and the seconds it took."""
-    from rayganx import cluster, runner, spec as jobspec
-    from rayganx.runs import list_checkpoints
-    from rayganx.storage import Store
+    from rayganx.job import cluster
+    from rayganx.training import runner
+    from rayganx.job import spec as jobspec
+    from rayganx.store.runs import list_checkpoints
+    from rayganx.store.storage import Store
 
     spec = runner.resolve_paths(jobspec.load(ROOT / "jobs" / f"{job}.yaml", overrides))
     ckpts = list_checkpoints(Store(spec.run_url), warn=False)
@@ -83,8 +85,9 @@ def complete_all(gan: str, masks, methods, reuse: bool, steps: int, restarts: in
     """Run `rayganx complete` (its functions, in this process: one Ray start) for every mask and
     method; {(mask, method): (summary, seconds, command line)}. Masks not in `only` are taken
     from finished completions (--reuse) or left out."""
-    from rayganx import cluster, complete, inpaint
-    from rayganx.storage import Store
+    from rayganx.job import cluster
+    from rayganx.apps import complete, inpaint
+    from rayganx.store.storage import Store
 
     done = {}
     for mask in masks:
@@ -138,14 +141,14 @@ def load_folder(folder: Path) -> tuple[dict, dict]:
 def accuracy(cnn: str, images: dict, labels: dict) -> float:
     import torch
 
-    from rayganx import models
-    from rayganx.data import model_input
-    from rayganx.spec import from_dict
-    from rayganx.runs import load_state
+    from rayganx.models import networks
+    from rayganx.data.sources import model_input
+    from rayganx.job.spec import from_dict
+    from rayganx.store.runs import load_state
 
     state = load_state(cnn)
     spec = from_dict(state["spec"], cnn)
-    net = models.build(spec, state.get("num_classes"))["net"]
+    net = networks.build(spec, state.get("num_classes"))["net"]
     net.load_state_dict(state["models"]["net"])
     net.eval()
     keys = sorted(images)
@@ -159,7 +162,7 @@ def picture(masks, methods, path: Path, n: int = 8) -> None:
     """n held-out digits: per mask, the input with its hole, each method's completion, the original."""
     import torch
 
-    from rayganx.inpaint import parse_mask, synthetic_hole
+    from rayganx.apps.inpaint import parse_mask, synthetic_hole
 
     originals, _ = load_folder(WORK / "heldout")
     outs = {(mask, method): load_folder(WORK / "out" / f"{mask}-{method}")[0] for mask in masks for method in methods}
@@ -172,7 +175,7 @@ def picture(masks, methods, path: Path, n: int = 8) -> None:
             tiles.append(orig * (1 - hole))
             tiles += [outs[(mask, method)][key].astype(np.float32) / 127.5 - 1 for method in methods]
             tiles.append(orig)
-    from rayganx.images import grid_png
+    from rayganx.models.images import grid_png
 
     path.write_bytes(grid_png(torch.from_numpy(np.stack(tiles)), len(masks) * (len(methods) + 2)))
 
@@ -294,7 +297,7 @@ def main() -> None:
     (ROOT / "docs" / "img").mkdir(exist_ok=True)
     if not args.no_write:
         picture(finished, ("model", "mean", "nearest"), ROOT / "docs" / "img" / "completion.png")
-    from rayganx.runs import load_state
+    from rayganx.store.runs import load_state
 
     info = {"workers": args.workers, "wall": time.time() - t0, "cnn_secs": cnn_secs, "gan_secs": gan_secs, "heldout": n_heldout, "train": n_train,
             "gan_steps": load_state(gan).get("step"),

@@ -35,7 +35,7 @@ def real_images(spec):
     import torch
     from PIL import Image
 
-    from rayganx import data as rdata
+    from rayganx.data import sources as rdata
 
     raw, labels = rdata.digits_arrays()
     imgs = [rdata.to_array(Image.fromarray(r, mode="L"), spec.data.image_size, spec.data.channels, None) for r in raw]
@@ -46,10 +46,11 @@ def run_one(job: str, overrides: list[str], seed: int, extractor_url: str, eval_
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from rayganx import metrics, spec as jobspec
-    from rayganx.extractors import features_of, load_extractor
-    from rayganx.models import generate
-    from rayganx.tasks import TASKS
+    from rayganx.evaluation import metrics
+    from rayganx.job import spec as jobspec
+    from rayganx.evaluation.extractors import features_of, load_extractor
+    from rayganx.models.networks import generate
+    from rayganx.training.tasks import TASKS
 
     spec = jobspec.load(job, list(overrides) + ["scaling.num_workers=1", f"train.seed={seed}"])
     assert spec.data.source == "digits" and spec.is_gan, "a digits GAN job is expected"

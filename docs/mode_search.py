@@ -2,9 +2,9 @@
 
 Builds a JobSpec from a job file plus --set overrides, builds the task on the CPU for one
 worker (no DDP wrap: `distributed=False`, as train.py passes for world size 1), feeds it the
-batches a 1-worker run reads (rayganx.points: a fresh permutation every epoch), calls `task.schedule` and
+batches a 1-worker run reads (rayganx.data.points: a fresh permutation every epoch), calls `task.schedule` and
 `task.step` as train.py's loop does, and scores the generator (its EMA copy where the job keeps
-one) with the mode-collapse protocol of rayganx.metrics: 5 sets of 2,500 samples.
+one) with the mode-collapse protocol of rayganx.evaluation.metrics: 5 sets of 2,500 samples.
 
     python docs/mode_search.py jobs/pacgan_ring.yaml --seeds 0,1 \
         --set train.ema_decay=0.999 --label ema999 --out /tmp/search.jsonl
@@ -30,9 +30,12 @@ def run_one(job: str, overrides: list[str], seed: int, eval_every: int | None = 
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from rayganx import data as rdata
-    from rayganx import metrics, randomness, rows, spec as jobspec
-    from rayganx.tasks import TASKS
+    from rayganx.data import sources as rdata
+    from rayganx.evaluation import metrics
+    from rayganx.models import randomness
+    from rayganx.data import rows
+    from rayganx.job import spec as jobspec
+    from rayganx.training.tasks import TASKS
 
     spec = jobspec.load(job, list(overrides) + [f"train.seed={seed}"])
     assert spec.data.source == "gaussian_mixture" and spec.is_gan, "a 2-D GAN job is expected"
@@ -44,7 +47,7 @@ def run_one(job: str, overrides: list[str], seed: int, eval_every: int | None = 
     task = TASKS[spec.model.kind](spec, num_classes, device, False)
 
     d = spec.data
-    # The batches and draws of a 1-worker Ray Train run of the job (rayganx.rows), here without Ray.
+    # The batches and draws of a 1-worker Ray Train run of the job (rayganx.data.rows), here without Ray.
     feed = rows.Reader(rows.Points(d.mixture, d.num_points, t.seed), t.batch_size, t.seed).batches()
     names = list(metrics.MODE_METRICS)
 
@@ -78,8 +81,8 @@ def spread(g, spec) -> dict:
     bridges between modes) and the RMS distance to the nearest centre of the others, in std."""
     import torch
 
-    from rayganx import metrics
-    from rayganx.points import mixture_geometry
+    from rayganx.evaluation import metrics
+    from rayganx.data.points import mixture_geometry
 
     centres, std = mixture_geometry(spec.data.mixture)
     was = g.training

@@ -76,7 +76,7 @@ def scatter(points, centres, std, title: str, path: Path) -> None:
 
 
 def write_section(rows, seeds: int, planned: int, no_write: bool) -> None:
-    from rayganx.points import mixture_geometry
+    from rayganx.data.points import mixture_geometry
 
     def ms(values, fmt):
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -139,9 +139,13 @@ def main() -> None:
                     help="keep runs this script already finished and scored (their modes.json), train the rest")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from rayganx import cluster, metrics, models, runner, spec as jobspec
-    from rayganx.points import mixture_geometry
-    from rayganx.runs import load_state
+    from rayganx.job import cluster
+    from rayganx.evaluation import metrics
+    from rayganx.models import trained
+    from rayganx.training import runner
+    from rayganx.job import spec as jobspec
+    from rayganx.data.points import mixture_geometry
+    from rayganx.store.runs import load_state
 
     cluster.init_ray()
     rows = []
@@ -155,7 +159,7 @@ def main() -> None:
             if args.reuse and local and record.exists():
                 done = json.loads(record.read_text())
                 scores, wall, url = done["scores"], done["wall_s"], done["checkpoint"]
-                g, trained, _ = models.generator_from_state(load_state(url))
+                g, trained, _ = trained.generator_from_state(load_state(url))
             else:
                 # a run of the same name would resume, not train afresh
                 if local:
@@ -164,7 +168,7 @@ def main() -> None:
                 result = runner.run(spec)
                 wall = time.time() - t0
                 url = result.checkpoints[-1]["url"]
-                g, trained, _ = models.generator_from_state(load_state(url))
+                g, trained, _ = trained.generator_from_state(load_state(url))
                 scores = metrics.mode_metrics(g, trained, list(metrics.MODE_METRICS))
                 # written last: a run killed before this point is trained again by --reuse
                 if local:

@@ -55,8 +55,8 @@ def grid(g, spec, num_classes, path: Path) -> None:
     """64 samples of the final generator (a conditional one: one class per row, 8 of each)."""
     import torch
 
-    from rayganx.images import grid_png
-    from rayganx.models import generate
+    from rayganx.models.images import grid_png
+    from rayganx.models.networks import generate
 
     n = 80 if num_classes else 64
     z = torch.randn(n, spec.model.latent_dim, generator=torch.Generator().manual_seed(1234))
@@ -133,9 +133,12 @@ def main() -> None:
                     help="keep runs this script already finished and scored (their scores.json), train the rest")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from rayganx import cluster, models, runner, spec as jobspec
-    from rayganx.scoring import evaluate_generator
-    from rayganx.runs import load_state
+    from rayganx.job import cluster
+    from rayganx.models import trained
+    from rayganx.training import runner
+    from rayganx.job import spec as jobspec
+    from rayganx.evaluation.scoring import evaluate_generator
+    from rayganx.store.runs import load_state
 
     jobs = args.jobs.split(",") if args.jobs else [
         p.stem for p in sorted((ROOT / "jobs").glob("*_digits.yaml"))
@@ -176,7 +179,7 @@ def main() -> None:
                 result = runner.run(spec)
                 wall = time.time() - t0
                 url = result.checkpoints[-1]["url"]
-                g, trained, num_classes = models.generator_from_state(load_state(url))
+                g, trained, num_classes = trained.generator_from_state(load_state(url))
                 ev = trained.eval.model_copy(update={"features": "classifier", "extractor": extractor})
                 trained = trained.model_copy(update={"eval": ev, "storage": spec.storage})
                 scores = evaluate_generator(g, runner.resolve_paths(trained), num_classes, list(METRICS[:3]) + ["pr"],
@@ -188,7 +191,7 @@ def main() -> None:
             print(f"{job} seed {seed}: " + " ".join(f"{k} {scores[k]:.4g}" for k in METRICS) + f" ({wall:.0f} s)",
                   flush=True)
             if seed == 0:
-                g, trained, num_classes = models.generator_from_state(load_state(url))
+                g, trained, num_classes = trained.generator_from_state(load_state(url))
                 grid(g, trained, num_classes if trained.model.conditional else None,
                      ROOT / "docs" / "img" / f"results_{job}.png")
         rows.append((job, spec, per_seed, walls))

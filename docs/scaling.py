@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rayganx import models, spec as jobspec  # noqa: E402
+from rayganx.models import networks
+from rayganx.job import spec as jobspec  # noqa: E402
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 # Public figures (vendor data sheets).
@@ -42,7 +43,7 @@ def flops_and_bytes(job: str, sets: list[str]) -> tuple[float, float, int]:
     """(model FLOPs per generator step, gradient bytes all-reduced per generator step, images per step)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rayganx.tasks import TASKS
+    from rayganx.training.tasks import TASKS
 
     spec = jobspec.load(JOBS / job, [f"train.batch_size={BATCH_PER_GPU}", "scaling.num_workers=1", *sets])
     task = TASKS[spec.model.kind](spec, None, torch.device("cpu"), distributed=False)
@@ -53,7 +54,7 @@ def flops_and_bytes(job: str, sets: list[str]) -> tuple[float, float, int]:
         while not stepped:
             stepped, _ = task.step(x, y, it, 0, 1)
             it += 1
-    nets = models.build(spec)
+    nets = networks.build(spec)
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
     grad_bytes = 4 * (params["d"] * spec.train.d_steps + params["g"])  # fp32 gradients
     return counter.get_total_flops(), grad_bytes, BATCH_PER_GPU * spec.train.d_steps

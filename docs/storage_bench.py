@@ -89,8 +89,8 @@ def upload_parquet(s3, prefix: str, images: list[bytes], per_shard: int = 2000) 
 
 
 def bench_input(endpoint: str, source: str, path: str) -> dict:
-    from rayganx import spec as jobspec
-    from rayganx.bench import bench
+    from rayganx.job import spec as jobspec
+    from rayganx.training.bench import bench
 
     spec = jobspec.load(JOBS / "dcgan_celeba.yaml", [
         f"data.source={source}", f"data.path={path}", f"data.endpoint_url={endpoint}", "data.cache=false",
@@ -128,9 +128,10 @@ def cmd_input(files: list[int], endpoint: str | None) -> None:
 
 
 def cmd_checkpoint(endpoint: str | None, uploads: list[str]) -> None:
-    from rayganx import runner, spec as jobspec
-    from rayganx.runs import read_metrics
-    from rayganx.storage import Store
+    from rayganx.training import runner
+    from rayganx.job import spec as jobspec
+    from rayganx.store.runs import read_metrics
+    from rayganx.store.storage import Store
 
     server, endpoint, s3 = moto(endpoint)
     out = []

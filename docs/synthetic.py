@@ -48,14 +48,15 @@ class OutOfTime(Exception):
 class Bench:
     def __init__(self, args):
         sys.path.insert(0, str(ROOT))
-        from rayganx import cluster, runner
+        from rayganx.job import cluster
+        from rayganx.training import runner
 
         self.args, self.runner, self.t0 = args, runner, time.time()
         if not args.from_records:
             cluster.init_ray()
 
     def job(self, base: str, name: str, sets: list[str]):
-        from rayganx import spec as jobspec
+        from rayganx.job import spec as jobspec
 
         return jobspec.load(ROOT / "jobs" / base, [f"storage.path={STORAGE}", f"name={name}", *sets])
 
@@ -82,10 +83,11 @@ class Bench:
 
     def cas(self, checkpoint: str) -> dict:
         """What `rayganx eval CHECKPOINT --metrics cas` computes."""
-        from rayganx import models, scoring
-        from rayganx.runs import load_state
+        from rayganx.models import trained
+        from rayganx.evaluation import scoring
+        from rayganx.store.runs import load_state
 
-        g, spec, classes = models.generator_from_state(load_state(checkpoint))
+        g, spec, classes = trained.generator_from_state(load_state(checkpoint))
         t0 = time.time()
         scores = scoring.evaluate_generator(g, self.runner.resolve_paths(spec), classes, ["cas"], 2)
         return scores | {"cas_s": time.time() - t0}
@@ -252,8 +254,8 @@ def main() -> None:
                 low.setdefault(k, []).append({"gan": gan, "real": real, "syn": syn})
             if i == 0:
                 full = bench.gan("all", 0, args.full_gan_steps)
-                from rayganx import data as rdata
-                from rayganx import spec as jobspec
+                from rayganx.data import sources as rdata
+                from rayganx.job import spec as jobspec
 
                 d = jobspec.load(ROOT / "jobs" / "cnn_digits.yaml").data
                 full["n_train"] = rdata.count_rows(d, "train")

@@ -109,7 +109,7 @@ def ray_session(ray_head):
     """This process as a driver on the session's head."""
     import ray
 
-    from rayganx.cluster import init_ray
+    from rayganx.job.cluster import init_ray
 
     init_ray(address=ray_head.gcs)
     yield ray
@@ -141,8 +141,8 @@ def local_checkpoint(path: Path, task, step: int, num_classes=None) -> Path:
 
     import torch
 
-    from rayganx.runs import MARKER, checkpoint_manifest
-    from rayganx.checkpointing import save_checkpoint
+    from rayganx.store.runs import MARKER, checkpoint_manifest
+    from rayganx.training.checkpointing import save_checkpoint
 
     path.mkdir(parents=True, exist_ok=True)
     save_checkpoint(str(path), task.spec, task.state_dict(), step, {"step": step}, num_classes, [{"torch": torch.get_rng_state()}], None)

@@ -28,10 +28,10 @@ def test_bench_json_has_every_field(tmp_path):
 
 
 def test_bench_makes_stand_in_images_when_the_dataset_is_absent(tmp_path):
-    from rayganx import spec as jobspec
-    from rayganx.bench import stand_in_data
+    from rayganx.job import spec as jobspec
+    from rayganx.training.bench import stand_in_data
 
-    from rayganx.data import count_rows
+    from rayganx.data.sources import count_rows
 
     spec = jobspec.load(JOBS / "dcgan_celeba.yaml", [f"data.path={tmp_path}/none"])  # prepared Parquet
     s = stand_in_data(spec, str(tmp_path / "standin"), n=4)
@@ -46,8 +46,8 @@ def test_bench_makes_stand_in_images_when_the_dataset_is_absent(tmp_path):
 def test_plain_row_runs_on_the_job_device_with_its_options(sets):
     import torch
 
-    from rayganx import spec as jobspec
-    from rayganx.bench import plain
+    from rayganx.job import spec as jobspec
+    from rayganx.training.bench import plain
 
     kind = ["model.kind=mlp_gan", "data.source=gaussian_mixture"] if "train.compile=true" in sets else []
     spec = jobspec.load(JOBS / "dcgan_digits.yaml", ["model.ngf=8", "model.ndf=8", "train.batch_size=16",
@@ -62,8 +62,8 @@ def test_plain_row_runs_on_the_job_device_with_its_options(sets):
 def test_plain_row_of_a_job_with_r1_times_it_without_a_flop_count():
     """torch's FLOP counter cannot follow autograd.grad (R1, gradient penalty): the row still times
     the step and says the count is unknown instead of failing the command."""
-    from rayganx import spec as jobspec
-    from rayganx.bench import plain
+    from rayganx.job import spec as jobspec
+    from rayganx.training.bench import plain
 
     spec = jobspec.load(JOBS / "gmgan_ring.yaml")
     assert spec.train.r1_gamma > 0

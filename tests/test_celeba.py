@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from rayganx.storage import Store
+from rayganx.store.storage import Store
 from tests.conftest import JOBS, rayganx
 
 BUCKET = "s3://rayganx-test/celeba"

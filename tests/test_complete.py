@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from rayganx import complete, inpaint, models, spec as jobspec
-from rayganx.spec import SpecError
+from rayganx.apps import complete, inpaint
+from rayganx.models import networks, trained
+from rayganx.job import spec as jobspec
+from rayganx.job.spec import SpecError
 from tests.conftest import JOBS, local_checkpoint, rayganx
 
 
@@ -133,8 +135,8 @@ def test_baselines():
 def short_run(tmp_path_factory):
     """A DCGAN trained for a short real run in-process (no Ray): its checkpoint folder (with D)
     and its exported generator."""
-    from rayganx.data import digits_arrays
-    from rayganx.tasks import GANTask
+    from rayganx.data.sources import digits_arrays
+    from rayganx.training.tasks import GANTask
 
     spec = jobspec.load(JOBS / "dcgan_digits.yaml", ["model.ngf=16", "model.ndf=16"])
     torch.manual_seed(0)
@@ -149,7 +151,7 @@ def short_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("short")
     ckpt = local_checkpoint(root / "run" / f"checkpoint_{steps:06d}", task, steps)
     exported = root / "generator.pt"
-    models.export_generator(task.state_dict() | {"spec": spec.to_dict(), "num_classes": None, "step": steps},
+    trained.export_generator(task.state_dict() | {"spec": spec.to_dict(), "num_classes": None, "step": steps},
                             str(exported))
     return str(ckpt), str(exported)
 
@@ -163,7 +165,7 @@ def test_gan_completion_recovers_an_image_the_generator_made(short_run):
         model = inpaint.load_model(source)
         assert (model.d is None) == (source == exported)
         with torch.no_grad():
-            x = models.generate(model.g, torch.randn(8, model.spec.model.latent_dim,
+            x = networks.generate(model.g, torch.randn(8, model.spec.model.latent_dim,
                                                      generator=torch.Generator().manual_seed(123)))
         hole = torch.from_numpy(inpaint.synthetic_hole(inpaint.Mask("center"), 32, 0, "k"))[None].expand(8, -1, -1, -1)
         done, _ = inpaint.complete_batch(x, hole, "model", model=model, seeds=list(range(8)),
@@ -179,7 +181,7 @@ def test_gan_completion_recovers_an_image_the_generator_made(short_run):
 
 
 def digits_folder(root, n: int = 6):
-    from rayganx.data import digits_arrays
+    from rayganx.data.sources import digits_arrays
 
     images, labels = digits_arrays()
     for i in range(n):
@@ -191,7 +193,7 @@ def digits_folder(root, n: int = 6):
 
 @pytest.fixture(scope="module")
 def untrained_ckpt(tmp_path_factory):
-    from rayganx.tasks import GANTask
+    from rayganx.training.tasks import GANTask
 
     spec = jobspec.load(JOBS / "dcgan_digits.yaml", ["model.ngf=8", "model.ndf=8"])
     task = GANTask(spec, None, torch.device("cpu"), distributed=False)
@@ -269,8 +271,8 @@ def test_complete_parquet_on_s3_with_the_nearest_baseline(short_run, s3_server):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rayganx.data import digits_arrays
-    from rayganx.storage import Store
+    from rayganx.data.sources import digits_arrays
+    from rayganx.store.storage import Store
 
     ckpt, _ = short_run
     images, labels = digits_arrays()

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from rayganx import data as rdata
-from rayganx import points
-from rayganx.prepare import prepare_digits
-from rayganx.spec import DataSpec
+from rayganx.data import sources as rdata
+from rayganx.data import points
+from rayganx.data.prepare import prepare_digits
+from rayganx.job.sections import DataSpec
 
 
 def rows(ds):
@@ -86,7 +86,7 @@ def test_corrupt_image_fails_naming_the_file(ray_session, tmp_path):
 
 def test_corrupt_image_skipped_and_counted(ray_session, tmp_path):
     folder, bad = _folder_with_corrupt(tmp_path)
-    from rayganx.progress import run_monitor
+    from rayganx.training.progress import run_monitor
 
     counter = run_monitor()
     try:
@@ -110,8 +110,8 @@ def test_missing_and_empty_paths(tmp_path):
 
 
 def test_decoded_images_are_kept_when_they_fit(ray_session):
-    from rayganx import rows
-    from rayganx.spec import JobSpec
+    from rayganx.data import rows
+    from rayganx.job.spec import JobSpec
 
     def spec(cache):
         return JobSpec.model_validate({"name": "c", "data": {"image_size": 64, "channels": 3, "cache": cache}})
@@ -140,8 +140,9 @@ def _ids(images) -> list[int]:
 def _read(spec, world=2, batches=24, start=None):
     """Per worker, the image ids of each batch the training loop gets (real Ray Data: the row
     source a run hands its workers, read by each worker's reader), and the positions."""
-    from rayganx import rows, runner
-    from rayganx.order import Position
+    from rayganx.data import rows
+    from rayganx.training import runner
+    from rayganx.data.order import Position
 
     p = runner.plan(spec)
     src = rows.source(spec, p.split, p.rows)
@@ -155,7 +156,7 @@ def _read(spec, world=2, batches=24, start=None):
 
 
 def _spec(tmp_path, **data):
-    from rayganx.spec import from_dict
+    from rayganx.job.spec import from_dict
 
     seed = data.pop("seed", 7)
     return from_dict({"name": "s", "model": {"kind": "mlp_gan"}, "storage": {"path": str(tmp_path / "runs")},
@@ -225,9 +226,9 @@ def test_validation_counts_every_row_once_across_workers(ray_session, tmp_path):
 
     import ray
 
-    from rayganx import runner
-    from rayganx.spec import from_dict
-    from rayganx.tasks import ClassifierTask
+    from rayganx.training import runner
+    from rayganx.job.spec import from_dict
+    from rayganx.training.tasks import ClassifierTask
 
     _class_folder(tmp_path / "imgs")
     spec = from_dict({"name": "v", "model": {"kind": "cnn", "ndf": 4}, "storage": {"path": str(tmp_path / "runs")},
@@ -260,7 +261,7 @@ def test_run_data_config_prints_no_ray_deprecation():
 
     from ray.util.annotations import RayDeprecationWarning
 
-    from rayganx import runner
+    from rayganx.training import runner
 
     with warnings.catch_warnings():
         # Ray 2.60's exclude_resources deprecation reached every run's output
@@ -272,7 +273,7 @@ def test_run_data_config_prints_no_ray_deprecation():
 
 
 def test_classes_keep_only_the_images_of_those_labels(tmp_path):
-    from rayganx.spec import from_dict
+    from rayganx.job.spec import from_dict
 
     d = DataSpec(source="digits", classes=[5, 6, 7, 8, 9])
     images, labels = rdata.digits_images(d)

@@ -14,18 +14,19 @@ import psutil
 import pytest
 import torch
 
-from rayganx import runner, spec as jobspec
-from rayganx.lock import LockLostError, RunLock, RunLockedError
-from rayganx.runs import (CHECKPOINT_RE, MARKER, MetricsLog, checkpoint_manifest, list_checkpoints, load_state, read_metrics,
-                          scan_checkpoints)
-from rayganx.storage import Store, StorageError
+from rayganx.training import runner, stopping
+from rayganx.job import spec as jobspec
+from rayganx.store.lock import LockLostError, RunLock, RunLockedError
+from rayganx.store.runs import (CHECKPOINT_RE, MARKER, MetricsLog, checkpoint_manifest, list_checkpoints, load_state,
+    read_metrics, scan_checkpoints)
+from rayganx.store.storage import Store, StorageError
 from tests.conftest import JOBS, ROOT, TEST_KEY_ID, TEST_SECRET, local_checkpoint, rayganx, tiny, write_job
 from tests.test_resume import assert_same_state
 
 
 def _checkpoint(run: Path, step: int, spec) -> Path:
     """A real checkpoint folder as the train loop writes it (without Ray), marker last."""
-    from rayganx.tasks import GANTask
+    from rayganx.training.tasks import GANTask
 
     torch.manual_seed(step)
     task = GANTask(spec, None, torch.device("cpu"), distributed=False)
@@ -105,9 +106,9 @@ def test_export_loads_with_torch_alone(small_run, tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "generator.pt2")],
                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0 and out.stdout.strip() == "(3, 1, 32, 32) True False", out.stderr
-    from rayganx import models
+    from rayganx.models import trained
 
-    g, _, _ = models.load_generator(str(tmp_path / "generator.pt"))
+    g, _, _ = trained.load_generator(str(tmp_path / "generator.pt"))
     z = torch.randn(2, spec.model.latent_dim)
     assert torch.allclose(torch.export.load(str(tmp_path / "generator.pt2")).module()(z), g(z), atol=1e-5)
 
@@ -147,7 +148,7 @@ def test_two_writers_of_one_run_never_overwrite_each_others_parts(tmp_path):
 
 
 def test_local_checkpoint_copies_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
-    from rayganx.checkpointing import CKPT_PREFIX, sweep_stale_copies
+    from rayganx.training.checkpointing import CKPT_PREFIX, sweep_stale_copies
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
@@ -279,7 +280,7 @@ STEPS = 40
 @pytest.fixture(scope="module")
 def exact(ray_session, tmp_path_factory):
     """The exact-resume job, and its uninterrupted run to step 40 (the reference)."""
-    from rayganx.prepare import prepare_digits
+    from rayganx.data.prepare import prepare_digits
 
     tmp = tmp_path_factory.mktemp("exact")
     prepare_digits(str(tmp / "digits"), "folder", size=32)
@@ -323,7 +324,7 @@ def test_a_worker_killed_mid_run_resumes_to_the_uninterrupted_run_bitwise(exact,
     print(f"FIGURE worker-kill: killed after step {killed['step']} was logged, resumed from step {resumed_from}, "
           f"run finished in {time.monotonic() - t0:.0f} s, state equal to the uninterrupted run")
     # the killed worker's local copies are gone: the next rank 0 swept them at its checkpoint
-    from rayganx.checkpointing import sweep_stale_copies
+    from rayganx.training.checkpointing import sweep_stale_copies
 
     assert sweep_stale_copies() == []
     # the ${VAR} placeholder, not its value, is what the run stores
@@ -441,7 +442,7 @@ def test_ctrl_c_during_fit_raises_at_once_even_when_the_interrupt_is_swallowed()
         timer.start()
         t0 = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
-            runner.fit_interruptibly(_SlowTrainer())
+            stopping.fit_interruptibly(_SlowTrainer())
         assert time.monotonic() - t0 < 5
     finally:
         timer.cancel()
@@ -461,7 +462,7 @@ def test_a_caller_that_ignores_sigint_keeps_ignoring_it_during_fit():
 
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        assert runner.fit_interruptibly(Quick()) == "finished"
+        assert stopping.fit_interruptibly(Quick()) == "finished"
         assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)

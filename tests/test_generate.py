@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from rayganx import generate, spec as jobspec
-from rayganx.storage import Store
+from rayganx.data import generate
+from rayganx.job import spec as jobspec
+from rayganx.store.storage import Store
 from tests.conftest import JOBS, local_checkpoint, rayganx
 
 pytestmark = pytest.mark.slow
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cgan_ckpt(tmp_path_factory):
     """An (untrained) conditional generator's checkpoint, as a run writes it."""
-    from rayganx.tasks import GANTask
+    from rayganx.training.tasks import GANTask
 
     spec = jobspec.load(JOBS / "cgan_digits.yaml", ["model.ngf=8", "model.ndf=8"])
     torch.manual_seed(0)
@@ -90,7 +91,7 @@ def test_bad_labels_fail_in_one_line(cgan_ckpt, tmp_path):
 
 
 def test_unconditional_generator_labels_minus_one(tmp_path):
-    from rayganx.tasks import GANTask
+    from rayganx.training.tasks import GANTask
 
     spec = jobspec.load(JOBS / "dcgan_digits.yaml", ["model.ngf=8", "model.ndf=8"])
     task = GANTask(spec, None, torch.device("cpu"), distributed=False)

@@ -9,10 +9,10 @@ import threading
 import pytest
 import torch
 
-from rayganx import inception
-from rayganx import extractors as ex
-from rayganx import metrics as m
-from rayganx.spec import EvalSpec
+from rayganx.evaluation import inception
+from rayganx.evaluation import extractors as ex
+from rayganx.evaluation import metrics as m
+from rayganx.job.sections import EvalSpec
 
 STAND_IN = b"stand-in for the Inception weights " * 4096  # 140 kB: the download path, not the network
 

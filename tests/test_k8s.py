@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayganx import crds, k8s, spec as jobspec
+from rayganx.ops import crds, k8s
+from rayganx.job import spec as jobspec
 from tests.conftest import JOBS, rayganx
 
 K8S = JOBS.parent / "k8s"
@@ -147,7 +148,7 @@ def test_fractional_gpus(tmp_path):
 
 
 def test_rendered_sweep_runs_rayganx_tune_on_a_cluster_sized_for_its_trials(tmp_path):
-    from rayganx import sweep
+    from rayganx.sweeps import sweep
 
     r, (cm, job) = render(tmp_path, JOBS / "tune_dcgan_digits.yaml", "--image", "reg/rayganx:1",
                           "--set", "max_concurrent_trials=3", "--set", "storage=s3://bucket/sweeps")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rayganx import losses, models
+from rayganx.models import losses, networks
 
 REAL = torch.tensor([0.0, 2.0])
 FAKE = torch.tensor([1.0, -1.0])
@@ -74,7 +74,7 @@ def test_spectral_norm_bounds_the_largest_singular_value():
     with torch.no_grad():
         for layer in (net[0], net[2]):
             layer.weight.mul_(5.0)
-    d = models.apply_spectral_norm(net)
+    d = networks.apply_spectral_norm(net)
     for _ in range(30):  # power iterations run in training-mode forwards
         d(torch.randn(8, 16))
     d.eval()
@@ -88,18 +88,18 @@ def test_spectral_norm_bounds_the_largest_singular_value():
 @pytest.mark.parametrize("kind", ["dcgan", "resnet_gan"])
 def test_spectral_norm_on_a_conditional_generator_spares_the_batchnorm_embeddings(kind):
     # The conditional BatchNorm shift embedding starts at zero (sigma 0): normalising it gave NaN.
-    from rayganx.spec import from_dict
+    from rayganx.job.spec import from_dict
 
     spec = from_dict({"name": "x", "model": {"kind": kind, "ngf": 8, "ndf": 8, "conditional": True,
                                              "spectral_norm": "both"},
                       "data": {"labels": True}, "train": {"steps": 1}})
     torch.manual_seed(0)
-    nets = models.build(spec, num_classes=10)
+    nets = networks.build(spec, num_classes=10)
     y = torch.arange(8) % 10
     x = nets["g"](torch.randn(8, spec.model.latent_dim), y)
     assert torch.isfinite(x).all() and x.std() > 0
     assert torch.isfinite(nets["d"](x, y)).all()
-    cbn = [m for m in nets["g"].modules() if isinstance(m, models.CondBatchNorm2d)]
+    cbn = [m for m in nets["g"].modules() if isinstance(m, networks.CondBatchNorm2d)]
     assert cbn and not any(hasattr(e, "parametrizations") for m in cbn for e in (m.gain, m.bias))
     assert torch.equal(cbn[0].gain.weight, torch.ones_like(cbn[0].gain.weight))  # gain 1 at the start
     # The projection discriminator's class embedding keeps spectral norm (SNGAN, BigGAN).
@@ -162,8 +162,8 @@ def test_ema_ramp_up_follows_stylegan2_ada():
 
 
 def test_ema_generator_of_a_short_run_is_not_its_initial_weights():
-    from rayganx.spec import from_dict
-    from rayganx.tasks import GANTask
+    from rayganx.job.spec import from_dict
+    from rayganx.training.tasks import GANTask
 
     spec = from_dict({"name": "x", "model": {"kind": "mlp_gan", "hidden": [16]}, "data": {"image_size": 8},
                       "train": {"steps": 30, "batch_size": 16, "ema_decay": 0.999,
@@ -208,8 +208,8 @@ def test_diffaugment_cutout_and_color():
 
 
 def test_diffaugment_applies_the_same_policy_to_real_and_fake():
-    from rayganx.spec import from_dict
-    from rayganx.tasks import GANTask
+    from rayganx.job.spec import from_dict
+    from rayganx.training.tasks import GANTask
 
     spec = from_dict({"name": "x", "model": {"ngf": 8, "ndf": 8}, "train": {"steps": 1, "diffaug": ["cutout"]},
                       "scaling": {"num_workers": 1}})
@@ -220,8 +220,8 @@ def test_diffaugment_applies_the_same_policy_to_real_and_fake():
 
 def test_gradient_penalty_interpolates_the_augmented_inputs_d_trains_on():
     # DiffAugment: D only ever sees augmented images, so that is where its gradient is constrained.
-    from rayganx.spec import from_dict
-    from rayganx.tasks import GANTask
+    from rayganx.job.spec import from_dict
+    from rayganx.training.tasks import GANTask
 
     spec = from_dict({"name": "x", "model": {"kind": "dcgan", "ngf": 8, "ndf": 8, "d_batchnorm": False},
                       "train": {"steps": 1, "loss": "wasserstein", "gp_lambda": 10.0,
@@ -241,8 +241,8 @@ def test_gradient_penalty_interpolates_the_augmented_inputs_d_trains_on():
 
 
 def test_lazy_gradient_penalty_every_k_steps_scaled_by_k():
-    from rayganx.spec import from_dict
-    from rayganx.tasks import GANTask
+    from rayganx.job.spec import from_dict
+    from rayganx.training.tasks import GANTask
 
     def task(lam, every):
         spec = from_dict({"name": "x", "model": {"kind": "dcgan", "ngf": 8, "ndf": 8, "d_batchnorm": False},

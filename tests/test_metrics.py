@@ -4,15 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from rayganx import data as rdata
-from rayganx import extractors as ex
-from rayganx import metrics as m
-from rayganx.spec import EvalSpec, from_dict
+from rayganx.data import sources as rdata
+from rayganx.evaluation import extractors as ex
+from rayganx.evaluation import metrics as m
+from rayganx.job.sections import EvalSpec
+from rayganx.job.spec import from_dict
 from tests.conftest import local_checkpoint, rayganx
 
 
 def digits(size=32):
-    from rayganx.spec import DataSpec
+    from rayganx.job.sections import DataSpec
 
     images, labels = rdata.digits_images(DataSpec(image_size=size))
     return rdata.model_input(torch.from_numpy(images)), torch.from_numpy(labels)
@@ -21,7 +22,7 @@ def digits(size=32):
 @pytest.fixture(scope="module")
 def classifier_ckpt(tmp_path_factory):
     """A digits CNN trained in-process by rayganx's own classifier task, saved as a checkpoint."""
-    from rayganx.tasks import ClassifierTask
+    from rayganx.training.tasks import ClassifierTask
 
     spec = from_dict({"name": "cnn", "model": {"kind": "cnn", "ndf": 16}, "data": {"labels": True},
                       "train": {"steps": 300, "batch_size": 64}, "scaling": {"num_workers": 1}})
@@ -127,7 +128,7 @@ def test_a_torchscript_extractor_loads_only_when_its_checksum_is_pinned(tmp_path
 
 def test_chunks_split_across_workers_reassemble_to_the_single_process_set():
     spec = from_dict({"name": "x", "model": {"ngf": 8, "ndf": 8}, "train": {"steps": 1}})
-    from rayganx.models import build
+    from rayganx.models.networks import build
 
     g = build(spec)["g"].eval()
     ext = ex.RandomCNN(1)
@@ -141,9 +142,10 @@ def test_training_evaluates_keeps_best_and_cli_matches_the_two_worker_value(ray_
     the checkpoint kept is the best, here an older one than the newest."""
     import json
 
-    from rayganx import runner, spec as jobspec
-    from rayganx.runs import list_checkpoints, read_metrics
-    from rayganx.storage import Store
+    from rayganx.training import runner
+    from rayganx.job import spec as jobspec
+    from rayganx.store.runs import list_checkpoints, read_metrics
+    from rayganx.store.storage import Store
     from tests.conftest import tiny, write_job
 
     # At step 3 every learning rate jumps to 0.5 (the divergence guard off): the generator gets worse,
@@ -181,7 +183,7 @@ def test_missing_extractor_fails_before_training(tmp_path):
 
 
 def test_training_with_is_needs_an_extractor_with_logits():
-    from rayganx.spec import SpecError
+    from rayganx.job.spec import SpecError
 
     job = {"name": "x", "train": {"steps": 4}, "eval": {"every": 2, "metrics": ["fid", "is"]}}
     with pytest.raises(SpecError, match="'is' .* which 'random' features lack"):
@@ -229,7 +231,7 @@ def dcgan_checkpoint(storage) -> str:
     """A digits DCGAN checkpoint whose job stores into `storage`; untrained (scores need not be good)."""
     import yaml
 
-    from rayganx.tasks import GANTask
+    from rayganx.training.tasks import GANTask
     from tests.conftest import JOBS
 
     raw = yaml.safe_load((JOBS / "dcgan_digits.yaml").read_text())

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from rayganx import points
-from rayganx import losses, models
-from rayganx import metrics as m
-from rayganx import spec as jobspec
-from rayganx.tasks import GANTask
+from rayganx.data import points
+from rayganx.models import losses, networks
+from rayganx.evaluation import metrics as m
+from rayganx.job import spec as jobspec
+from rayganx.training.tasks import GANTask
 from tests.conftest import local_checkpoint, rayganx
 
 
@@ -109,7 +109,7 @@ def test_mode_metrics_average_sample_sets_of_a_generator():
     centres, _ = geometry("ring")
     s = m.mode_metrics(_Collapsed(centres[2]), spec, ["modes", "hq", "kl"], num_samples=100, sets=3)
     assert s == {"modes": 1.0, "hq": 1.0, "kl": pytest.approx(math.log(8))}
-    g = models.build(spec)["g"].eval()
+    g = networks.build(spec)["g"].eval()
     one = [m.mode_metrics(g, spec, ["hq"], 500, sets=1, seed=0)["hq"]]
     sets = [m.mode_coverage(m.mixture_samples(g, spec, 500, i), centres, 0.02)["hq"] for i in range(4)]
     assert m.mode_metrics(g, spec, ["hq"], 500, sets=4)["hq"] == pytest.approx(sum(sets) / 4)
@@ -154,14 +154,14 @@ def test_pack_must_divide_each_workers_batch():
 
 
 def test_mixture_prior_draws_each_component_equally_often_from_plain_normal_z():
-    g = models.build(ring_job(model={"latent_components": 8}))["g"]
+    g = networks.build(ring_job(model={"latent_components": 8}))["g"]
     k = g.component(torch.randn(80_000, 4, generator=torch.Generator().manual_seed(0)))
     counts = torch.bincount(k, minlength=8).float() / len(k)
     assert counts.min() > 0.115 and counts.max() < 0.135  # 1/8 = 0.125; +-0.01 is > 8 sigma here
 
 
 def test_mixture_prior_shifts_each_component_by_its_fixed_mean():
-    g = models.build(ring_job(model={"latent_components": 8, "latent_spread": 3.0}))["g"]
+    g = networks.build(ring_job(model={"latent_components": 8, "latent_spread": 3.0}))["g"]
     z = torch.randn(64, 4)
     k = g.component(z)
     assert len(set(k.tolist())) > 1
@@ -169,14 +169,14 @@ def test_mixture_prior_shifts_each_component_by_its_fixed_mean():
         assert torch.allclose(g(z), g.net(z + g.means[k]))
         assert not torch.allclose(g(z), g.net(z))
     # the same means in every build (every worker, every resume), and in the checkpoint
-    again = models.build(ring_job(model={"latent_components": 8, "latent_spread": 3.0}))["g"]
+    again = networks.build(ring_job(model={"latent_components": 8, "latent_spread": 3.0}))["g"]
     assert torch.equal(g.means, again.means) and "means" in g.state_dict()
     assert abs(float(g.means.std()) - 3.0) < 1.5 and g.means.requires_grad is False
 
 
 def test_mixture_prior_is_an_mlp_gan_option():
-    assert ring_job().model.latent_components == 0 and models.build(ring_job())["g"].means is None
-    assert "means" not in models.build(ring_job())["g"].state_dict()
+    assert ring_job().model.latent_components == 0 and networks.build(ring_job())["g"].means is None
+    assert "means" not in networks.build(ring_job())["g"].state_dict()
     with pytest.raises(jobspec.SpecError, match="model.latent_components: a mixture latent prior is built for mlp_gan, "
                                                 "not dcgan"):
         jobspec.from_dict({"name": "x", "model": {"kind": "dcgan", "latent_components": 8}, "train": {"steps": 1}})
@@ -188,7 +188,7 @@ def test_mixture_prior_is_an_mlp_gan_option():
 
 
 def test_fourier_features_feed_d_the_sin_and_cos_of_each_packed_point():
-    d = models.build(ring_job(model={"pack": 4, "fourier_features": 8, "fourier_scale": 2.0}))["d"]
+    d = networks.build(ring_job(model={"pack": 4, "fourier_features": 8, "fourier_scale": 2.0}))["d"]
     assert d.freqs.shape == (2, 8) and "freqs" in d.state_dict() and d.net[0].in_features == 8 + 4 * 2 * 8
     x = torch.randn(16, 8)  # 16 packs of 4 points
     a = 2 * math.pi * x.view(16, 4, 2) @ d.freqs
@@ -197,9 +197,9 @@ def test_fourier_features_feed_d_the_sin_and_cos_of_each_packed_point():
         assert out.shape == (16,)
         assert torch.allclose(out, d.net(torch.cat([x, a.sin().flatten(1), a.cos().flatten(1)], 1)).squeeze(1),
                               atol=1e-5)
-    again = models.build(ring_job(model={"pack": 4, "fourier_features": 8, "fourier_scale": 2.0}))["d"]
+    again = networks.build(ring_job(model={"pack": 4, "fourier_features": 8, "fourier_scale": 2.0}))["d"]
     assert torch.equal(d.freqs, again.freqs)  # every worker and every resume: the same frequencies
-    plain = models.build(ring_job())["d"]
+    plain = networks.build(ring_job())["d"]
     assert plain.freqs is None and "freqs" not in plain.state_dict()
 
 
@@ -213,38 +213,38 @@ def test_fourier_features_are_for_points():
 
 def test_pack_concatenates_consecutive_samples():
     x = torch.arange(8 * 2, dtype=torch.float32).view(8, 2)
-    p = models.pack(x, 4)
+    p = networks.pack(x, 4)
     assert p.shape == (2, 8) and p[1].tolist() == x[4:8].flatten().tolist()
     imgs = torch.randn(6, 3, 4, 4)
-    p = models.pack(imgs, 2)
+    p = networks.pack(imgs, 2)
     assert p.shape == (3, 6, 4, 4) and torch.equal(p[2, 3:], imgs[5])
-    assert models.pack(imgs, 1) is imgs
+    assert networks.pack(imgs, 1) is imgs
     with pytest.raises(ValueError, match="packs of 4"):
-        models.pack(imgs, 4)
+        networks.pack(imgs, 4)
 
 
 @pytest.mark.parametrize("kind", ["mlp_gan", "dcgan", "resnet_gan"])
 def test_packed_discriminators_take_m_samples_per_logit(kind):
     spec = jobspec.from_dict({"name": "x", "model": {"kind": kind, "pack": 4, "ngf": 8, "ndf": 8, "latent_dim": 8},
                               "data": {"channels": 3}, "train": {"steps": 1, "batch_size": 16}})
-    nets = models.build(spec)
+    nets = networks.build(spec)
     first = next(l for l in nets["d"].modules() if isinstance(l, (torch.nn.Linear, torch.nn.Conv2d)))
-    plain = models.build(spec.model_copy(update={"model": spec.model.model_copy(update={"pack": 1})}))["d"]
+    plain = networks.build(spec.model_copy(update={"model": spec.model.model_copy(update={"pack": 1})}))["d"]
     first_plain = next(l for l in plain.modules() if isinstance(l, (torch.nn.Linear, torch.nn.Conv2d)))
     assert first.weight.shape[1] == 4 * first_plain.weight.shape[1]
     x = nets["g"](torch.randn(16, 8))
-    assert nets["d"](models.pack(x, 4)).shape == (4,)
+    assert nets["d"](networks.pack(x, 4)).shape == (4,)
 
 
 def test_r1_on_packed_input_is_the_gradient_norm_per_pack():
     spec = ring_job(model={"pack": 4})
-    d = models.build(spec)["d"]
+    d = networks.build(spec)["d"]
     x = torch.randn(32, 2, requires_grad=True)
-    ours = losses.r1_penalty(d(models.pack(x, 4)), x, pack=4)
-    packed = models.pack(x.detach(), 4).requires_grad_(True)
+    ours = losses.r1_penalty(d(networks.pack(x, 4)), x, pack=4)
+    packed = networks.pack(x.detach(), 4).requires_grad_(True)
     (grad,) = torch.autograd.grad(d(packed).sum(), packed)
     assert ours.item() == pytest.approx(grad.pow(2).sum(1).mean().item(), rel=1e-5)
-    per_sample = losses.r1_penalty(d(models.pack(x, 4)), x)  # what an unpacked norm would give: 4x smaller
+    per_sample = losses.r1_penalty(d(networks.pack(x, 4)), x)  # what an unpacked norm would give: 4x smaller
     assert per_sample.item() == pytest.approx(ours.item() / 4, rel=1e-5)
 
 
@@ -298,9 +298,9 @@ def test_ring_recipe_covers_most_modes_within_a_thousand_steps(ray_session, tmp_
     """A regression guard on the recipes, not their targets (docs/modes.py measures those): each
     shipped ring recipe, cut to 1,000 steps, already covers at least 6 of 8 modes, scored in
     training by the eval loop (modes, hq, kl in the metrics log at each eval step)."""
-    from rayganx import runner
-    from rayganx.runs import read_metrics
-    from rayganx.storage import Store
+    from rayganx.training import runner
+    from rayganx.store.runs import read_metrics
+    from rayganx.store.storage import Store
     from tests.conftest import tiny, write_job
 
     job = write_job(tmp_path / "ring.yaml", f"{name}.yaml",
@@ -321,9 +321,9 @@ def test_ring_recipe_covers_most_modes_within_a_thousand_steps(ray_session, tmp_
 def test_points_train_under_ddp_and_resume(ray_session, tmp_path):
     """Two DDP workers each draw their own slice of every global batch of points (no Ray
     dataset), and a run resumed from its checkpoint goes on to the new step count."""
-    from rayganx import runner
-    from rayganx.runs import load_state, read_metrics
-    from rayganx.storage import Store
+    from rayganx.training import runner
+    from rayganx.store.runs import load_state, read_metrics
+    from rayganx.store.storage import Store
     from tests.conftest import tiny, write_job
 
     job = write_job(tmp_path / "ring.yaml", "pacgan_ring.yaml",
@@ -339,5 +339,5 @@ def test_points_train_under_ddp_and_resume(ray_session, tmp_path):
     starts = [r for r in rows if "node_ids" in r]  # the first row of each start: the second at 200
     assert [r["step"] for r in starts] == [50, 250] and all(len(r["node_ids"]) == 2 for r in starts)
     assert [r["step"] for r in rows if "modes" in r] == [200, 300] and rows[-1]["modes"] >= 1
-    # the resumed run read on from batch 200 (rayganx.rows: the same order as without the stop)
+    # the resumed run read on from batch 200 (rayganx.data.rows: the same order as without the stop)
     assert load_state(f"{spec.run_url}/checkpoint_000300")["position"]["batches"] == 300

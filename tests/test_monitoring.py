@@ -12,10 +12,12 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from rayganx import grafana, runner, spec as jobspec
-from rayganx.runs import read_metrics
-from rayganx.storage import Store
-from rayganx.tracking import sync_events
+from rayganx.ops import grafana
+from rayganx.training import runner
+from rayganx.job import spec as jobspec
+from rayganx.store.runs import read_metrics
+from rayganx.store.storage import Store
+from rayganx.store.tracking import sync_events
 from tests.conftest import ROOT, rayganx, tiny, write_job
 
 SMALL = {"ngf": 16, "ndf": 16}
@@ -128,7 +130,7 @@ def test_grafana_dashboard_json_queries_the_exported_metrics():
     assert board == grafana.dashboard()
     titles = [p["title"] for p in board["panels"]]
     assert titles == ["Losses", "Images/s", "Step time", "Step", "FID / KID", "Checkpoint age", "Rollbacks"]
-    from rayganx.tracking import Telemetry
+    from rayganx.store.tracking import Telemetry
 
     queried = grafana.queried_metrics(board)
     # Every metric a panel queries is one the workers export (Ray adds the ray_ prefix).

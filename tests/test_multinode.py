@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from rayganx import order
+from rayganx.data import order
 from tests.cluster import Cluster
 from tests.conftest import JOBS, ROOT
 
@@ -58,8 +58,8 @@ def job_file(tmp_path, s3_server: str, steps: int) -> Path:
 
 
 def rows(s3_server: str) -> list[dict]:
-    from rayganx.runs import read_metrics
-    from rayganx.storage import Store
+    from rayganx.store.runs import read_metrics
+    from rayganx.store.storage import Store
 
     return [r for r in read_metrics(Store(f"{BUCKET}/elastic", s3_server)) if "event" not in r]
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rayganx import runner, spec as jobspec
-from rayganx.runs import list_checkpoints, load_state, read_metrics
-from rayganx.storage import Store
-from rayganx.models import sample_inputs
+from rayganx.training import runner
+from rayganx.job import spec as jobspec
+from rayganx.store.runs import list_checkpoints, load_state, read_metrics
+from rayganx.store.storage import Store
+from rayganx.models.trained import sample_inputs
 from tests.conftest import tiny, write_job
 
 

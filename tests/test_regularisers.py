@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from rayganx import losses
-from rayganx.randomness import Draws
-from rayganx.spec import from_dict
-from rayganx.tasks import GANTask
+from rayganx.models import losses
+from rayganx.models.randomness import Draws
+from rayganx.job.spec import from_dict
+from rayganx.training.tasks import GANTask
 
 SEED, N, LATENT = 0, 8, 8
 STAT = {name: i for i, name in enumerate(GANTask.names)}

@@ -22,8 +22,8 @@ def head(ray_head):
 def test_submit_follow_logs_list_and_status(head, s3_server, tmp_path):
     """The job is resolved once, here: --set values (an s3:// data path among them) reach the
     cluster as given, and nothing of the dataset travels with the job."""
-    from rayganx.prepare import prepare_digits
-    from rayganx.storage import Store
+    from rayganx.data.prepare import prepare_digits
+    from rayganx.store.storage import Store
 
     prepare_digits("s3://rayganx-test/remote/digits", "parquet", 32, s3_server)
     addr = head["address"]
@@ -41,7 +41,7 @@ def test_submit_follow_logs_list_and_status(head, s3_server, tmp_path):
     assert ran["data"]["path"] == "s3://rayganx-test/remote/digits" and ran["data"]["source"] == "parquet"
     assert ran["train"]["steps"] == 4 and run.exists("checkpoint_000004")
     # What the dashboard's job page shows, read back through the Jobs API.
-    from rayganx import remote
+    from rayganx.ops import remote
 
     meta = remote.info(addr, job_id).metadata
     assert {k: meta[k] for k in ("job_name", "model", "data", "run")} == {
@@ -93,7 +93,7 @@ def _rayganx_metrics(url: str) -> tuple[dict[str, float], dict[str, set[str]]]:
 
 def test_metrics_on_prometheus_endpoint_then_stop(head, tmp_path):
     """Every metric the Grafana dashboard's panels query is exported with the labels they use."""
-    from rayganx import grafana
+    from rayganx.ops import grafana
 
     addr = head["address"]
     r = rayganx("submit", JOBS / "dcgan_digits.yaml", "--address", addr, "--set", "name=long_digits",

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from rayganx import order, randomness, rows
-from rayganx import spec as jobspec
-from rayganx.order import Position
-from rayganx.tasks import GANTask
+from rayganx.data import order
+from rayganx.models import randomness
+from rayganx.data import rows
+from rayganx.job import spec as jobspec
+from rayganx.data.order import Position
+from rayganx.training.tasks import GANTask
 from tests.conftest import local_checkpoint, rayganx, write_job
 
 # --------------------------------------------------------------------------- the data order
@@ -91,14 +93,15 @@ def test_isolated_puts_every_global_stream_back():
 def test_evaluation_leaves_the_training_streams_where_they_were():
     # FID, KID and precision/recall, a sample grid, and CAS: none of them moves a global stream a
     # training run draws from (KID's subsets and CAS's classifiers draw seeded numbers of their own).
-    from rayganx import metrics
-    from rayganx.spec import DataSpec, from_dict
+    from rayganx.evaluation import metrics
+    from rayganx.job.sections import DataSpec
+    from rayganx.job.spec import from_dict
 
     spec = from_dict({"name": "e", "model": {"kind": "dcgan", "ngf": 4, "ndf": 4, "conditional": True},
                       "data": {"labels": True, "image_size": 32}, "train": {"steps": 1}, "scaling": {"num_workers": 1}})
     torch.manual_seed(0)
     task = GANTask(spec, 10, torch.device("cpu"), distributed=False)
-    from rayganx.data import digits_images
+    from rayganx.data.sources import digits_images
 
     d = DataSpec(source="digits", labels=True)
     real = {s: tuple(torch.from_numpy(a)[:200] for a in digits_images(d, s)) for s in ("train", "val")}
@@ -220,8 +223,8 @@ def test_a_changed_job_is_refused_naming_each_change_and_nothing_is_written(tmp_
 
 
 def test_changes_a_continued_run_can_honour_are_accepted_and_recorded():
-    from rayganx.continuation import continuation_problems
-    from rayganx.spec import from_dict
+    from rayganx.job.continuation import continuation_problems
+    from rayganx.job.spec import from_dict
 
     stored = from_dict({"name": "a", "train": {"steps": 8}}).to_dict()
     honoured = from_dict({"name": "a", "train": {"steps": 20, "log_every": 5}, "samples": {"every": 7},
@@ -233,8 +236,8 @@ def test_changes_a_continued_run_can_honour_are_accepted_and_recorded():
 
 
 def test_runs_show_says_which_steps_ran_under_which_spec(tmp_path):
-    from rayganx.runs import record_attempt, spec_history
-    from rayganx.storage import Store
+    from rayganx.store.runs import record_attempt, spec_history
+    from rayganx.store.storage import Store
 
     job = write_job(tmp_path / "j.yaml", name="hist", storage={"path": str(tmp_path / "runs")},
                     model={"ngf": 4, "ndf": 4}, train={"steps": 8, "batch_size": 32}, scaling={"num_workers": 1})
@@ -250,7 +253,7 @@ def test_runs_show_says_which_steps_ran_under_which_spec(tmp_path):
 
 
 def test_a_dataset_smaller_than_a_global_batch_is_one_line():
-    from rayganx.data import DataError
+    from rayganx.data.sources import DataError
 
     with pytest.raises(DataError, match="data: 100 rows are fewer than one global batch"):
         next(rows.Reader(rows.Points("ring", 100, 0), 128, 0, world=2).batches())

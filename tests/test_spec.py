@@ -2,7 +2,7 @@
 
 import pytest
 
-from rayganx import spec as jobspec
+from rayganx.job import spec as jobspec
 from tests.conftest import JOBS, rayganx
 
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rayganx import models, runner, spec as jobspec
-from rayganx.runs import list_checkpoints, load_state, read_metrics
-from rayganx.storage import Store
+from rayganx.models import trained
+from rayganx.training import runner
+from rayganx.job import spec as jobspec
+from rayganx.store.runs import list_checkpoints, load_state, read_metrics
+from rayganx.store.storage import Store
 from tests.conftest import JOBS, TEST_KEY_ID, TEST_SECRET, rayganx, write_job
 
 BUCKET = "s3://rayganx-test"
@@ -62,10 +64,10 @@ def test_cli_lists_pulls_samples_and_exports(s3_run):
 
     r = rayganx("export", remote, "--out", tmp / "generator.pt", *ep)
     assert r.returncode == 0, r.stderr
-    g, spec, _ = models.load_generator(str(tmp / "generator.pt"))  # plain torch + rayganx.models
-    g_run, _, _ = models.generator_from_state(load_state(remote, endpoint))
-    a, _ = models.sample_images(g, spec, None, 8, seed=5)
-    b, _ = models.sample_images(g_run, spec, None, 8, seed=5)
+    g, spec, _ = trained.load_generator(str(tmp / "generator.pt"))  # plain torch + rayganx.models.networks
+    g_run, _, _ = trained.generator_from_state(load_state(remote, endpoint))
+    a, _ = trained.sample_images(g, spec, None, 8, seed=5)
+    b, _ = trained.sample_images(g_run, spec, None, 8, seed=5)
     assert torch.equal(a, b)
     r = rayganx("sample", tmp / "generator.pt", "--n", "4", "--out-dir", tmp / "singles")
     assert r.returncode == 0 and len(list((tmp / "singles").glob("*.png"))) == 4
@@ -125,7 +127,7 @@ def test_native_pyarrow_filesystem_per_scheme(s3_server, tmp_path):
 
     import pyarrow.fs as pafs
 
-    from rayganx.pyarrow_fs import pyarrow_filesystem, ray_storage
+    from rayganx.store.pyarrow_fs import pyarrow_filesystem, ray_storage
 
     s3 = pyarrow_filesystem(f"{BUCKET}/native", s3_server)
     assert isinstance(s3, pafs.S3FileSystem)  # pyarrow's C++ client, not the fsspec shim
@@ -212,7 +214,7 @@ def test_local_stores_write_files_others_can_read(tmp_path):
     try:
         import importlib
 
-        import rayganx.storage as storage
+        import rayganx.store.storage as storage
 
         importlib.reload(storage)  # the umask is read once, at import
         storage.Store(str(tmp_path)).write_text("x", "run", "spec.yaml")

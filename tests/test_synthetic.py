@@ -6,18 +6,20 @@ import json
 import pytest
 import torch
 
-from rayganx import data as rdata
-from rayganx import generate, runner, synthetic
-from rayganx import spec as jobspec
-from rayganx.runs import read_metrics
-from rayganx.storage import Store
-from rayganx.prepare import prepare_digits
+from rayganx.data import sources as rdata
+from rayganx.data import generate
+from rayganx.training import runner
+from rayganx.data import synthetic
+from rayganx.job import spec as jobspec
+from rayganx.store.runs import read_metrics
+from rayganx.store.storage import Store
+from rayganx.data.prepare import prepare_digits
 from tests.conftest import JOBS, local_checkpoint, rayganx, tiny, write_job
 
 
 def _ckpt(path, job, *overrides, num_classes=10):
     """An (untrained) generator's checkpoint, as a run writes it."""
-    from rayganx.tasks import GANTask
+    from rayganx.training.tasks import GANTask
 
     spec = jobspec.load(JOBS / job, ["model.ngf=8", "model.ndf=8", *overrides])
     torch.manual_seed(0)
@@ -195,11 +197,12 @@ def test_cas_of_an_untrained_generator_is_near_chance(cgan_ckpt):
     # A CAS classifier trained on an untrained generator's images has nothing to learn the classes
     # from: near chance on the real held-out digits, while the same recipe on the real rows is far
     # above it (a CAS that trained on the real rows by mistake would score like cas_real).
-    from rayganx import metrics, models
-    from rayganx.runs import load_state
-    from rayganx.spec import DataSpec
+    from rayganx.evaluation import metrics
+    from rayganx.models import trained
+    from rayganx.store.runs import load_state
+    from rayganx.job.sections import DataSpec
 
-    g, spec, classes = models.generator_from_state(load_state(cgan_ckpt))
+    g, spec, classes = trained.generator_from_state(load_state(cgan_ckpt))
     d = DataSpec(source="digits", labels=True, image_size=spec.data.image_size)
     real = {split: tuple(torch.from_numpy(a) for a in rdata.digits_images(d, split)) for split in ("train", "val")}
     scores = metrics.classification_accuracy_score(g, spec, classes, real, steps=150)

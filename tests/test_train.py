@@ -7,12 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from rayganx import models, runner, spec as jobspec
-from rayganx.randomness import Draws
-from rayganx.runs import list_checkpoints, load_state, read_metrics
-from rayganx.storage import Store
-from rayganx.tasks import GANTask
-from rayganx.prepare import prepare_digits
+from rayganx.models import networks
+from rayganx.training import runner
+from rayganx.job import spec as jobspec
+from rayganx.models.randomness import Draws
+from rayganx.store.runs import list_checkpoints, load_state, read_metrics
+from rayganx.store.storage import Store
+from rayganx.training.tasks import GANTask
+from rayganx.data.prepare import prepare_digits
 from tests.conftest import JOBS, tiny, write_job
 
 
@@ -20,7 +22,7 @@ from tests.conftest import JOBS, tiny, write_job
 def test_generators_produce_the_job_image_size(kind, size):
     spec = jobspec.from_dict({"name": "x", "model": {"kind": kind, "ngf": 8, "ndf": 8},
                               "data": {"image_size": size, "channels": 3}, "train": {"steps": 1}})
-    nets = models.build(spec)
+    nets = networks.build(spec)
     x = nets["g"](torch.randn(4, 100))
     assert x.shape == (4, 3, size, size) and x.abs().max() <= 1
     assert nets["d"](x).shape == (4,)
@@ -29,7 +31,7 @@ def test_generators_produce_the_job_image_size(kind, size):
 def test_mlp_gan_defaults_match_the_classic_gan():
     spec = jobspec.from_dict({"name": "x", "model": {"kind": "mlp_gan"}, "data": {"image_size": 28},
                               "train": {"steps": 1}})
-    g = models.build(spec)["g"]
+    g = networks.build(spec)["g"]
     linears = [m for m in g.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(100, 128), (128, 128), (128, 784)]
 
@@ -128,7 +130,7 @@ def _penalties_under_ddp(config):
     from the same weights and the same noise per row; the largest differences."""
     import ray.train
 
-    from rayganx.tasks import unwrap
+    from rayganx.training.tasks import unwrap
 
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     result = {}
@@ -148,7 +150,7 @@ def _penalties_under_ddp(config):
             grads, start, n = [], flat("data").clone(), b // world
             for it in range(steps):  # d_steps 1: D and G step every time, D's gradient includes the penalty
                 # Each worker's rows of the global batch, and their draws: row i's latent and interpolation
-                # weight are the same on any number of workers (rayganx.randomness.Draws).
+                # weight are the same on any number of workers (rayganx.models.randomness.Draws).
                 task.step(reals[it, rank * n:(rank + 1) * n], torch.zeros(n, dtype=torch.long), it, it, steps,
                           Draws(5, it, rank, world))
                 grads.append(flat("grad"))
@@ -185,7 +187,7 @@ def test_two_workers_match_one_worker_with_the_whole_batch_penalties_included(ra
 def _sync_batchnorm_networks(config):
     import ray.train
 
-    from rayganx.tasks import unwrap
+    from rayganx.training.tasks import unwrap
 
     result = {}
     for sync in (False, True):

@@ -6,10 +6,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayganx import runner, spec as jobspec, sweep as sweeps, tune
-from rayganx.spec import SpecError
-from rayganx.runs import read_metrics
-from rayganx.storage import Store
+from rayganx.training import runner
+from rayganx.job import spec as jobspec
+from rayganx.sweeps import sweep as sweeps
+from rayganx.sweeps import tune
+from rayganx.job.spec import SpecError
+from rayganx.store.runs import read_metrics
+from rayganx.store.storage import Store
 from tests.conftest import JOBS, rayganx
 
 # The sweeps here test Tune's bookkeeping, not the networks: small ones keep each trial short.
@@ -159,7 +162,7 @@ def test_async_pbt_at_two_speeds_never_reuses_a_checkpoint_folder_and_resumes_af
     import sys
     import time
 
-    from rayganx.runs import CHECKPOINT_RE, list_checkpoints, load_state
+    from rayganx.store.runs import CHECKPOINT_RE, list_checkpoints, load_state
     from tests.conftest import ROOT
 
     # Trial d_steps=3 takes three batches a step: the other, faster and (its D weaker) worse by loss_d,
@@ -220,7 +223,7 @@ def hparams_are_in_tensorboard(board: dict, s3_server: str, tmp_path: Path) -> N
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-    from rayganx.tracking import sync_events
+    from rayganx.store.tracking import sync_events
 
     ended = []
     for t in board["trials"]:

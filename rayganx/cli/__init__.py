@@ -2,6 +2,8 @@
 
 Each command parses its options, calls one function of the core and prints what it returns
 (display helpers in `display`); a user error ends as one red line (`base.command`).
+
+May import: every subpackage.
 """
 
 # Importing a group registers its commands; the order is the order of `rayganx --help`.

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from rayganx import __version__
-from rayganx.errors import UserError
+from rayganx.job.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distributed GAN and CNN training jobs on Ray.")

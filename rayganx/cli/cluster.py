@@ -7,8 +7,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rayganx import spec as jobspec
-from rayganx.config import load_yaml
+from rayganx.job import spec as jobspec
+from rayganx.job.config import load_yaml
 from rayganx.cli.base import CrdsOpt, SetOpt, app, command, emit, err, k8s_app, out
 
 
@@ -18,7 +18,7 @@ def is_sweep(path: str) -> bool:
 
 
 def _core_schema_note() -> None:
-    from rayganx import k8s
+    from rayganx.ops import k8s
 
     if not k8s.core_schema_available():
         err.print("[yellow]note:[/yellow] pod templates not checked against the Kubernetes core schema "
@@ -41,15 +41,15 @@ def k8s_render(job: str = typer.Argument(..., help="job or sweep YAML"),
                set_: Optional[list[str]] = SetOpt):
     """A ConfigMap + RayJob manifest for a job or a sweep: the ConfigMap holds the job as it will run
     (every --set applied), the cluster is sized from it. Checked against the CRDs when found."""
-    from rayganx import crds as kcrds
-    from rayganx import k8s
+    from rayganx.ops import crds as kcrds
+    from rayganx.ops import k8s
 
     volume = k8s.parse_pvc(pvc) if pvc else None
     gpu_sets = [] if gpus_per_worker is None else (
         ["scaling.use_gpu=true", f"scaling.gpus_per_worker={gpus_per_worker!r}"] if gpus_per_worker > 0
         else ["scaling.use_gpu=false"])
     if is_sweep(job):
-        from rayganx import sweep
+        from rayganx.sweeps import sweep
 
         docs = k8s.render_sweep(sweep.load(job, set_), image, namespace, secret, volume, gpu_sets)
     else:
@@ -77,8 +77,8 @@ def k8s_validate(files: list[str] = typer.Argument(..., help="manifest files"),
                                                                      "--dry-run=server)")):
     """Validate manifests: KubeRay CRD schemas and controller rules, pod templates against Kubernetes.
     Exit 1: invalid; exit 3: no CRD schemas found (and how to get them)."""
-    from rayganx import crds as kcrds
-    from rayganx import k8s
+    from rayganx.ops import crds as kcrds
+    from rayganx.ops import k8s
 
     try:
         schemas = kcrds.find(crds)
@@ -101,7 +101,7 @@ def k8s_validate(files: list[str] = typer.Argument(..., help="manifest files"),
 def k8s_crds(sources: list[str] = typer.Option(..., "--from", help="file, directory or URL holding the KubeRay "
                                                                    "CRDs (repeatable)")):
     """Cache the KubeRay RayJob/RayCluster CRDs for `k8s validate` (per user)."""
-    from rayganx import crds as kcrds
+    from rayganx.ops import crds as kcrds
 
     dest, kinds = kcrds.fetch(sources)
     out.print(f"cached the {' and '.join(kinds)} CRDs in {dest}", highlight=False, soft_wrap=True)
@@ -120,7 +120,7 @@ def bench(job: str, set_: Optional[list[str]] = SetOpt,
     """Measure the job through rayganx against a plain PyTorch loop, side by side."""
     import json
 
-    from rayganx.bench import bench as run_bench
+    from rayganx.training.bench import bench as run_bench
 
     spec = jobspec.load(job, set_)
     counts = [int(w) for w in workers.split(",") if w.strip()]

@@ -70,7 +70,7 @@ class TrialTable:
     """The sweep's trials as a live rich table on a terminal, one line per event elsewhere."""
 
     def __init__(self, sw):
-        from rayganx.sweep import is_distribution
+        from rayganx.sweeps.sweep import is_distribution
 
         self.sw, self.rows = sw, {}
         self.keys = [k for k, v in sw.space.items() if is_distribution(v)] + \
@@ -143,7 +143,7 @@ def size(n: int) -> str:
 
 
 def compare_table(views, title: str, diff: list) -> Table:
-    from rayganx import compare
+    from rayganx.ops import compare
 
     table = Table(title=title)
     table.add_column("")

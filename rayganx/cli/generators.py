@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rayganx import spec as jobspec
+from rayganx.job import spec as jobspec
 from rayganx.cli.base import EndpointOpt, STATE, app, command, out, warn
-from rayganx.storage import absolute
+from rayganx.store.storage import absolute
 
 
 @app.command()
@@ -24,13 +24,13 @@ def sample(checkpoint: str = typer.Argument(..., help="checkpoint folder (local 
     """Generate images from a checkpoint's generator; no Ray cluster needed."""
     import os
 
-    from rayganx import models
-    from rayganx.images import grid_png, png_bytes, to_uint8
+    from rayganx.models import trained
+    from rayganx.models.images import grid_png, png_bytes, to_uint8
 
     if not out_png and not out_dir:
         raise jobspec.SpecError("--out or --out-dir: say where to write the images")
-    g, spec, num_classes = models.open_generator(checkpoint, endpoint_url)
-    images, per_row = models.sample_images(g, spec, num_classes, n, seed)
+    g, spec, num_classes = trained.open_generator(checkpoint, endpoint_url)
+    images, per_row = trained.sample_images(g, spec, num_classes, n, seed)
     if out_png:
         with open(out_png, "wb") as f:
             f.write(grid_png(images, per_row))
@@ -77,8 +77,8 @@ def generate_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (
                  address: Optional[str] = RayAddressOpt,
                  endpoint_url: Optional[str] = EndpointOpt):
     """Write N generated images (PNG bytes, label, seed) as Parquet with Ray Data; a re-run makes only the missing parts."""
-    from rayganx import generate
-    from rayganx.cluster import init_ray
+    from rayganx.data import generate
+    from rayganx.job.cluster import init_ray
 
     try:
         classes = tuple(int(v) for v in labels.split(",") if v.strip()) if labels is not None else None
@@ -123,8 +123,8 @@ def complete_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (
                  address: Optional[str] = RayAddressOpt,
                  endpoint_url: Optional[str] = EndpointOpt):
     """Fill a hole in each input image: GAN latent search (Yeh et al. 2017), VAE, or the mean / nearest baselines."""
-    from rayganx import complete, inpaint
-    from rayganx.cluster import init_ray
+    from rayganx.apps import complete, inpaint
+    from rayganx.job.cluster import init_ray
 
     t0 = time.monotonic()
     # The mask is parsed for size 1 << 16 first (syntax only); prepare checks a box against the model's size.
@@ -147,15 +147,15 @@ def export(checkpoint: str = typer.Argument(..., help="checkpoint folder (local 
            program: bool = typer.Option(True, "--pt2/--no-pt2",
                                         help="also write OUT's stem + .pt2, a torch.export program that needs torch alone"),
            endpoint_url: Optional[str] = EndpointOpt):
-    """Write the generator: weights + architecture (rayganx.models) and a torch.export program (torch alone)."""
+    """Write the generator: weights + architecture (rayganx.models.networks) and a torch.export program (torch alone)."""
     import os
 
-    from rayganx import models
-    from rayganx.runs import load_state
+    from rayganx.models import trained
+    from rayganx.store.runs import load_state
 
     pt2 = os.path.splitext(out_path)[0] + ".pt2" if program else None
-    models.export_generator(load_state(checkpoint, endpoint_url), out_path, pt2)
-    out.print(f"wrote {out_path}: load it with rayganx.models.load_generator({out_path!r})")
+    trained.export_generator(load_state(checkpoint, endpoint_url), out_path, pt2)
+    out.print(f"wrote {out_path}: load it with rayganx.models.trained.load_generator({out_path!r})")
     if pt2:
         out.print(f"wrote {pt2}: torch.export.load({pt2!r}).module() maps latent vectors to images")
 
@@ -193,12 +193,12 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
     share of high-quality samples and the KL of their mode histogram)."""
     import json
 
-    from rayganx import models
-    from rayganx.scoring import evaluate_generator
-    from rayganx.runs import load_state
+    from rayganx.models import trained
+    from rayganx.evaluation.scoring import evaluate_generator
+    from rayganx.store.runs import load_state
 
     state = load_state(checkpoint, endpoint_url)
-    g, spec, num_classes = models.generator_from_state(state)
+    g, spec, num_classes = trained.generator_from_state(state)
     points = spec.data.source == "gaussian_mixture"
     metrics = metrics or ("modes,hq,kl" if points else "fid,kid")
     # The papers' FID uses 50,000 samples on the standard Inception; other features default to 1,000.
@@ -206,7 +206,7 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
     if (address or gpu) and not workers:
         workers = 1
     if address:
-        from rayganx.cluster import init_ray
+        from rayganx.job.cluster import init_ray
 
         init_ray(address=address, verbose=STATE["verbose"])
     names = [m.strip() for m in metrics.split(",") if m.strip()]
@@ -224,7 +224,7 @@ def eval_cmd(checkpoint: str = typer.Argument(..., help="checkpoint folder (loca
     if endpoint_url and not spec.data.endpoint_url:
         spec.data.endpoint_url = endpoint_url
     if "cas" in names:
-        from rayganx.metrics import check_cas
+        from rayganx.evaluation.metrics import check_cas
 
         check_cas(spec, num_classes)  # one line, before Ray or any feature extraction starts
         if spec.is_gan and not spec.data.per_class:

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rayganx import spec as jobspec
+from rayganx.job import spec as jobspec
 from rayganx.cli.base import (AddressOpt, AllowChangesOpt, EndpointOpt, ForceOpt, OnClusterOpt, STATE, SetOpt, app,
                               command, data_app, err, out, warn)
 from rayganx.cli.display import RunDisplay, print_run_summary, when
@@ -26,9 +26,9 @@ def validate(job: str, set_: Optional[list[str]] = SetOpt):
 
 
 def _run_here(spec: jobspec.JobSpec, force: bool = False, allow_changes: bool = False) -> None:
-    from rayganx import runner
-    from rayganx.runs import list_checkpoints
-    from rayganx.storage import Store
+    from rayganx.training import runner, stopping
+    from rayganx.store.runs import list_checkpoints
+    from rayganx.store.storage import Store
 
     display = RunDisplay(spec.name)
     t0 = time.monotonic()
@@ -39,7 +39,7 @@ def _run_here(spec: jobspec.JobSpec, force: bool = False, allow_changes: bool = 
         display.stop()
         ckpts = list_checkpoints(Store(runner.resolve_paths(spec).run_url, spec.storage.endpoint_url), warn=False)
         where = f"step {ckpts[-1]['step']}" if ckpts else "the start (no checkpoint yet)"
-        by = "" if runner.STOPPED_BY[0] == "SIGINT" else f" by {runner.STOPPED_BY[0]}"
+        by = "" if stopping.STOPPED_BY[0] == "SIGINT" else f" by {stopping.STOPPED_BY[0]}"
         err.print(f"[yellow]interrupted{by}[/yellow]: {spec.name} stopped; submit the same job again to continue "
                   f"from {where}", highlight=False, soft_wrap=True)
         # Everything that must happen has: the workers are stopped, the lock released, the user
@@ -64,7 +64,7 @@ def submit(job: str, set_: Optional[list[str]] = SetOpt,
     spec = jobspec.load(job, set_)
     address = address or jobs_address_from_env()
     if address:
-        from rayganx import remote
+        from rayganx.ops import remote
 
         job_id = remote.submit(spec, address, paths_on_cluster, force, allow_changes)
         out.print(f"submitted {job_id} to {address}", highlight=False)
@@ -77,7 +77,7 @@ def submit(job: str, set_: Optional[list[str]] = SetOpt,
 
 
 def follow_job(address: str, job_id: str) -> None:
-    from rayganx import remote
+    from rayganx.ops import remote
 
     state = remote.follow(address, job_id, lambda chunk: (sys.stdout.write(chunk), sys.stdout.flush()))
     (out if state == "SUCCEEDED" else err).print(f"{job_id}: {state}", highlight=False)
@@ -104,7 +104,7 @@ def need_address(address: str | None) -> str:
 def status(job_id: Optional[str] = typer.Argument(None, help="submission id (default: the newest rayganx job)"),
            address: Optional[str] = AddressOpt):
     """The state of a job on a cluster."""
-    from rayganx import remote
+    from rayganx.ops import remote
 
     address = need_address(address)
     if job_id is None:
@@ -121,7 +121,7 @@ def status(job_id: Optional[str] = typer.Argument(None, help="submission id (def
 @command
 def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"), address: Optional[str] = AddressOpt):
     """A job's logs; --follow streams them until the job ends."""
-    from rayganx import remote
+    from rayganx.ops import remote
 
     address = need_address(address)
     if follow:
@@ -134,7 +134,7 @@ def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"), addr
 @command
 def stop(job_id: str, address: Optional[str] = AddressOpt):
     """Stop a running job."""
-    from rayganx import remote
+    from rayganx.ops import remote
 
     address = need_address(address)
     remote.stop(address, job_id)
@@ -145,7 +145,7 @@ def stop(job_id: str, address: Optional[str] = AddressOpt):
 @command
 def list_cmd(address: Optional[str] = AddressOpt):
     """A table of the rayganx jobs on a cluster."""
-    from rayganx import remote
+    from rayganx.ops import remote
 
     address = need_address(address)
     table = Table(title=f"rayganx jobs on {address}")
@@ -185,8 +185,8 @@ def data_prepare(source: str = typer.Argument(..., help="digits (built in), or a
                  endpoint_url: Optional[str] = EndpointOpt):
     """Write a dataset in the formats training reads fast: your own image folder or zip as Parquet shards
     (cropped and resized once, resumable), or the built-in digits as a folder or Parquet."""
-    from rayganx.data import DataError
-    from rayganx.prepare import prepare_digits
+    from rayganx.data.sources import DataError
+    from rayganx.data.prepare import prepare_digits
 
     if source == "digits":
         n = prepare_digits(out_dir, fmt, size or 32, endpoint_url)
@@ -198,8 +198,8 @@ def data_prepare(source: str = typer.Argument(..., help="digits (built in), or a
         raise DataError(f"--shard-mb: must be positive, got {shard_mb:g}")
     from rich.progress import Progress
 
-    from rayganx import prepare
-    from rayganx.cluster import init_ray
+    from rayganx.data import prepare
+    from rayganx.job.cluster import init_ray
 
     if address:
         init_ray(address=address)

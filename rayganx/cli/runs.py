@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rayganx import spec as jobspec
+from rayganx.job import spec as jobspec
 from rayganx.cli.base import EndpointOpt, app, ckpt_app, command, emit, err, out, runs_app
 from rayganx.cli.display import compare_table, fmt_metrics, size, when
 
@@ -16,7 +16,7 @@ from rayganx.cli.display import compare_table, fmt_metrics, size, when
 def run_location(run: str, endpoint_url: str | None) -> tuple[str, str | None]:
     """A run URL, or the run a job file describes."""
     if run.endswith((".yaml", ".yml")):
-        from rayganx.runner import resolve_paths
+        from rayganx.training.runner import resolve_paths
 
         spec = resolve_paths(jobspec.load(run))
         return spec.run_url, spec.storage.endpoint_url or endpoint_url
@@ -28,8 +28,8 @@ def run_location(run: str, endpoint_url: str | None) -> tuple[str, str | None]:
 def runs_list(storage: str = typer.Argument(..., help="storage location (path or URL)"),
               endpoint_url: Optional[str] = EndpointOpt):
     """A table of the runs found in a storage location."""
-    from rayganx.runs import list_runs
-    from rayganx.storage import Store
+    from rayganx.store.runs import list_runs
+    from rayganx.store.storage import Store
 
     runs = list_runs(Store(storage, endpoint_url))
     table = Table(title=f"runs in {storage}")
@@ -47,7 +47,7 @@ def runs_compare(runs: list[str] = typer.Argument(..., help="runs (paths or URLs
                  endpoint_url: Optional[str] = EndpointOpt):
     """Runs side by side: the spec keys that differ, latest and best metrics, and a PNG of their
     curves on shared axes with their last sample grids."""
-    from rayganx import compare
+    from rayganx.ops import compare
 
     views = compare.load_runs(compare.expand([run_location(r, endpoint_url)[0] for r in runs], endpoint_url))
     if len(views) < 2:
@@ -66,8 +66,8 @@ def runs_show(run: str = typer.Argument(..., help="run URL or path, or the job Y
               endpoint_url: Optional[str] = EndpointOpt):
     """One run: its spec (keys set away from the defaults), latest and best metrics, checkpoints,
     evaluation history and divergence rollbacks."""
-    from rayganx import compare
-    from rayganx.storage import Store
+    from rayganx.ops import compare
+    from rayganx.store.storage import Store
 
     url, endpoint = run_location(run, endpoint_url)
     (view,) = compare.load_runs([Store(url, endpoint)])
@@ -100,8 +100,8 @@ def runs_show(run: str = typer.Argument(..., help="run URL or path, or the job Y
 
 def _attempts(run, view) -> None:
     """Which steps ran under which spec: one line per attempt, with what it changed."""
-    from rayganx.runs import spec_history
-    from rayganx.continuation import changed_keys
+    from rayganx.store.runs import spec_history
+    from rayganx.job.continuation import changed_keys
 
     history = spec_history(run)
     if len(history) < 2:
@@ -121,8 +121,8 @@ def _attempts(run, view) -> None:
 def checkpoints_list(run: str = typer.Argument(..., help="run URL, or the job YAML"),
                      endpoint_url: Optional[str] = EndpointOpt):
     """A table of a run's checkpoints."""
-    from rayganx.runs import list_checkpoints
-    from rayganx.storage import Store
+    from rayganx.store.runs import list_checkpoints
+    from rayganx.store.storage import Store
 
     url, endpoint = run_location(run, endpoint_url)
     ckpts = list_checkpoints(Store(url, endpoint))
@@ -146,8 +146,8 @@ def checkpoints_pull(run: str = typer.Argument(..., help="run URL, or the job YA
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from rayganx.runs import list_checkpoints, scan_checkpoints
-    from rayganx.storage import Store, StorageError, download
+    from rayganx.store.runs import list_checkpoints, scan_checkpoints
+    from rayganx.store.storage import Store, StorageError, download
 
     url, endpoint = run_location(run, endpoint_url)
     complete, incomplete = scan_checkpoints(Store(url, endpoint))
@@ -177,7 +177,7 @@ def tb(runs: list[str] = typer.Argument(..., help="runs or sweeps: paths or URLs
        endpoint_url: Optional[str] = EndpointOpt):
     """TensorBoard on one or more runs or sweeps. Remote runs' event files are synced to a local
     cache first (only new files), and again every --sync-every seconds while it serves."""
-    from rayganx import monitor
+    from rayganx.ops import monitor
 
     logdirs = monitor.tb_logdirs(runs, endpoint_url, cache)
     if logdirs.remote:
@@ -193,6 +193,6 @@ def tb(runs: list[str] = typer.Argument(..., help="runs or sweeps: paths or URLs
 @command
 def grafana_dashboard(out_file: Optional[str] = typer.Option(None, "--out", help="write here instead of stdout")):
     """The Grafana dashboard JSON for rayganx's metrics (provision it in the Ray dashboard's Grafana)."""
-    from rayganx import grafana
+    from rayganx.ops import grafana
 
     emit(grafana.to_json(), out_file)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from rayganx import spec as jobspec
+from rayganx.job import spec as jobspec
 from rayganx.cli.base import AddressOpt, OnClusterOpt, STATE, app, command, err, out
 from rayganx.cli.display import TrialTable, print_leaderboard
 from rayganx.cli.jobs import follow_job, jobs_address_from_env
@@ -28,7 +28,8 @@ def tune_cmd(sweep: Optional[str] = typer.Argument(None, help="sweep YAML"),
              follow: bool = typer.Option(False, "--follow", "-f", help="with --address: stream logs until it ends"),
              paths_on_cluster: bool = OnClusterOpt):
     """Run a Ray Tune sweep (ASHA or PBT) over a job's hyperparameters."""
-    from rayganx import sweep as sweeps, tune
+    from rayganx.sweeps import sweep as sweeps
+    from rayganx.sweeps import tune
 
     if defaults:
         sys.stdout.write(sweeps.default_spaces_yaml())
@@ -38,7 +39,7 @@ def tune_cmd(sweep: Optional[str] = typer.Argument(None, help="sweep YAML"),
     sw = sweeps.load(sweep, set_)
     address = address or jobs_address_from_env()
     if address:
-        from rayganx import remote
+        from rayganx.ops import remote
 
         job_id = remote.submit_sweep(sw, address, resume, paths_on_cluster, trust_sweep_state)
         out.print(f"submitted {job_id} to {address}", highlight=False)
