@@ -159,7 +159,7 @@ def main() -> None:
             if args.reuse and local and record.exists():
                 done = json.loads(record.read_text())
                 scores, wall, url = done["scores"], done["wall_s"], done["checkpoint"]
-                g, trained, _ = trained.generator_from_state(load_state(url))
+                g, gspec, _ = trained.generator_from_state(load_state(url))
             else:
                 # a run of the same name would resume, not train afresh
                 if local:
@@ -168,8 +168,8 @@ def main() -> None:
                 result = runner.run(spec)
                 wall = time.time() - t0
                 url = result.checkpoints[-1]["url"]
-                g, trained, _ = trained.generator_from_state(load_state(url))
-                scores = metrics.mode_metrics(g, trained, list(metrics.MODE_METRICS))
+                g, gspec, _ = trained.generator_from_state(load_state(url))
+                scores = metrics.mode_metrics(g, gspec, list(metrics.MODE_METRICS))
                 # written last: a run killed before this point is trained again by --reuse
                 if local:
                     record.write_text(json.dumps({"scores": scores, "wall_s": wall, "checkpoint": url}))
@@ -179,7 +179,7 @@ def main() -> None:
                   f"kl {scores['kl']:.3f} ({walls[-1]:.0f} s)", flush=True)
             if seed == 0:
                 centres, std = mixture_geometry(spec.data.mixture)
-                pts = metrics.mixture_samples(g, trained, metrics.MODE_SET_SIZE, seed=0).numpy()
+                pts = metrics.mixture_samples(g, gspec, metrics.MODE_SET_SIZE, seed=0).numpy()
                 (ROOT / "docs" / "img").mkdir(exist_ok=True)
                 scatter(pts, centres, std, f"{job} (seed 0): {scores['modes']:.1f} modes, {100 * scores['hq']:.1f}% hq",
                         ROOT / "docs" / "img" / f"modes_{job}.png")

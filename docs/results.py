@@ -179,10 +179,10 @@ def main() -> None:
                 result = runner.run(spec)
                 wall = time.time() - t0
                 url = result.checkpoints[-1]["url"]
-                g, trained, num_classes = trained.generator_from_state(load_state(url))
-                ev = trained.eval.model_copy(update={"features": "classifier", "extractor": extractor})
-                trained = trained.model_copy(update={"eval": ev, "storage": spec.storage})
-                scores = evaluate_generator(g, runner.resolve_paths(trained), num_classes, list(METRICS[:3]) + ["pr"],
+                g, gspec, num_classes = trained.generator_from_state(load_state(url))
+                ev = gspec.eval.model_copy(update={"features": "classifier", "extractor": extractor})
+                gspec = gspec.model_copy(update={"eval": ev, "storage": spec.storage})
+                scores = evaluate_generator(g, runner.resolve_paths(gspec), num_classes, list(METRICS[:3]) + ["pr"],
                                             SAMPLES)
                 if local:  # written last: a run killed before this point is trained again by --reuse
                     record.write_text(json.dumps({"scores": scores, "wall_s": wall, "checkpoint": url}))
@@ -191,8 +191,8 @@ def main() -> None:
             print(f"{job} seed {seed}: " + " ".join(f"{k} {scores[k]:.4g}" for k in METRICS) + f" ({wall:.0f} s)",
                   flush=True)
             if seed == 0:
-                g, trained, num_classes = trained.generator_from_state(load_state(url))
-                grid(g, trained, num_classes if trained.model.conditional else None,
+                g, gspec, num_classes = trained.generator_from_state(load_state(url))
+                grid(g, gspec, num_classes if gspec.model.conditional else None,
                      ROOT / "docs" / "img" / f"results_{job}.png")
         rows.append((job, spec, per_seed, walls))
         write_section(cnn_row, rows, args.seeds, len(jobs), args.no_write)
