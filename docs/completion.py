@@ -13,22 +13,20 @@ folder of the other images (class sub-folders), written here first.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import functools
 import hashlib
 import json
 import os
-import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-STORAGE = Path(os.environ.get("RAYGANX_RESULTS_STORAGE", str(ROOT / "results_runs")))
+import experiments
+from experiments import ROOT
+
+STORAGE = Path(experiments.STORAGE)
 WORK = STORAGE / "completion"
 SECTION = "## Image completion"
 GAN_JOB, CNN_JOB = "cgan_digits", "cnn_digits"
@@ -47,12 +45,12 @@ def split_digits(val_fraction: float) -> tuple[int, int]:
     """train/<label>/<i>.png and heldout/<label>/<i>.png at 32 px, split as the CNN job splits."""
     from PIL import Image
 
-    from rayganx.data.sources import _in_split, digits_arrays
+    from rayganx.data.sources import digits_arrays, in_split
 
     images, labels = digits_arrays()
     counts = {"train": 0, "heldout": 0}
     for i, (im, label) in enumerate(zip(images, labels)):
-        part = "heldout" if _in_split(str(i).encode(), "val", val_fraction) else "train"
+        part = "heldout" if in_split(str(i).encode(), "val", val_fraction) else "train"
         path = WORK / part / str(label) / f"{i:05d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(im, mode="L").resize((32, 32), Image.BICUBIC).save(path)
@@ -60,24 +58,10 @@ def split_digits(val_fraction: float) -> tuple[int, int]:
     return counts["train"], counts["heldout"]
 
 
-def train(job: str, overrides: list[str], reuse: bool) -> tuple[str, float]:
+def train(runs: experiments.Runs, job: str, name: str, sets: list[str]) -> tuple[str, float]:
     """The job's final checkpoint (trained now, or the one there with --reuse) and the seconds it took."""
-    from rayganx.job import cluster
-    from rayganx.training import runner
-    from rayganx.job import spec as jobspec
-    from rayganx.store.runs import list_checkpoints
-    from rayganx.store.storage import Store
-
-    spec = runner.resolve_paths(jobspec.load(ROOT / "jobs" / f"{job}.yaml", overrides))
-    ckpts = list_checkpoints(Store(spec.run_url), warn=False)
-    timing = WORK / f"train_{spec.name}.json"
-    if reuse and ckpts and ckpts[-1]["step"] >= spec.train.steps:
-        return ckpts[-1]["url"], json.loads(timing.read_text())["seconds"] if timing.exists() else float("nan")
-    t0 = time.time()
-    cluster.init_ray()
-    result = runner.run(spec)
-    timing.write_text(json.dumps({"seconds": time.time() - t0}))
-    return result.checkpoints[-1]["url"], time.time() - t0
+    done = runs.train(runs.job(f"{job}.yaml", name, sets), job=f"jobs/{job}.yaml", sets=sets)
+    return done["checkpoint"], done["wall_s"]
 
 
 def complete_all(gan: str, masks, methods, reuse: bool, steps: int, restarts: int, workers: int,
@@ -192,10 +176,10 @@ def write_section(rows, reference: float, info: dict, no_write: bool) -> None:
     lines = [
         SECTION,
         "",
-        f"Produced by `python docs/completion.py` on {datetime.date.today()} ({platform.machine()}, "
-        f"{os.cpu_count()} CPU cores; {info['workers']} Ray Data workers of 1 thread; training: the CNN "
-        f"{cnn_time}, the GAN {info['gan_secs']:.0f} s on 2 Ray Train workers; each completion's "
-        f"wall time is in the table, the first one's with Ray start-up). The held-out split is the {info['heldout']} digits "
+        experiments.produced_by("python docs/completion.py", f"{info['workers']} Ray Data workers of 1 thread; "
+                                f"training: the CNN {cnn_time}, the GAN {info['gan_secs']:.0f} s on 2 Ray Train workers; each "
+                                f"completion's wall time is in the table, the first one's with Ray start-up") + ". "
+        f"The held-out split is the {info['heldout']} digits "
         f"that `jobs/cnn_digits.yaml` holds out (`data.val_fraction: 0.15`); `{GAN_JOB}` "
         f"({info['gan_steps']} steps{info['gan_set']}) was trained on the other {info['train']} only (a folder of them), and "
         "`nearest` searches those same training images. Each completion is one `rayganx complete` over the "
@@ -241,25 +225,11 @@ def write_section(rows, reference: float, info: dict, no_write: bool) -> None:
     lines += info["commands"] + ["```", "",
               "Columns per mask: the input with its hole (grey), GAN, mean, nearest, the original:", "",
               "![completion](img/completion.png)"]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if no_write:
-        return
-    results = ROOT / "docs" / "results.md"
-    text = results.read_text()
-    if SECTION in text:  # replace this section only, up to the next one
-        head, rest = text.split(SECTION, 1)
-        tail = rest[rest.index("\n## ") + 1:] if "\n## " in rest else ""
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.write_text(text)
-    print("wrote the image-completion section of docs/results.md")
+    experiments.replace_section(SECTION, "\n".join(lines) + "\n", no_write)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reuse", action="store_true", help="keep trained runs and finished completions")
+    ap = experiments.parser(__doc__, seeds=None, reuse="trained runs and finished completions")
     ap.add_argument("--steps", type=int, default=200, help="latent search steps")
     ap.add_argument("--restarts", type=int, default=2, help="latent starts per class")
     ap.add_argument("--workers", type=int, default=2)
@@ -268,20 +238,17 @@ def main() -> None:
                          f"default: {' '.join(GAN_SET)})")
     ap.add_argument("--masks", default=",".join(MASKS), help="complete with these masks only (with --reuse, "
                                                              "the others' finished completions are kept)")
-    ap.add_argument("--no-write", action="store_true", help="print the section, leave docs/ alone")
     args = ap.parse_args()
     args.gan_set = GAN_SET if args.gan_set is None else args.gan_set
-    sys.path.insert(0, str(ROOT))
     t0 = time.time()
     n_train, n_heldout = split_digits(0.15)
-    overrides = [f"storage.path={STORAGE}"]
-    cnn, cnn_secs = train(CNN_JOB, overrides, args.reuse)
+    runs = experiments.Runs(str(STORAGE), record="completion", reuse=args.reuse)
+    cnn, cnn_secs = train(runs, CNN_JOB, CNN_JOB, [])
     # Another recipe is another run: a name of its own, so --reuse never mixes them up.
     suffix = "_" + hashlib.sha256(" ".join(args.gan_set).encode()).hexdigest()[:6] if args.gan_set else ""
     gan_name = f"complete_{GAN_JOB}{suffix}"
-    gan_overrides = overrides + [f"name={gan_name}", "data.source=image_folder",
-                                 f"data.path={WORK / 'train'}", "data.val_fraction=0"] + args.gan_set
-    gan, gan_secs = train(GAN_JOB, gan_overrides, args.reuse)
+    gan_sets = ["data.source=image_folder", f"data.path={WORK / 'train'}", "data.val_fraction=0", *args.gan_set]
+    gan, gan_secs = train(runs, GAN_JOB, gan_name, gan_sets)
     methods = (*VARIANTS, "mean", "mean-flat", "nearest")
     now = [m for m in args.masks.split(",") if m]
     done = complete_all(gan, MASKS, methods, args.reuse, args.steps, args.restarts, args.workers, only=now)

@@ -3,7 +3,7 @@ for the 2-D mixtures): quick, single-threaded runs whose FIDs compare with each 
 
 Builds a JobSpec from a job file plus --set overrides for one worker (`scaling.num_workers=1`, so
 the per-worker batch is the job's global batch), feeds the 1,797 digits at the job's image size in
-a fresh permutation every epoch, calls `task.schedule` and `task.step` as train.py's loop does,
+a fresh permutation every epoch, calls `task.schedule` and `task.step` as the training loop (rayganx/training/loop.py) does,
 and scores the generator (its EMA copy where the job keeps one) every --eval-every steps: FID of
 1,000 samples against all the digits, features from the penultimate layer of a `cnn_digits`
 checkpoint (--extractor), as docs/results.py scores the jobs' runs.
@@ -12,21 +12,16 @@ checkpoint (--extractor), as docs/results.py scores the jobs' runs.
         --seeds 0,1 --set train.optim_d.lr=0.0004 --label ttur --out /tmp/digits.jsonl
 
 One JSON line per seed (label, overrides, seed, fid trace with seconds) goes to --out and a
-summary to stdout. The final numbers of docs/results.md come from the jobs themselves
+summary to stdout (docs/experiments.search; seeds 100-104 are held out for reported results). The final numbers of docs/results.md come from the jobs themselves
 (docs/results.py: 2 Ray Train workers, Ray Data); this only ranks recipes.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import experiments
 SAMPLES = 1000
 
 
@@ -45,7 +40,6 @@ def real_images(spec):
 def run_one(job: str, overrides: list[str], seed: int, extractor_url: str, eval_every: int, log=print) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from rayganx.evaluation import metrics
     from rayganx.job import spec as jobspec
     from rayganx.evaluation.extractors import features_of, load_extractor
@@ -102,37 +96,22 @@ def run_one(job: str, overrides: list[str], seed: int, extractor_url: str, eval_
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("job", help="a digits GAN job file, e.g. jobs/sngan_digits.yaml")
-    ap.add_argument("--extractor", required=True, help="a cnn_digits checkpoint (rayganx submit jobs/cnn_digits.yaml)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value (repeatable)")
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--eval-every", type=int, default=300)
-    ap.add_argument("--label", default=None)
-    ap.add_argument("--out", default=None, help="append one JSON line per seed here")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    def add(ap):
+        ap.add_argument("--extractor", required=True,
+                        help="a cnn_digits checkpoint (rayganx submit jobs/cnn_digits.yaml)")
+        ap.add_argument("--eval-every", type=int, default=300)
 
-    import torch
+    def mean(rows, key):
+        return statistics.mean(r[key] for r in rows)
 
-    torch.set_num_threads(args.threads)
-    label = args.label or " ".join(args.overrides) or "as written"
-    rows = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        r = run_one(args.job, args.overrides, seed, args.extractor, args.eval_every)
-        r.update(label=label, job=args.job, overrides=args.overrides, seed=seed)
-        rows.append(r)
-        print(f"{label} seed {seed}: FID {r['fid']:.2f} ({r['seconds']:.0f} s) "
-              + " ".join(f"{p['step']}:{p['fid']:.0f}" for p in r["trace"]), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(r) + "\n")
-    v = [r["fid"] for r in rows]
-    print(f"SUMMARY {label}: FID {statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f} "
-          f"over {len(rows)} seeds, {statistics.mean(r['seconds'] for r in rows):.0f} s", flush=True)
+    experiments.search(
+        __doc__, lambda args, seed: run_one(args.job, args.overrides, seed, args.extractor, args.eval_every),
+        line=lambda r: f"FID {r['fid']:.2f} ({r['seconds']:.0f} s) " + " ".join(
+            f"{p['step']}:{p['fid']:.0f}" for p in r["trace"]),
+        summary=lambda rows: f"FID {experiments.mean_std([r['fid'] for r in rows], '.2f')}, {mean(rows, 'seconds'):.0f} s",
+        add_arguments=add, seeds="0")
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    experiments.single_threaded()
     main()

@@ -1,9 +1,9 @@
 """Search 2-D mode-collapse recipes with rayganx's own GANTask, without Ray.
 
 Builds a JobSpec from a job file plus --set overrides, builds the task on the CPU for one
-worker (no DDP wrap: `distributed=False`, as train.py passes for world size 1), feeds it the
+worker (no DDP wrap: `distributed=False`, as the training loop passes for world size 1), feeds it the
 batches a 1-worker run reads (rayganx.data.points: a fresh permutation every epoch), calls `task.schedule` and
-`task.step` as train.py's loop does, and scores the generator (its EMA copy where the job keeps
+`task.step` as the training loop does, and scores the generator (its EMA copy where the job keeps
 one) with the mode-collapse protocol of rayganx.evaluation.metrics: 5 sets of 2,500 samples.
 
     python docs/mode_search.py jobs/pacgan_ring.yaml --seeds 0,1 \
@@ -15,21 +15,14 @@ mean ± std summary to stdout. Single-threaded by default (--threads) so that ti
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import experiments
 
 
 def run_one(job: str, overrides: list[str], seed: int, eval_every: int | None = None, log=print) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from rayganx.data import sources as rdata
     from rayganx.evaluation import metrics
     from rayganx.models import randomness
@@ -94,41 +87,21 @@ def spread(g, spec) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("job", help="a gaussian_mixture job file, e.g. jobs/pacgan_ring.yaml")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value (repeatable)")
-    ap.add_argument("--seeds", default="0,1", help="comma list of train.seed values")
-    ap.add_argument("--label", default=None)
-    ap.add_argument("--out", default=None, help="append one JSON line per seed here")
-    ap.add_argument("--eval-every", type=int, default=None, help="also score every N steps (diagnosis)")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    def add(ap):
+        ap.add_argument("--eval-every", type=int, default=None, help="also score every N steps (diagnosis)")
 
-    import torch
+    def ms(rows, key, scale=1.0, fmt=".2f"):
+        return experiments.mean_std([r[key] for r in rows], fmt, scale)
 
-    torch.set_num_threads(args.threads)
-    label = args.label or " ".join(args.overrides) or "as written"
-    rows = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        r = run_one(args.job, args.overrides, seed, args.eval_every)
-        r.update(label=label, job=args.job, overrides=args.overrides, seed=seed)
-        rows.append(r)
-        print(f"{label} seed {seed}: modes {r['modes']:.2f} hq {100 * r['hq']:.2f}% kl {r['kl']:.3f} "
-              f"far {100 * r['far']:.2f}% rms {r['rms_std']:.2f} std ({r['seconds']:.0f} s, {r['ms_per_step']:.1f} ms/step)", flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(r) + "\n")
-
-    def ms(key, scale=1.0):
-        v = [scale * r[key] for r in rows]
-        return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
-
-    (m, msd), (h, hsd), (s, ssd) = ms("modes"), ms("hq", 100), ms("seconds")
-    print(f"SUMMARY {label}: modes {m:.2f} ± {msd:.2f}, hq {h:.2f} ± {hsd:.2f}%, {s:.0f} ± {ssd:.0f} s "
-          f"over {len(rows)} seeds", flush=True)
+    experiments.search(
+        __doc__, lambda args, seed: run_one(args.job, args.overrides, seed, args.eval_every),
+        line=lambda r: (f"modes {r['modes']:.2f} hq {100 * r['hq']:.2f}% kl {r['kl']:.3f} far {100 * r['far']:.2f}% "
+                        f"rms {r['rms_std']:.2f} std ({r['seconds']:.0f} s, {r['ms_per_step']:.1f} ms/step)"),
+        summary=lambda rows: (f"modes {ms(rows, 'modes')}, hq {ms(rows, 'hq', 100)}%, "
+                              f"{ms(rows, 'seconds', fmt='.0f')} s"),
+        add_arguments=add)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    experiments.single_threaded()
     main()

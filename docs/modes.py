@@ -3,9 +3,11 @@ mixture-prior recipes) for several seeds as ordinary rayganx runs, score each ru
 generator with the protocol of VEEGAN / PacGAN, and write the "2-D mixtures" section of
 docs/results.md and one scatter plot per job under docs/img/.
 
-    python docs/modes.py                 # 5 jobs x 3 seeds; runs go to results_runs/
-    python docs/modes.py --seeds 1 --jobs pacgan_ring   # one row, one seed
+    python docs/modes.py                 # 5 jobs x the held-out seeds 100-104; runs go to results_runs/
+    python docs/modes.py --seeds 100 --jobs pacgan_ring   # one row, one seed
     python docs/modes.py --reuse         # after an interruption: keep the runs already scored
+
+Each finished run is a row of docs/records/modes.jsonl (docs/experiments.Runs).
 
 Protocol: 5 sets of 2,500 samples from the final checkpoint's generator (its EMA copy where the
 job keeps one); a sample is high quality within 3 std of its nearest mode; a mode is covered by
@@ -15,19 +17,12 @@ uniform. Each seed's score is the mean over the 5 sets; the table gives mean ± 
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
-import shutil
 import statistics
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-STORAGE = os.environ.get("RAYGANX_RESULTS_STORAGE", str(ROOT / "results_runs"))
+import experiments
+from experiments import ROOT, mean_std
+
 JOBS = ("mlp_gan_ring", "pacgan_ring", "gmgan_ring", "mlp_gan_grid", "pacgan_grid")
 SECTION = "## 2-D mixtures: mode coverage"
 
@@ -75,18 +70,15 @@ def scatter(points, centres, std, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_section(rows, seeds: int, planned: int, no_write: bool) -> None:
+def write_section(rows, seeds: list[int], planned: int, no_write: bool) -> None:
     from rayganx.data.points import mixture_geometry
 
-    def ms(values, fmt):
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{format(statistics.mean(values), fmt)} ± {format(sd, fmt)}"
-
+    ms = mean_std
     lines = [
         SECTION,
         "",
-        f"Produced by `python docs/modes.py` on {datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPU "
-        f"cores; each run a rayganx job with its own scaling section, {seeds} seeds per job). Scores of each",
+        experiments.produced_by("python docs/modes.py", f"each run a rayganx job with its own scaling section, "
+                                f"seeds {', '.join(map(str, seeds))}). Scores of each"),
         "run's final generator (the EMA copy where the job keeps one): 5 sets of 2,500 samples; a sample is",
         "high quality within 3 std of its nearest mode, a mode is covered by at least one high-quality",
         "sample, KL is that of the high-quality samples' mode histogram against uniform (the protocol of",
@@ -106,87 +98,53 @@ def write_section(rows, seeds: int, planned: int, no_write: bool) -> None:
                      f"{ms([s['modes'] for s in per_seed], '.2f')} / {k} | "
                      f"{ms([100 * s['hq'] for s in per_seed], '.1f')} | {ms([s['kl'] for s in per_seed], '.3f')} | "
                      f"{statistics.mean(walls):.0f} s |")
-    if len(rows) < planned:
-        lines += ["", f"(Partial: {len(rows)} of {planned} jobs so far; the benchmark was still running.)"]
+    lines += experiments.partial(len(rows), planned)
     lines += ["", "Published (same protocol; trained far longer, on other hardware):", "",
               "| method | ring modes | ring high quality (%) | grid modes | grid high quality (%) |",
               "| --- | --- | --- | --- | --- |"]
     lines += [f"| {name} | {r[0]} / 8 | {r[1]} | {g[0]} / 25 | {g[1]} |" for name, r, g in PUBLISHED]
-    lines += ["", "Seed 0's samples (2,500; red circles: 3 std around each mode):", ""]
+    lines += ["", f"Seed {seeds[0]}'s samples (2,500; red circles: 3 std around each mode):", ""]
     lines += [f"![{job}](img/modes_{job}.png)" for job, *_ in rows]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if no_write:
-        return
-    results = ROOT / "docs" / "results.md"
-    text = results.read_text() if results.exists() else ""
-    if SECTION in text:  # replace this section only, up to the next one (completion, synthetic data)
-        head, rest = text.split(SECTION, 1)
-        tail = rest[rest.index("\n## ") + 1:] if "\n## " in rest else ""
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
-    results.write_text(text)
-    print("wrote the 2-D section of docs/results.md")
+    experiments.replace_section(SECTION, "\n".join(lines) + "\n", no_write)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=3)
+    ap = experiments.parser(__doc__, reuse="runs (their result.json)")
     ap.add_argument("--jobs", default=",".join(JOBS), help="comma list of jobs/<name>.yaml")
-    ap.add_argument("--no-write", action="store_true", help="print the table, leave docs/ alone")
-    ap.add_argument("--reuse", action="store_true",
-                    help="keep runs this script already finished and scored (their modes.json), train the rest")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from rayganx.job import cluster
     from rayganx.evaluation import metrics
     from rayganx.models import trained
-    from rayganx.training import runner
-    from rayganx.job import spec as jobspec
     from rayganx.data.points import mixture_geometry
     from rayganx.store.runs import load_state
 
-    cluster.init_ray()
+    runs = experiments.Runs(record="modes", reuse=args.reuse)
     rows = []
     for job in args.jobs.split(","):
         per_seed, walls, spec = [], [], None
-        for seed in range(args.seeds):
-            spec = jobspec.load(ROOT / "jobs" / f"{job}.yaml",
-                                [f"storage.path={STORAGE}", f"name={job}_seed{seed}", f"train.seed={seed}"])
-            local = "://" not in STORAGE  # records and clean-up for a local run store only
-            record = Path(STORAGE) / spec.name / "modes.json"
-            if args.reuse and local and record.exists():
-                done = json.loads(record.read_text())
-                scores, wall, url = done["scores"], done["wall_s"], done["checkpoint"]
+        for seed in args.seeds:
+            sets = [f"train.seed={seed}"]
+            spec = runs.job(f"{job}.yaml", f"{job}_seed{seed}", sets)
+
+            def score(url):
                 g, gspec, _ = trained.generator_from_state(load_state(url))
-            else:
-                # a run of the same name would resume, not train afresh
-                if local:
-                    shutil.rmtree(Path(STORAGE) / spec.name, ignore_errors=True)
-                t0 = time.time()
-                result = runner.run(spec)
-                wall = time.time() - t0
-                url = result.checkpoints[-1]["url"]
-                g, gspec, _ = trained.generator_from_state(load_state(url))
-                scores = metrics.mode_metrics(g, gspec, list(metrics.MODE_METRICS))
-                # written last: a run killed before this point is trained again by --reuse
-                if local:
-                    record.write_text(json.dumps({"scores": scores, "wall_s": wall, "checkpoint": url}))
-            walls.append(wall)
+                return {"scores": metrics.mode_metrics(g, gspec, list(metrics.MODE_METRICS))}
+
+            done = runs.train(spec, score, job=f"jobs/{job}.yaml", sets=sets)
+            scores = done["scores"]
+            walls.append(done["wall_s"])
             per_seed.append(scores)
             print(f"{job} seed {seed}: modes {scores['modes']:.2f} hq {100 * scores['hq']:.1f}% "
                   f"kl {scores['kl']:.3f} ({walls[-1]:.0f} s)", flush=True)
-            if seed == 0:
+            if seed == args.seeds[0]:
+                g, gspec, _ = trained.generator_from_state(load_state(done["checkpoint"]))
                 centres, std = mixture_geometry(spec.data.mixture)
                 pts = metrics.mixture_samples(g, gspec, metrics.MODE_SET_SIZE, seed=0).numpy()
                 (ROOT / "docs" / "img").mkdir(exist_ok=True)
-                scatter(pts, centres, std, f"{job} (seed 0): {scores['modes']:.1f} modes, {100 * scores['hq']:.1f}% hq",
-                        ROOT / "docs" / "img" / f"modes_{job}.png")
+                scatter(pts, centres, std, f"{job} (seed {seed}): {scores['modes']:.1f} modes, "
+                        f"{100 * scores['hq']:.1f}% hq", ROOT / "docs" / "img" / f"modes_{job}.png")
         rows.append((job, spec, per_seed, walls))
         # after every row: an interrupted benchmark still leaves the rows it finished
         write_section(rows, args.seeds, len(args.jobs.split(",")), args.no_write)
-
 
 
 if __name__ == "__main__":

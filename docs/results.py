@@ -2,9 +2,11 @@
 several seeds, each final checkpoint scored with the digits classifier (jobs/cnn_digits.yaml) as
 the feature extractor, mean ± std over seeds, and one sample grid per job under docs/img/.
 
-    python docs/results.py                 # 5 jobs x 3 seeds, about 50 minutes on 2 CPU cores
-    python docs/results.py --jobs sngan_digits,dcgan_digits --seeds 1
+    python docs/results.py                 # 5 jobs x the held-out seeds 100-104, about 80 minutes on 2 CPU cores
+    python docs/results.py --jobs sngan_digits,dcgan_digits --seeds 100
     python docs/results.py --reuse         # after an interruption: keep the runs already scored
+
+Each finished run is a row of docs/records/digits.jsonl (docs/experiments.Runs).
 
 Nothing is downloaded: digits ship with scikit-learn and the extractor is trained first. Runs go
 to results_runs/ (RAYGANX_RESULTS_STORAGE). The sections other scripts write (2-D mixtures,
@@ -13,21 +15,14 @@ completion, synthetic data) are kept as they are.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
-import shutil
 import statistics
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-STORAGE = os.environ.get("RAYGANX_RESULTS_STORAGE", str(ROOT / "results_runs"))
+import experiments
+from experiments import ROOT
+
 SAMPLES = 1000
-NEXT_SECTION = "## 2-D mixtures: mode coverage"
+SECTION = "# Results on digits"
 METRICS = ("fid", "kid", "is", "precision", "recall")
 BASELINE = "dcgan_digits"
 STABILISED = ("sngan_digits", "wgan_gp_digits")  # the recipes that must beat BASELINE
@@ -66,22 +61,19 @@ def grid(g, spec, num_classes, path: Path) -> None:
     path.write_bytes(grid_png(images, nrow=8))
 
 
-def ms(values, fmt: str) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{format(statistics.mean(values), fmt)} ± {format(sd, fmt)}"
+ms = experiments.mean_std
 
 
-def write_section(cnn_row, rows, seeds: int, planned: int, no_write: bool) -> None:
+def write_section(cnn_row, rows, seeds: list[int], planned: int, no_write: bool) -> None:
     lines = [
-        "# Results on digits",
+        SECTION,
         "",
-        f"Produced by `python docs/results.py` on {datetime.date.today()} ({platform.machine()}, "
-        f"{os.cpu_count()} CPU cores; each run a rayganx job on 2 Ray Train workers, {seeds} seeds per job, one run at "
-        "a time). Every `jobs/*_digits.yaml` job's default run; metrics of its final checkpoint (EMA generator where "
+        experiments.produced_by("python docs/results.py", f"each run a rayganx job on 2 Ray Train workers, "
+                                f"{len(seeds)} seeds per job, one run at a time") + ". Every `jobs/*_digits.yaml` job's default run; metrics of its final checkpoint (EMA generator where "
         f"the job keeps one) on {SAMPLES} samples against the digits, with the penultimate layer of the "
         "`jobs/cnn_digits.yaml` classifier as the feature extractor (its logits for the Inception Score, at most 10 "
         "here). These numbers are comparable with each other, not with Inception-based FIDs published for other "
-        "datasets. Mean ± std over seeds (`train.seed` 0, 1, 2). Wall time: one run from submission to its final "
+        "datasets. Mean ± std over seeds (`train.seed` " + ", ".join(map(str, seeds)) + "). Wall time: one run from submission to its final "
         "checkpoint, Ray start-up of the workers included; the GAN jobs' budgets are set equal (about the DCGAN "
         "job's), so their FIDs compare at the same wall-clock cost.",
         "",
@@ -98,8 +90,7 @@ def write_section(cnn_row, rows, seeds: int, planned: int, no_write: bool) -> No
                      f"{ms([s['kid'] for s in per], '.1f')} | {ms([s['is'] for s in per], '.2f')} | "
                      f"{ms([s['precision'] for s in per], '.3f')} | {ms([s['recall'] for s in per], '.3f')} | "
                      f"{rel} | {statistics.mean(walls):.0f} s |")
-    if len(rows) < planned:
-        lines += ["", f"(Partial: {len(rows)} of {planned} jobs so far; the benchmark was still running.)"]
+    lines += experiments.partial(len(rows), planned)
     fids = {job: [s["fid"] for s in per] for job, _, per, _ in rows}
     walls = {job: statistics.mean(w) for job, *_, w in rows}
     if base and any(j in fids for j in STABILISED):
@@ -110,88 +101,51 @@ def write_section(cnn_row, rows, seeds: int, planned: int, no_write: bool) -> No
             lines.append(f"- `{job}`: FID {ms(fids[job], '.1f')} in {walls[job]:.0f} s, {100 * (1 - m / base):.0f}% "
                          f"{'lower' if m < base else 'higher'}; lower in {sum(f < base for f in fids[job])} of "
                          f"{len(fids[job])} seeds than DCGAN's mean.")
-    lines += ["", "Seed 0's samples, one grid per job (a conditional job: one class per row):", ""]
+    lines += ["", f"Seed {seeds[0]}'s samples, one grid per job (a conditional job: one class per row):", ""]
     for job, *_ in rows:
         lines += [f"**{job}**", "", f"![{job}](img/results_{job}.png)", ""]
-    text = "\n".join(lines)
-    if no_write:
-        print(text)
-        return
-    out = ROOT / "docs" / "results.md"
-    old = out.read_text() if out.exists() else ""
-    kept = old[old.index(NEXT_SECTION):] if NEXT_SECTION in old else ""
-    out.write_text(text + ("\n" + kept if kept else ""))
-    print("wrote the digits section of docs/results.md", flush=True)
+    experiments.replace_section(SECTION, "\n".join(lines) + "\n", no_write)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=3)
+    ap = experiments.parser(__doc__, reuse="runs this script already finished and scored (their result.json)")
     ap.add_argument("--jobs", default=None, help="comma list of jobs/<name>.yaml (default: every *_digits GAN/VAE job)")
-    ap.add_argument("--no-write", action="store_true", help="print the table, leave docs/ alone")
-    ap.add_argument("--reuse", action="store_true",
-                    help="keep runs this script already finished and scored (their scores.json), train the rest")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from rayganx.job import cluster
     from rayganx.models import trained
     from rayganx.training import runner
-    from rayganx.job import spec as jobspec
     from rayganx.evaluation.scoring import evaluate_generator
     from rayganx.store.runs import load_state
 
     jobs = args.jobs.split(",") if args.jobs else [
         p.stem for p in sorted((ROOT / "jobs").glob("*_digits.yaml"))
         if p.stem != "cnn_digits" and not p.stem.startswith(("tune_", "pbt_"))]
-    local = "://" not in STORAGE  # records and clean-up for a local run store only
-    cluster.init_ray()
-    cnn_spec = jobspec.load(ROOT / "jobs" / "cnn_digits.yaml", [f"storage.path={STORAGE}"])
-    record = Path(STORAGE) / cnn_spec.name / "scores.json"
-    if args.reuse and local and record.exists():
-        cnn_row = tuple(json.loads(record.read_text())["row"])
-    else:
-        if local:
-            shutil.rmtree(Path(STORAGE) / cnn_spec.name, ignore_errors=True)
-        t0 = time.time()
-        cnn = runner.run(cnn_spec)
-        cnn_row = ("cnn_digits", cnn.steps, cnn.metrics["val_accuracy"], time.time() - t0)
-        if local:
-            record.write_text(json.dumps({"row": cnn_row}))
-    extractor = str(Path(STORAGE) / cnn_spec.name / f"checkpoint_{cnn_row[1]:06d}") if local else None
-    if extractor is None:
-        extractor = runner.run(cnn_spec).checkpoints[-1]["url"]
+    runs = experiments.Runs(record="digits", reuse=args.reuse)
+    cnn = runs.train(runs.job("cnn_digits.yaml", "cnn_digits", []), job="jobs/cnn_digits.yaml")
+    cnn_row = ("cnn_digits", cnn["steps"], cnn["metrics"]["val_accuracy"], cnn["wall_s"])
+    extractor = cnn["checkpoint"]
+
+    def score(url, spec):
+        g, gspec, num_classes = trained.generator_from_state(load_state(url))
+        ev = gspec.eval.model_copy(update={"features": "classifier", "extractor": extractor})
+        gspec = gspec.model_copy(update={"eval": ev, "storage": spec.storage})
+        return {"scores": evaluate_generator(g, runner.resolve_paths(gspec), num_classes,
+                                             list(METRICS[:3]) + ["pr"], SAMPLES)}
 
     rows = []
     (ROOT / "docs" / "img").mkdir(exist_ok=True)
     for job in jobs:
         per_seed, walls, spec = [], [], None
-        for seed in range(args.seeds):
-            spec = jobspec.load(ROOT / "jobs" / f"{job}.yaml",
-                                [f"storage.path={STORAGE}", f"name={job}_seed{seed}", f"train.seed={seed}"])
-            record = Path(STORAGE) / spec.name / "scores.json"
-            if args.reuse and local and record.exists():
-                done = json.loads(record.read_text())
-                scores, wall, url = done["scores"], done["wall_s"], done["checkpoint"]
-            else:
-                if local:  # a run of the same name would resume, not train afresh
-                    shutil.rmtree(Path(STORAGE) / spec.name, ignore_errors=True)
-                t0 = time.time()
-                result = runner.run(spec)
-                wall = time.time() - t0
-                url = result.checkpoints[-1]["url"]
-                g, gspec, num_classes = trained.generator_from_state(load_state(url))
-                ev = gspec.eval.model_copy(update={"features": "classifier", "extractor": extractor})
-                gspec = gspec.model_copy(update={"eval": ev, "storage": spec.storage})
-                scores = evaluate_generator(g, runner.resolve_paths(gspec), num_classes, list(METRICS[:3]) + ["pr"],
-                                            SAMPLES)
-                if local:  # written last: a run killed before this point is trained again by --reuse
-                    record.write_text(json.dumps({"scores": scores, "wall_s": wall, "checkpoint": url}))
-            walls.append(wall)
+        for seed in args.seeds:
+            sets = [f"train.seed={seed}"]
+            spec = runs.job(f"{job}.yaml", f"{job}_seed{seed}", sets)
+            done = runs.train(spec, lambda url: score(url, spec), job=f"jobs/{job}.yaml", sets=sets)
+            scores = done["scores"]
+            walls.append(done["wall_s"])
             per_seed.append(scores)
-            print(f"{job} seed {seed}: " + " ".join(f"{k} {scores[k]:.4g}" for k in METRICS) + f" ({wall:.0f} s)",
-                  flush=True)
-            if seed == 0:
-                g, gspec, num_classes = trained.generator_from_state(load_state(url))
+            print(f"{job} seed {seed}: " + " ".join(f"{k} {scores[k]:.4g}" for k in METRICS)
+                  + f" ({done['wall_s']:.0f} s)", flush=True)
+            if seed == args.seeds[0]:
+                g, gspec, num_classes = trained.generator_from_state(load_state(done["checkpoint"]))
                 grid(g, gspec, num_classes if gspec.model.conditional else None,
                      ROOT / "docs" / "img" / f"results_{job}.png")
         rows.append((job, spec, per_seed, walls))

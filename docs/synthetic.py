@@ -1,6 +1,6 @@
 """Synthetic training data on digits: write the "Synthetic training data" section of docs/results.md.
 
-    python docs/synthetic.py                  # k 10 and 50 per class x 3 seeds, plus the full-data CAS
+    python docs/synthetic.py                  # k 10 and 50 per class x the held-out seeds 100-104, plus the full-data CAS
     python docs/synthetic.py --reuse          # after an interruption: keep the runs already finished
     python docs/synthetic.py --reuse --stop-after 360   # start no new run after 6 minutes (then rerun)
     python docs/synthetic.py --from-records   # no Ray, no training: the section from the finished runs
@@ -18,24 +18,19 @@ generated digits only, as many per class as the training split has, against the 
 on the real split.
 
 Runs go to results_runs/synthetic/ (RAYGANX_RESULTS_STORAGE overrides); each finished run leaves a
-result.json there, which --reuse keeps.
+result.json there, which --reuse keeps, and a row of docs/records/synthetic.jsonl.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
-import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-STORAGE = os.environ.get("RAYGANX_RESULTS_STORAGE", str(ROOT / "results_runs")) + "/synthetic"
+import experiments
+from experiments import ROOT
+
+STORAGE = experiments.STORAGE + "/synthetic"
 SECTION = "## Synthetic training data"
 # Ravuri & Vinyals 2019, Table 1 (ImageNet 256 px, ResNet-50 top-1 on the real validation set)
 PUBLISHED = [("real data", 73.1), ("BigGAN-deep", 42.7), ("VQ-VAE-2", 54.8)]
@@ -47,39 +42,24 @@ class OutOfTime(Exception):
 
 class Bench:
     def __init__(self, args):
-        sys.path.insert(0, str(ROOT))
-        from rayganx.job import cluster
         from rayganx.training import runner
 
         self.args, self.runner, self.t0 = args, runner, time.time()
-        if not args.from_records:
-            cluster.init_ray()
+        self.runs = experiments.Runs(STORAGE, record="synthetic", reuse=args.reuse or args.from_records)
 
     def job(self, base: str, name: str, sets: list[str]):
-        from rayganx.job import spec as jobspec
+        return self.runs.job(base, name, sets)
 
-        return jobspec.load(ROOT / "jobs" / base, [f"storage.path={STORAGE}", f"name={name}", *sets])
-
-    def run(self, spec, score=None) -> dict:
+    def run(self, spec, score=None, base: str = "", sets: list[str] = ()) -> dict:
         """One run (or its record, with --reuse): {wall_s, checkpoint, val_accuracy, ...score}."""
-        record = Path(STORAGE) / spec.name / "result.json"
-        if (self.args.reuse or self.args.from_records) and record.exists():
-            return json.loads(record.read_text())
-        if self.args.from_records:
-            raise OutOfTime(spec.name)
-        if self.args.stop_after and time.time() - self.t0 > self.args.stop_after:
-            raise OutOfTime(spec.name)
-        shutil.rmtree(Path(STORAGE) / spec.name, ignore_errors=True)  # a run of the same name would resume
-        t0 = time.time()
-        result = self.runner.run(spec)
-        out = {"wall_s": time.time() - t0, "checkpoint": result.checkpoints[-1]["url"], "steps": result.steps,
-               "val_accuracy": result.metrics.get("val_accuracy"),
-               "synthetic_share": result.metrics.get("synthetic_share")}
-        if score:
-            out |= score(out["checkpoint"])
-        record.write_text(json.dumps(out))  # last: a run killed before this is trained again
-        print(spec.name, json.dumps(out), flush=True)
-        return out
+        done = self.runs.finished(spec)
+        if done is None:
+            if self.args.from_records or (self.args.stop_after and time.time() - self.t0 > self.args.stop_after):
+                raise OutOfTime(spec.name)
+            done = self.runs.train(spec, score, job=f"jobs/{base}", sets=list(sets))
+        for key in ("val_accuracy", "synthetic_share"):
+            done.setdefault(key, done.get("metrics", {}).get(key))
+        return done
 
     def cas(self, checkpoint: str) -> dict:
         """What `rayganx eval CHECKPOINT --metrics cas` computes."""
@@ -94,11 +74,11 @@ class Bench:
 
     def gan(self, k: int | str, seed: int, steps: int, cas: bool = True) -> dict:
         per_class = 1000 if k == "all" else k
-        spec = self.job("cgan_digits.yaml", f"cgan_k{k}_s{seed}",
-                        [f"data.per_class={per_class}", f"train.seed={seed}", f"train.steps={steps}",
-                         "scaling.num_workers=1", "scaling.cpus_per_worker=2", f"storage.checkpoint_every={steps}",
-                         "storage.keep=1", f"samples.every={steps}"])
-        return self.run(spec, self.cas if cas else None)
+        sets = [f"data.per_class={per_class}", f"train.seed={seed}", f"train.steps={steps}", "scaling.num_workers=1",
+                "scaling.cpus_per_worker=2", f"storage.checkpoint_every={steps}", "storage.keep=1",
+                f"samples.every={steps}"]
+        return self.run(self.job("cgan_digits.yaml", f"cgan_k{k}_s{seed}", sets), self.cas if cas else None,
+                        "cgan_digits.yaml", sets)
 
     def cnn(self, k: int, seed: int, generator: str | None) -> dict:
         a = self.args
@@ -106,14 +86,12 @@ class Bench:
                 "scaling.cpus_per_worker=2", f"storage.checkpoint_every={a.cnn_steps}"]
         if generator:
             sets += [f"data.synthetic.generator={generator}", f"data.synthetic.fraction={a.fraction}"]
-        return self.run(self.job("cnn_digits.yaml", f"cnn{'_syn' if generator else ''}_k{k}_s{seed}", sets))
+        return self.run(self.job("cnn_digits.yaml", f"cnn{'_syn' if generator else ''}_k{k}_s{seed}", sets), None,
+                        "cnn_digits.yaml", sets)
 
 
-def ms(values: list[float], scale: float = 100.0) -> str:
-    if not values:
-        return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.mean(values):.1f} ± {scale * sd:.1f}"
+def ms(values: list[float]) -> str:
+    return experiments.mean_std(values, ".1f", 100.0)
 
 
 def cas_cell(values: list) -> str:
@@ -128,8 +106,7 @@ def write_section(args, low: dict, full: dict | None, complete: bool, took: floa
     lines = [
         SECTION,
         "",
-        f"Produced by `{cmd}` on {datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPU cores shared "
-        f"with other work; one Ray Train worker of 2 CPUs per run). Every number is a rayganx run's; the script "
+        experiments.produced_by(cmd, "shared with other work; one Ray Train worker of 2 CPUs per run") + ". Every number is a rayganx run's; the script "
         f"trains them all ({'this section was written from the finished runs; ' if args.from_records else ''}"
         f"wall time of this invocation: {took / 60:.0f} min; the runs' own times are below).",
         "",
@@ -159,7 +136,7 @@ def write_section(args, low: dict, full: dict | None, complete: bool, took: floa
         f"CNN of `jobs/cnn_digits.yaml` ({args.cnn_steps} steps) on the k per class alone, and with "
         f"`data.synthetic: {{generator: <that seed's cGAN>, fraction: {args.fraction}}}` (as many generated rows "
         f"as real ones). Accuracy on the real held-out split (all of it), mean ± std over the seeds (planned: "
-        f"{args.seeds}; each seed its own cGAN and CNNs); CAS of that cGAN beside it (its `cas_real` is the "
+        f"{', '.join(map(str, args.seeds))}; each seed its own cGAN and CNNs); CAS of that cGAN beside it (its `cas_real` is the "
         f"real-only column's recipe run in-process).",
         "",
         "| real per class | seeds | CNN, real only (%) | CNN, real + synthetic (%) | difference (points) "
@@ -177,24 +154,10 @@ def write_section(args, low: dict, full: dict | None, complete: bool, took: floa
         lines += ["", "(Partial: the measurement was still running; rerun `python docs/synthetic.py --reuse`.)"]
     lines += ["", "Per seed (held-out accuracy %, real only / real + synthetic):", ""]
     for k, rows in low.items():
-        lines.append(f"- k={k}: " + ", ".join(f"seed {i}: {100 * r['real']['val_accuracy']:.1f} / "
-                                              f"{100 * r['syn']['val_accuracy']:.1f}" for i, r in enumerate(rows)))
+        lines.append(f"- k={k}: " + ", ".join(f"seed {seed}: {100 * r['real']['val_accuracy']:.1f} / "
+                                              f"{100 * r['syn']['val_accuracy']:.1f}" for seed, r in zip(args.seeds, rows)))
     lines += ["", verdict(low)]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if args.no_write:
-        return
-    results = ROOT / "docs" / "results.md"
-    text = results.read_text()
-    if SECTION in text:  # replace this section only: the others belong to other scripts
-        head, rest = text.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        tail = rest[nxt + 1:] if nxt >= 0 else ""
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.write_text(text)
-    print("wrote the synthetic-data section of docs/results.md")
+    experiments.replace_section(SECTION, "\n".join(lines) + "\n", args.no_write)
 
 
 def verdict(low: dict) -> str:
@@ -222,21 +185,18 @@ def verdict(low: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = experiments.parser(__doc__, reuse="runs this script already finished (their result.json)")
     ap.add_argument("--ks", default="10,50", help="real images per class, comma list")
-    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--fraction", type=float, default=0.5, help="data.synthetic.fraction")
     # 300 steps left the k=10 cGANs at chance (CAS 8.6%) and their rows cost the CNN 16 points
     ap.add_argument("--gan-steps", type=int, default=1200, help="low-data cGAN steps (the job's default)")
     ap.add_argument("--full-gan-steps", type=int, default=600, help="full-data cGAN steps for the CAS row")
     ap.add_argument("--cnn-steps", type=int, default=400, help="CNN steps (jobs/cnn_digits.yaml's)")
-    ap.add_argument("--reuse", action="store_true", help="keep runs this script already finished (result.json)")
     ap.add_argument("--stop-after", type=float, default=0, help="start no new run after this many seconds")
     ap.add_argument("--no-low-cas", action="store_true",
                     help="skip the CAS of the low-data cGANs trained from now on (it costs about half a cGAN run)")
     ap.add_argument("--from-records", action="store_true",
                     help="train nothing, start no Ray: write the section from the finished runs' result.json")
-    ap.add_argument("--no-write", action="store_true", help="print the section, leave docs/ alone")
     args = ap.parse_args()
     t0 = time.time()
     bench = Bench(args)
@@ -247,13 +207,13 @@ def main() -> None:
         # the smallest k first, then the CAS row, then the other ks: an interrupted measurement
         # (see --stop-after) still has both kinds of result
         for i, k in enumerate(ks):
-            for seed in range(args.seeds):
+            for seed in args.seeds:
                 gan = bench.gan(k, seed, args.gan_steps, cas=not args.no_low_cas)
                 real = bench.cnn(k, seed, None)
                 syn = bench.cnn(k, seed, gan["checkpoint"])
                 low.setdefault(k, []).append({"gan": gan, "real": real, "syn": syn})
             if i == 0:
-                full = bench.gan("all", 0, args.full_gan_steps)
+                full = bench.gan("all", args.seeds[0], args.full_gan_steps)
                 from rayganx.data import sources as rdata
                 from rayganx.job import spec as jobspec
 

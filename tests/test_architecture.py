@@ -64,8 +64,8 @@ def test_every_module_is_in_the_table_and_none_is_long():
         assert len(path.read_text().splitlines()) <= MAX_LINES, f"rayganx/{rel} is over {MAX_LINES} lines"
 
 
-def test_no_module_imports_another_s_private_names():
-    for path in PACKAGE.rglob("*.py"):
+def test_no_module_and_no_docs_script_imports_the_package_s_private_names():
+    for path in [*PACKAGE.rglob("*.py"), *(ROOT / "docs").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rayganx"):
                 private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]

@@ -78,7 +78,7 @@ def test_per_class_is_the_first_k_of_each_class_of_the_training_split():
     _, labels = rdata.digits_arrays()
     assert len(keys) == rdata.count_rows(d, "train") == 100
     assert sorted(torch.bincount(torch.as_tensor(labels[keys])).tolist()) == [10] * 10
-    assert not any(rdata._in_split(str(k).encode(), "val", d.val_fraction) for k in keys)  # none held out
+    assert not any(rdata.in_split(str(k).encode(), "val", d.val_fraction) for k in keys)  # none held out
     assert keys == rdata._digits_subset(d)  # the same every time
     assert rdata.count_rows(d, "val") == rdata.count_rows(d.model_copy(update={"per_class": None}), "val")
     assert set(keys) <= set(rdata._digits_subset(d.model_copy(update={"per_class": 50})))

@@ -57,7 +57,7 @@ def model_input(x):
     return x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x
 
 
-def _in_split(key: bytes, split: str, val_fraction: float) -> bool:
+def in_split(key: bytes, split: str, val_fraction: float) -> bool:
     if split == "all":
         return True
     is_val = (zlib.crc32(key) % 10_000) < val_fraction * 10_000
@@ -93,7 +93,7 @@ def decode_rows(batch, *, size, channels, crop, on_corrupt, split, val_fraction,
     Rows are split by their content (the first 4 kB): the same rows, wherever the file is."""
     images, labels = [], []
     for i, data in enumerate(batch[image_col]):
-        if not _in_split(bytes(data[:4096]), split, val_fraction):
+        if not in_split(bytes(data[:4096]), split, val_fraction):
             continue
         arr = decode_image(data, f"row with {len(data)} bytes", size=size, channels=channels, crop=crop,
                            on_corrupt=on_corrupt, counter=counter)
@@ -237,7 +237,7 @@ def image_files(data: DataSpec, split: str = "all") -> ImageFiles:
         classes = tuple(sorted({r.split("/")[0] for r in rel if "/" in r}))
         if not classes:
             raise DataError(f"data.labels: no class sub-folders under {store.url}")
-    keep = [i for i, r in enumerate(rel) if _in_split(r.encode(), split, data.val_fraction)
+    keep = [i for i, r in enumerate(rel) if in_split(r.encode(), split, data.val_fraction)
             and (not classes or "/" in r)]
     labels = [classes.index(rel[i].split("/")[0]) if classes else 0 for i in keep]
     if data.classes:
@@ -312,7 +312,7 @@ def _split_rows(table, *, split, val_fraction, image_col, label_col):
     import pyarrow as pa
 
     data = table.column(image_col).to_pylist()
-    mask = pa.array([_in_split(bytes(b[:4096]), split, val_fraction) for b in data])
+    mask = pa.array([in_split(bytes(b[:4096]), split, val_fraction) for b in data])
     labels = table.column(label_col).cast(pa.int64()) if label_col else pa.array(np.zeros(len(data), np.int64))
     return pa.table({"bytes": table.column(image_col), "label": labels}).filter(mask)
 
@@ -332,7 +332,7 @@ def _digits_rows(data: DataSpec, split: str) -> list[int]:
     if data.per_class and split != "val":
         return _digits_subset(data)
     _, labels = digits_arrays()
-    return [i for i in range(len(labels)) if _in_split(str(i).encode(), split, data.val_fraction)
+    return [i for i in range(len(labels)) if in_split(str(i).encode(), split, data.val_fraction)
             and (not data.classes or int(labels[i]) in data.classes)]
 
 
@@ -352,7 +352,7 @@ def _digits_subset(data: DataSpec) -> list[int]:
     the dataset's own order), whether a classifier or a GAN trains on them, so a GAN and a
     classifier with the same k see the same images and neither sees the held-out ones."""
     _, labels = digits_arrays()
-    train = [i for i in range(len(labels)) if _in_split(str(i).encode(), "train", data.val_fraction)
+    train = [i for i in range(len(labels)) if in_split(str(i).encode(), "train", data.val_fraction)
              and (not data.classes or int(labels[i]) in data.classes)]
     return first_per_class(train, [int(labels[i]) for i in train], data.per_class)
 
