@@ -4,6 +4,7 @@ generator with the protocol of VEEGAN / PacGAN, and write the "2-D mixtures" sec
 docs/results.md and one scatter plot per job under docs/img/.
 
     python docs/modes.py                 # 5 jobs x the held-out seeds 100-104; runs go to results_runs/
+    python docs/modes.py --protocol pacgan   # PacGAN's own ring (radius 1, std 0.01), 10 trials
     python docs/modes.py --seeds 100 --jobs pacgan_ring   # one row, one seed
     python docs/modes.py --reuse         # after an interruption: keep the runs already scored
 
@@ -57,7 +58,7 @@ def scatter(points, centres, std, title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    extent = 2.6 if abs(centres).max() < 3 else 5.2
+    extent = 1.3 * abs(centres).max()
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
     ax.scatter(points[:, 0], points[:, 1], s=1, c="tab:blue", alpha=0.5, linewidths=0)
     for cx, cy in centres:  # the high-quality zone of each mode
@@ -70,48 +71,70 @@ def scatter(points, centres, std, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_section(rows, seeds: list[int], planned: int, no_write: bool) -> None:
+# The two papers' settings: VEEGAN's (ring radius 2, std 0.02; here 5 sets of 2,500 samples per
+# run, 5 seeds) and PacGAN's own (ring radius 1, std 0.01; one set of 2,500 per trial, 10 trials).
+# The grid is the same in both.
+PROTOCOLS = {"veegan": {"section": SECTION, "ring": "ring", "sets": 5, "seeds": "100-104"},
+             "pacgan": {"section": "## 2-D mixtures: PacGAN's setting", "ring": "ring_pacgan", "sets": 1,
+                        "seeds": "100-109"}}
+
+
+def write_section(rows, seeds: list[int], planned: int, no_write: bool, protocol: str = "veegan") -> None:
     from rayganx.data.points import mixture_geometry
 
+    p = PROTOCOLS[protocol]
     ms = mean_std
     lines = [
-        SECTION,
+        p["section"],
         "",
-        experiments.produced_by("python docs/modes.py", f"each run a rayganx job with its own scaling section, "
-                                f"seeds {', '.join(map(str, seeds))}). Scores of each"),
-        "run's final generator (the EMA copy where the job keeps one): 5 sets of 2,500 samples; a sample is",
-        "high quality within 3 std of its nearest mode, a mode is covered by at least one high-quality",
+        experiments.produced_by(f"python docs/modes.py --protocol {protocol}",
+                                f"each run a rayganx job with its own scaling section, seeds "
+                                f"{', '.join(map(str, seeds))}). Scores of each"),
+        f"run's final generator (the EMA copy where the job keeps one): {p['sets']} set(s) of 2,500 samples; a sample",
+        "is high quality within 3 std of its nearest mode, a mode is covered by at least one high-quality",
         "sample, KL is that of the high-quality samples' mode histogram against uniform (the protocol of",
-        "VEEGAN and PacGAN). Mean ± std over seeds of the per-seed means over the 5 sets. Even exact",
+        f"VEEGAN and PacGAN). Mean ± std over seeds of the per-seed means over the {p['sets']} set(s). Even exact",
         "samples of the mixture score 98.9% high quality (1 - exp(-9/2), a 2-D Gaussian within 3 std).",
-        "Mixtures: ring of 8 modes on radius 2, std 0.02 (VEEGAN; PacGAN's radius 1, std 0.01 is the same",
-        "problem at half the scale); grid of 25 modes at {-4, -2, 0, 2, 4}², std 0.05 (both papers).",
+        "Width: the high-quality samples' RMS distance to their mode over the data's own (exact samples: 1.00);",
+        "below 1, a generator draws narrower clusters than the data's, and part of its high quality is that.",
+        ("Mixtures: ring of 8 modes on radius 2, std 0.02 (VEEGAN's)" if p["ring"] == "ring" else
+         "Mixtures: ring of 8 modes on radius 1, std 0.01 (PacGAN's own)") +
+        "; grid of 25 modes at {-4, -2, 0, 2, 4}², std 0.05 (both papers).",
         "Wall time: one run from submission to its final checkpoint, Ray start-up of the workers included,",
         "one run at a time (the issue's budget: 5 minutes a run on this 2-core machine).",
         "",
-        "| job | mixture | recipe | steps | modes | high quality (%) | KL | wall time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| job | mixture | recipe | steps | modes | high quality (%) | width | KL | wall time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for job, spec, per_seed, walls in rows:
         k = len(mixture_geometry(spec.data.mixture)[0])
+        width = [s["width"] for s in per_seed if "width" in s]
         lines.append(f"| {job} | {spec.data.mixture} | {describe(spec)} | {spec.train.steps} | "
                      f"{ms([s['modes'] for s in per_seed], '.2f')} / {k} | "
-                     f"{ms([100 * s['hq'] for s in per_seed], '.1f')} | {ms([s['kl'] for s in per_seed], '.3f')} | "
-                     f"{statistics.mean(walls):.0f} s |")
+                     f"{ms([100 * s['hq'] for s in per_seed], '.1f')} | {ms(width, '.2f')} | "
+                     f"{ms([s['kl'] for s in per_seed], '.3f')} | {statistics.mean(walls):.0f} s |")
     lines += experiments.partial(len(rows), planned)
     lines += ["", "Published (same protocol; trained far longer, on other hardware):", "",
               "| method | ring modes | ring high quality (%) | grid modes | grid high quality (%) |",
               "| --- | --- | --- | --- | --- |"]
     lines += [f"| {name} | {r[0]} / 8 | {r[1]} | {g[0]} / 25 | {g[1]} |" for name, r, g in PUBLISHED]
     lines += ["", f"Seed {seeds[0]}'s samples (2,500; red circles: 3 std around each mode):", ""]
-    lines += [f"![{job}](img/modes_{job}.png)" for job, *_ in rows]
-    experiments.replace_section(SECTION, "\n".join(lines) + "\n", no_write)
+    suffix = "" if protocol == "veegan" else f"_{protocol}"
+    lines += [f"![{job}](img/modes_{job}{suffix}.png)" for job, *_ in rows]
+    experiments.replace_section(p["section"], "\n".join(lines) + "\n", no_write)
 
 
 def main() -> None:
-    ap = experiments.parser(__doc__, reuse="runs (their result.json)")
+    ap = experiments.parser(__doc__, seeds=None, reuse="runs (their result.json)")
     ap.add_argument("--jobs", default=",".join(JOBS), help="comma list of jobs/<name>.yaml")
+    ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="veegan",
+                    help="veegan: ring radius 2, 5 sets x 5 seeds; pacgan: PacGAN's ring (radius 1), 1 set x 10 seeds")
+    ap.add_argument("--seeds", type=experiments.seed_list, default=None,
+                    help="train.seed values (default: the protocol's held-out seeds, 100-104 or 100-109)")
     args = ap.parse_args()
+    p = PROTOCOLS[args.protocol]
+    args.seeds = args.seeds or experiments.seed_list(p["seeds"])
+    suffix = "" if args.protocol == "veegan" else f"_{args.protocol}"
     from rayganx.evaluation import metrics
     from rayganx.models import trained
     from rayganx.data.points import mixture_geometry
@@ -122,12 +145,12 @@ def main() -> None:
     for job in args.jobs.split(","):
         per_seed, walls, spec = [], [], None
         for seed in args.seeds:
-            sets = [f"train.seed={seed}"]
-            spec = runs.job(f"{job}.yaml", f"{job}_seed{seed}", sets)
+            sets = [f"train.seed={seed}"] + ([f"data.mixture={p['ring']}"] if job.endswith("_ring") else [])
+            spec = runs.job(f"{job}.yaml", f"{job}{suffix}_seed{seed}", sets)
 
             def score(url):
                 g, gspec, _ = trained.generator_from_state(load_state(url))
-                return {"scores": metrics.mode_metrics(g, gspec, list(metrics.MODE_METRICS))}
+                return {"scores": metrics.mode_metrics(g, gspec, list(metrics.MODE_METRICS), sets=p["sets"])}
 
             done = runs.train(spec, score, job=f"jobs/{job}.yaml", sets=sets)
             scores = done["scores"]
@@ -141,10 +164,10 @@ def main() -> None:
                 pts = metrics.mixture_samples(g, gspec, metrics.MODE_SET_SIZE, seed=0).numpy()
                 (ROOT / "docs" / "img").mkdir(exist_ok=True)
                 scatter(pts, centres, std, f"{job} (seed {seed}): {scores['modes']:.1f} modes, "
-                        f"{100 * scores['hq']:.1f}% hq", ROOT / "docs" / "img" / f"modes_{job}.png")
+                        f"{100 * scores['hq']:.1f}% hq", ROOT / "docs" / "img" / f"modes_{job}{suffix}.png")
         rows.append((job, spec, per_seed, walls))
         # after every row: an interrupted benchmark still leaves the rows it finished
-        write_section(rows, args.seeds, len(args.jobs.split(",")), args.no_write)
+        write_section(rows, args.seeds, len(args.jobs.split(",")), args.no_write, args.protocol)
 
 
 if __name__ == "__main__":

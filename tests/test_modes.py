@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rayganx.data import points
+from rayganx.data import points, sources as rdata
 from rayganx.models import losses, networks
 from rayganx.evaluation import metrics as m
 from rayganx.job import spec as jobspec
@@ -54,7 +54,8 @@ def test_points_on_every_mode_score_full_coverage(kind):
     centres, std = geometry(kind)
     pts = centres.repeat(100, 1) + 0.5 * std * torch.randn(100 * len(centres), 2, generator=torch.Generator().manual_seed(0))
     s = m.mode_coverage(pts, centres, std)
-    assert s == {"modes": len(centres), "hq": 1.0, "kl": pytest.approx(0.0, abs=1e-12)}
+    assert s == {"modes": len(centres), "hq": 1.0, "kl": pytest.approx(0.0, abs=1e-12),
+                 "width": pytest.approx(0.5, abs=0.05)}  # half the data's spread
 
 
 def test_one_mode_missing_is_seven_of_eight():
@@ -93,6 +94,29 @@ def test_true_mixture_samples_score_the_2d_three_sigma_ceiling():
     assert s["modes"] == 8 and s["hq"] == pytest.approx(1 - math.exp(-4.5), abs=0.003) and s["kl"] < 0.002
 
 
+@pytest.mark.parametrize("kind", ["ring", "ring_pacgan", "grid"])
+def test_width_is_one_for_the_data_and_shows_clusters_drawn_narrower_than_the_data_s(kind):
+    """A generator that shrinks every cluster gains high quality (more samples within 3 std) for
+    nothing the data has: the width column says so, where hq alone would read as better."""
+    centres, std = geometry(kind)
+    pts, which = points.gaussian_mixture(kind, 20_000, seed=3)
+    exact = m.mode_coverage(torch.from_numpy(pts), centres, std)
+    assert exact["modes"] == len(centres) and exact["width"] == pytest.approx(1.0, abs=0.02)
+    assert exact["hq"] == pytest.approx(1 - math.exp(-4.5), abs=0.003)
+    shrunk = centres.numpy()[which] + 0.5 * (pts - centres.numpy()[which])  # each cluster at half its width
+    narrow = m.mode_coverage(torch.from_numpy(shrunk), centres, std)
+    assert narrow["hq"] > 0.999 and narrow["width"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_pacgan_s_ring_is_veegan_s_at_half_the_scale():
+    (c1, s1), (c2, s2) = geometry("ring"), geometry("ring_pacgan")
+    assert torch.allclose(c2 * 2, c1) and s2 * 2 == s1
+    spec = ring_job(data={"source": "gaussian_mixture", "mixture": "ring_pacgan"})
+    assert rdata.num_classes(spec.data) == 8
+    assert m.mode_metrics(_Collapsed(c2[0]), spec, ["modes", "hq", "width"], 100, sets=1) == {
+        "modes": 1.0, "hq": 1.0, "width": 0.0}
+
+
 class _Collapsed(torch.nn.Module):
     """A generator that always returns one mode's centre."""
 
@@ -123,7 +147,7 @@ def test_mode_metrics_average_sample_sets_of_a_generator():
 
 def test_point_jobs_default_to_the_mode_protocol_and_refuse_image_metrics():
     spec = ring_job(eval={"every": 5})
-    assert spec.eval.metrics == ["modes", "hq", "kl"] and spec.eval.num_samples == 2500 and spec.eval.sample_sets == 5
+    assert spec.eval.metrics == ["modes", "hq", "kl", "width"] and spec.eval.num_samples == 2500 and spec.eval.sample_sets == 5
     with pytest.raises(jobspec.SpecError) as e:
         ring_job(eval={"every": 5, "metrics": ["fid", "modes"]})
     assert str(e.value).count("\n") == 0 and "eval.metrics: fid score images" in str(e.value)

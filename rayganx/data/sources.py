@@ -362,7 +362,9 @@ def num_classes(data: DataSpec) -> int:
     if data.source == "digits":
         return 10
     if data.source == "gaussian_mixture":
-        return 8 if data.mixture == "ring" else 25
+        from rayganx.data.points import mixture_centres
+
+        return len(mixture_centres(data.mixture))
     if data.source == "image_folder":
         return len(image_files(data).classes)
     if data.source == "parquet":

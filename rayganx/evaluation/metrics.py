@@ -140,7 +140,9 @@ MODE_SETS = 5
 
 
 def mode_coverage(points: torch.Tensor, centres: torch.Tensor, std: float, radius: float = 3.0) -> dict:
-    """modes covered (count), hq (fraction of high-quality samples) and kl for one sample set."""
+    """modes covered (count), hq (fraction of high-quality samples), kl, and width: the RMS distance
+    of the high-quality samples to their mode over the data's (exact samples of the mixture: 1;
+    a generator that buys precision by drawing narrower clusters than the data's: below 1)."""
     dist = torch.cdist(points.double(), centres.double())
     nearest_dist, nearest = dist.min(dim=1)
     hq = nearest_dist <= radius * std
@@ -149,12 +151,14 @@ def mode_coverage(points: torch.Tensor, centres: torch.Tensor, std: float, radiu
     if counts.sum() == 0:
         # No high-quality sample at all: scored like a collapse onto one mode, the largest
         # finite value the KL against uniform takes (log K), so means stay finite.
-        kl = math.log(k)
+        kl, width = math.log(k), 0.0
     else:
         p = counts / counts.sum()
         nz = p > 0
         kl = float((p[nz] * (p[nz] * k).log()).sum())
-    return {"modes": float((counts > 0).sum()), "hq": float(hq.double().mean()), "kl": kl}
+        spread = 2 - radius ** 2 * math.exp(-radius ** 2 / 2) / (1 - math.exp(-radius ** 2 / 2))
+        width = float((nearest_dist[hq] / std).pow(2).mean().div(spread).sqrt())
+    return {"modes": float((counts > 0).sum()), "hq": float(hq.double().mean()), "kl": kl, "width": width}
 
 
 @torch.no_grad()

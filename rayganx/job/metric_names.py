@@ -13,6 +13,9 @@ METRIC_MODES = {"fid": "min", "kid": "min", "is": "max", "precision": "max", "re
 EVAL_METRICS = {"fid": ("images", ("fid",)), "kid": ("images", ("kid",)), "is": ("images", ("is",)),
                 "pr": ("images", ("precision", "recall")),
                 "modes": ("points", ("modes",)), "hq": ("points", ("hq",)), "kl": ("points", ("kl",)),
+                # The high-quality samples' spread about their modes over the data's own (1: as wide
+                # as the data); not a ranking metric: below 1 is precision bought by shrinking.
+                "width": ("points", ("width",)),
                 # Classification Accuracy Score: a classifier trained on conditional samples, and its
                 # reference trained on the real images (no feature extractor).
                 "cas": ("images", ("cas", "cas_real"))}

@@ -59,7 +59,7 @@ class DataSpec(Section):
     label_column: str = "label"
     crop: int | None = Field(None, ge=1, description="centre crop size before resizing")
     on_corrupt: Literal["fail", "skip"] = "fail"
-    mixture: Literal["ring", "grid"] = "ring"
+    mixture: Literal["ring", "ring_pacgan", "grid"] = "ring"
     num_points: int = Field(20000, ge=1, description="gaussian_mixture sample count")
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="held out for classifiers")
     cache: bool | Literal["auto"] = Field(
