@@ -40,6 +40,15 @@ def test_every_shipped_sweep_validates(path):
     assert sw.metric == "fid" and sw.max_steps > sw.spec.report_every
 
 
+def test_dcgan_gets_the_tuning_budget_that_chose_the_sngan_recipe():
+    # tuned against tuned: the baseline's sweep is the recipe's, on the baseline's own job
+    recipe, baseline = sweeps.load(JOBS / "tune_sngan_digits.yaml"), sweeps.load(JOBS / "tune_dcgan_as_sngan.yaml")
+    a, b = recipe.spec.model_dump(), baseline.spec.model_dump()
+    assert {k for k in a if a[k] != b[k]} == {"name", "job"}
+    assert (recipe.base.name, baseline.base.name) == ("sngan_digits", "dcgan_digits")
+    assert recipe.base.train.seed == baseline.base.train.seed == 0  # a search seed, not a held-out one
+
+
 def test_the_default_space_prints_and_validates(tmp_path):
     res = rayganx("tune", "--defaults")
     assert res.returncode == 0, res.stderr
