@@ -229,7 +229,7 @@ def write_section(rows, reference: float, info: dict, no_write: bool) -> None:
 
 
 def main() -> None:
-    ap = experiments.parser(__doc__, seeds=None, reuse="trained runs and finished completions")
+    ap = experiments.parser(__doc__, seeds=None, reuse="the trained runs and completions")
     ap.add_argument("--steps", type=int, default=200, help="latent search steps")
     ap.add_argument("--restarts", type=int, default=2, help="latent starts per class")
     ap.add_argument("--workers", type=int, default=2)

@@ -44,18 +44,30 @@ def seed_list(text: str) -> list[int]:
 
 
 def parser(doc: str, *, seeds: str | None = f"{HELD_OUT[0]}-{HELD_OUT[-1]}", reuse: str | None = None,
-           write: bool = True) -> argparse.ArgumentParser:
+           write: bool = True, sets: bool = False) -> argparse.ArgumentParser:
     """The options every measuring script takes, spelled alike: --seeds (unless seeds is None),
-    --reuse (its help names what is kept), --no-write."""
+    --reuse (its help names what is kept), --no-write, and with `sets` a --set applied to every
+    run (data held out as well as seeds: --set data.classes=[5,6,7,8,9])."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if sets:
+        ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of every job this script runs (repeatable; recorded with each run)")
     if seeds is not None:
         ap.add_argument("--seeds", type=seed_list, default=seed_list(seeds),
                         help=f"train.seed values: a comma list or a range (default {seeds})")
     if reuse is not None:
-        ap.add_argument("--reuse", action="store_true", help=f"keep {reuse} already finished; train the rest")
+        ap.add_argument("--reuse", action="store_true", help=f"keep {reuse} already made; make the rest")
     if write:
         ap.add_argument("--no-write", action="store_true", help="print the section, leave docs/ alone")
     return ap
+
+
+def variant(sets: list[str]) -> str:
+    """A suffix for run names under extra --sets, so that --reuse never takes one variant's run
+    for another's."""
+    import hashlib
+
+    return "_" + hashlib.sha256(" ".join(sets).encode()).hexdigest()[:6] if sets else ""
 
 
 def mean_std(values: list[float], fmt: str = ".1f", scale: float = 1.0) -> str:

@@ -79,7 +79,8 @@ PROTOCOLS = {"veegan": {"section": SECTION, "ring": "ring", "sets": 5, "seeds": 
                         "seeds": "100-109"}}
 
 
-def write_section(rows, seeds: list[int], planned: int, no_write: bool, protocol: str = "veegan") -> None:
+def write_section(rows, seeds: list[int], planned: int, no_write: bool, protocol: str = "veegan",
+                  sets: list[str] = ()) -> None:
     from rayganx.data.points import mixture_geometry
 
     p = PROTOCOLS[protocol]
@@ -87,7 +88,7 @@ def write_section(rows, seeds: list[int], planned: int, no_write: bool, protocol
     lines = [
         p["section"],
         "",
-        experiments.produced_by(f"python docs/modes.py --protocol {protocol}",
+        experiments.produced_by(f"python docs/modes.py --protocol {protocol}" + "".join(f" --set {x}" for x in sets),
                                 f"each run a rayganx job with its own scaling section, seeds "
                                 f"{', '.join(map(str, seeds))}). Scores of each"),
         f"run's final generator (the EMA copy where the job keeps one): {p['sets']} set(s) of 2,500 samples; a sample",
@@ -125,7 +126,7 @@ def write_section(rows, seeds: list[int], planned: int, no_write: bool, protocol
 
 
 def main() -> None:
-    ap = experiments.parser(__doc__, seeds=None, reuse="runs (their result.json)")
+    ap = experiments.parser(__doc__, seeds=None, reuse="the runs (their result.json)", sets=True)
     ap.add_argument("--jobs", default=",".join(JOBS), help="comma list of jobs/<name>.yaml")
     ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="veegan",
                     help="veegan: ring radius 2, 5 sets x 5 seeds; pacgan: PacGAN's ring (radius 1), 1 set x 10 seeds")
@@ -145,8 +146,8 @@ def main() -> None:
     for job in args.jobs.split(","):
         per_seed, walls, spec = [], [], None
         for seed in args.seeds:
-            sets = [f"train.seed={seed}"] + ([f"data.mixture={p['ring']}"] if job.endswith("_ring") else [])
-            spec = runs.job(f"{job}.yaml", f"{job}{suffix}_seed{seed}", sets)
+            sets = [f"train.seed={seed}"] + ([f"data.mixture={p['ring']}"] if job.endswith("_ring") else []) + args.sets
+            spec = runs.job(f"{job}.yaml", f"{job}{suffix}{experiments.variant(args.sets)}_seed{seed}", sets)
 
             def score(url):
                 g, gspec, _ = trained.generator_from_state(load_state(url))
@@ -167,7 +168,7 @@ def main() -> None:
                         f"{100 * scores['hq']:.1f}% hq", ROOT / "docs" / "img" / f"modes_{job}{suffix}.png")
         rows.append((job, spec, per_seed, walls))
         # after every row: an interrupted benchmark still leaves the rows it finished
-        write_section(rows, args.seeds, len(args.jobs.split(",")), args.no_write, args.protocol)
+        write_section(rows, args.seeds, len(args.jobs.split(",")), args.no_write, args.protocol, args.sets)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ the feature extractor, mean ± std over seeds, and one sample grid per job under
     python docs/results.py                 # 5 jobs x the held-out seeds 100-104, about 80 minutes on 2 CPU cores
     python docs/results.py --jobs sngan_digits,dcgan_digits --seeds 100
     python docs/results.py --reuse         # after an interruption: keep the runs already scored
+    python docs/results.py --set "data.classes=[5,6,7,8,9]" --no-write   # scored on data no search chose on
 
 Each finished run is a row of docs/records/digits.jsonl (docs/experiments.Runs).
 
@@ -64,11 +65,11 @@ def grid(g, spec, num_classes, path: Path) -> None:
 ms = experiments.mean_std
 
 
-def write_section(cnn_row, rows, seeds: list[int], planned: int, no_write: bool) -> None:
+def write_section(cnn_row, rows, seeds: list[int], planned: int, no_write: bool, sets: list[str] = ()) -> None:
     lines = [
         SECTION,
         "",
-        experiments.produced_by("python docs/results.py", f"each run a rayganx job on 2 Ray Train workers, "
+        experiments.produced_by("python docs/results.py" + "".join(f" --set {x}" for x in sets), f"each run a rayganx job on 2 Ray Train workers, "
                                 f"{len(seeds)} seeds per job, one run at a time") + ". Every `jobs/*_digits.yaml` job's default run; metrics of its final checkpoint (EMA generator where "
         f"the job keeps one) on {SAMPLES} samples against the digits, with the penultimate layer of the "
         "`jobs/cnn_digits.yaml` classifier as the feature extractor (its logits for the Inception Score, at most 10 "
@@ -108,7 +109,8 @@ def write_section(cnn_row, rows, seeds: list[int], planned: int, no_write: bool)
 
 
 def main() -> None:
-    ap = experiments.parser(__doc__, reuse="runs this script already finished and scored (their result.json)")
+    ap = experiments.parser(__doc__, reuse="the scored runs (their result.json)",
+                            sets=True)
     ap.add_argument("--jobs", default=None, help="comma list of jobs/<name>.yaml (default: every *_digits GAN/VAE job)")
     args = ap.parse_args()
     from rayganx.models import trained
@@ -136,8 +138,8 @@ def main() -> None:
     for job in jobs:
         per_seed, walls, spec = [], [], None
         for seed in args.seeds:
-            sets = [f"train.seed={seed}"]
-            spec = runs.job(f"{job}.yaml", f"{job}_seed{seed}", sets)
+            sets = [f"train.seed={seed}", *args.sets]
+            spec = runs.job(f"{job}.yaml", f"{job}{experiments.variant(args.sets)}_seed{seed}", sets)
             done = runs.train(spec, lambda url: score(url, spec), job=f"jobs/{job}.yaml", sets=sets)
             scores = done["scores"]
             walls.append(done["wall_s"])
@@ -149,7 +151,7 @@ def main() -> None:
                 grid(g, gspec, num_classes if gspec.model.conditional else None,
                      ROOT / "docs" / "img" / f"results_{job}.png")
         rows.append((job, spec, per_seed, walls))
-        write_section(cnn_row, rows, args.seeds, len(jobs), args.no_write)
+        write_section(cnn_row, rows, args.seeds, len(jobs), args.no_write, args.sets)
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def verdict(low: dict) -> str:
 
 
 def main() -> None:
-    ap = experiments.parser(__doc__, reuse="runs this script already finished (their result.json)")
+    ap = experiments.parser(__doc__, reuse="the runs (their result.json)")
     ap.add_argument("--ks", default="10,50", help="real images per class, comma list")
     ap.add_argument("--fraction", type=float, default=0.5, help="data.synthetic.fraction")
     # 300 steps left the k=10 cGANs at chance (CAS 8.6%) and their rows cost the CNN 16 points
