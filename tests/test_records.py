@@ -40,3 +40,53 @@ def test_a_changed_record_makes_its_table_stale(tmp_path, monkeypatch):
         if f.name != "perf_celeba.jsonl":
             (tmp_path / f.name).write_text(f.read_text())
     assert ROOT / "docs" / "performance.md" in records.render()
+
+
+def _recorded_values() -> set[float]:
+    """Every number in the committed records (run records and the searches' lines), as a fraction
+    and as a percentage, at 0, 1 and 2 decimals: the precisions a comment prints."""
+    import json
+
+    out: set[float] = set()
+
+    def walk(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            for d in (0, 1, 2):
+                out.update((round(x, d), round(100 * x, d)))
+
+    for f in [*(ROOT / "docs").glob("*.jsonl"), *records.RECORDS.glob("*.jsonl")]:
+        for line in f.read_text().splitlines():
+            walk(json.loads(line))
+    return out
+
+
+def _unsourced(text: str, values: set[float]) -> list[str]:
+    import re
+
+    bad = []
+    for m in re.finditer(r"(\d+(?:\.\d+)?) ?%|FID (\d+(?:\.\d+)?)", text):
+        figure = m.group(1) or m.group(2)
+        places = len(figure.split(".")[1]) if "." in figure else 0
+        if round(float(figure), places) not in values:
+            bad.append(m.group(0))
+    return bad
+
+
+def test_every_score_in_a_job_comment_or_the_readme_is_in_a_committed_record():
+    # A percentage or an FID that a job's comment or the README states was measured by a run whose
+    # record is committed (docs/records/*.jsonl, the searches' docs/*.jsonl). Loose by design (any
+    # record's value at the printed precision), it still catches a figure typed from memory.
+    values = _recorded_values()
+    for path in [*sorted((ROOT / "jobs").glob("*.yaml")), ROOT / "README.md"]:
+        lines = path.read_text().splitlines()
+        text = "\n".join(line.split("#", 1)[1] for line in lines if "#" in line) if path.suffix == ".yaml" \
+            else "\n".join(lines)
+        assert not _unsourced(text, values), f"{path.relative_to(ROOT)}: no record holds {_unsourced(text, values)}"
+    # and the check can fail
+    assert _unsourced("reached 12.345 % and FID 9999.9", values) == ["12.345 %", "FID 9999.9"]
