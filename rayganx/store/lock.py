@@ -38,7 +38,8 @@ class LockLostError(StorageError):
     """This process no longer holds the run's lock: another took it over."""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host runs under that pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -97,7 +98,7 @@ class RunLock:
         if age >= self.stale_after:
             return f"no heartbeat for {age:.0f} s"
         if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int):
-            if not _alive(held["pid"]):
+            if not pid_alive(held["pid"]):
                 return "its process is gone"
             if held["pid"] == os.getpid() and held.get("token") not in _live_tokens:
                 return "an earlier run of this process ended without removing it"

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from rayganx.store.lock import pid_alive
 from rayganx.store.runs import MARKER, checkpoint_manifest, checkpoint_step, list_checkpoints, load_state
 from rayganx.job.spec import JobSpec
 from rayganx.store.storage import Store, StorageError
@@ -118,21 +119,11 @@ def sweep_stale_copies(tmp: str | None = None) -> list[str]:
     removed = []
     for path in glob.glob(os.path.join(tmp or tempfile.gettempdir(), f"{CKPT_PREFIX}*_*")):
         pid = os.path.basename(path)[len(CKPT_PREFIX):].split("_", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or pid_alive(int(pid)):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def report_checkpoint(spec: JobSpec, state: dict, step: int, metrics: dict, num_classes, rng: list, lineage,
