@@ -132,7 +132,7 @@ def violations(g: dict[str, set[str]], rules: dict[str, dict]) -> list[str]:
     return bad
 
 
-# Every module may use these; drawing their edges would hide the rest.
+# Nearly every module above them uses these; drawing their edges would hide the rest.
 FOUNDATION = ("job.errors", "job.spec", "store.storage")
 
 

@@ -243,7 +243,8 @@ def main() -> None:
     t0 = time.time()
     n_train, n_heldout = split_digits(0.15)
     runs = experiments.Runs(str(STORAGE), record="completion", reuse=args.reuse)
-    cnn, cnn_secs = train(runs, CNN_JOB, CNN_JOB, [])
+    # A name of its own: docs/results.py's extractor run (cnn_digits) is never retrained under it.
+    cnn, cnn_secs = train(runs, CNN_JOB, f"complete_{CNN_JOB}", [])
     # Another recipe is another run: a name of its own, so --reuse never mixes them up.
     suffix = "_" + hashlib.sha256(" ".join(args.gan_set).encode()).hexdigest()[:6] if args.gan_set else ""
     gan_name = f"complete_{GAN_JOB}{suffix}"
@@ -269,7 +270,7 @@ def main() -> None:
     info = {"workers": args.workers, "wall": time.time() - t0, "cnn_secs": cnn_secs, "gan_secs": gan_secs, "heldout": n_heldout, "train": n_train,
             "gan_steps": load_state(gan).get("step"),
             "gan_set": "".join(f", `{o}`" for o in args.gan_set), "steps": args.steps, "restarts": args.restarts,
-            "commands": [f"rayganx submit jobs/{CNN_JOB}.yaml --set storage.path=results_runs",
+            "commands": [f"rayganx submit jobs/{CNN_JOB}.yaml --set name=complete_{CNN_JOB} --set storage.path=results_runs",
                          f"rayganx submit jobs/{GAN_JOB}.yaml --set name={gan_name} "
                          f"--set data.source=image_folder --set data.path=results_runs/completion/train "
                          f"--set data.val_fraction=0 --set storage.path=results_runs"

@@ -88,9 +88,10 @@ def produced_by(command: str, detail: str) -> str:
             f"cores; {detail})")
 
 
-def replace_section(title: str, section: str, no_write: bool = False) -> None:
+def replace_section(title: str, section: str, no_write: bool = False, after: str | None = None) -> None:
     """Print `section`, then put it in docs/results.md in place of the one headed `title` (up to
-    the next `## ` heading), or at the end: the sections other scripts write stay as they are."""
+    the next `## ` heading), or when there is none, right after the section headed `after` (or at
+    the end): the sections other scripts write stay as they are."""
     print(section)
     if no_write:
         return
@@ -100,6 +101,11 @@ def replace_section(title: str, section: str, no_write: bool = False) -> None:
         nxt = rest.find("\n## ")
         tail = rest[nxt + 1:] if nxt >= 0 else ""
         text = head + section + ("\n" + tail if tail else "")
+    elif after and after in text:
+        head, rest = text.split(after, 1)
+        nxt = rest.find("\n## ")
+        text = head + after + (rest[:nxt + 1] + section + "\n" + rest[nxt + 1:] if nxt >= 0
+                               else rest.rstrip("\n") + "\n\n" + section)
     else:
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
     RESULTS.write_text(text)
@@ -109,7 +115,9 @@ def replace_section(title: str, section: str, no_write: bool = False) -> None:
 class Runs:
     """rayganx runs trained one at a time through this process's Ray. A finished run leaves
     result.json in its folder (written last: a run killed before it is trained again with
-    reuse) and, with `record`, one row in docs/records/<record>.jsonl (records.append)."""
+    reuse) and, with `record`, one row in docs/records/<record>.jsonl (records.append). Without
+    result.json a run folder is trained afresh: a run from before these scripts (their own
+    markers), or one cut off, is never taken for a finished one."""
 
     def __init__(self, storage: str = STORAGE, record: str | None = None, reuse: bool = False):
         self.storage, self.record, self.reuse = storage, record, reuse
@@ -150,7 +158,11 @@ class Runs:
         if self.record:
             import records
 
+            # the score's figures, top-level or in a dict of their own ({"scores": {...}})
             numbers = {k: v for k, v in out.items() if isinstance(v, (int, float)) and k != "wall_s"}
+            for key, value in out.items():
+                if isinstance(value, dict) and key != "metrics":
+                    numbers |= {k: v for k, v in value.items() if isinstance(v, (int, float))}
             records.append(self.record, job=job, sets=list(sets), seed=spec.train.seed, wall_s=wall,
                            metrics={**out["metrics"], **numbers}, run=spec.name)
         if self.local:

@@ -90,7 +90,7 @@ def write_section(rows, seeds: list[int], planned: int, no_write: bool, protocol
         "",
         experiments.produced_by(f"python docs/modes.py --protocol {protocol}" + "".join(f" --set {x}" for x in sets),
                                 f"each run a rayganx job with its own scaling section, seeds "
-                                f"{', '.join(map(str, seeds))}). Scores of each"),
+                                f"{', '.join(map(str, seeds))}") + ". Scores of each",
         f"run's final generator (the EMA copy where the job keeps one): {p['sets']} set(s) of 2,500 samples; a sample",
         "is high quality within 3 std of its nearest mode, a mode is covered by at least one high-quality",
         "sample, KL is that of the high-quality samples' mode histogram against uniform (the protocol of",
@@ -120,9 +120,9 @@ def write_section(rows, seeds: list[int], planned: int, no_write: bool, protocol
               "| --- | --- | --- | --- | --- |"]
     lines += [f"| {name} | {r[0]} / 8 | {r[1]} | {g[0]} / 25 | {g[1]} |" for name, r, g in PUBLISHED]
     lines += ["", f"Seed {seeds[0]}'s samples (2,500; red circles: 3 std around each mode):", ""]
-    suffix = "" if protocol == "veegan" else f"_{protocol}"
+    suffix = ("" if protocol == "veegan" else f"_{protocol}") + experiments.variant(list(sets))
     lines += [f"![{job}](img/modes_{job}{suffix}.png)" for job, *_ in rows]
-    experiments.replace_section(p["section"], "\n".join(lines) + "\n", no_write)
+    experiments.replace_section(p["section"], "\n".join(lines) + "\n", no_write, after=SECTION)
 
 
 def main() -> None:
@@ -135,6 +135,8 @@ def main() -> None:
     args = ap.parse_args()
     p = PROTOCOLS[args.protocol]
     args.seeds = args.seeds or experiments.seed_list(p["seeds"])
+    if args.protocol == "pacgan" and args.jobs == ",".join(JOBS):  # the grid is the same in both papers
+        args.jobs = ",".join(j for j in JOBS if j.endswith("_ring"))
     suffix = "" if args.protocol == "veegan" else f"_{args.protocol}"
     from rayganx.evaluation import metrics
     from rayganx.models import trained
@@ -159,13 +161,13 @@ def main() -> None:
             per_seed.append(scores)
             print(f"{job} seed {seed}: modes {scores['modes']:.2f} hq {100 * scores['hq']:.1f}% "
                   f"kl {scores['kl']:.3f} ({walls[-1]:.0f} s)", flush=True)
-            if seed == args.seeds[0]:
+            if seed == args.seeds[0] and not args.no_write:  # the plots are the section's: --no-write keeps them
                 g, gspec, _ = trained.generator_from_state(load_state(done["checkpoint"]))
                 centres, std = mixture_geometry(spec.data.mixture)
                 pts = metrics.mixture_samples(g, gspec, metrics.MODE_SET_SIZE, seed=0).numpy()
                 (ROOT / "docs" / "img").mkdir(exist_ok=True)
                 scatter(pts, centres, std, f"{job} (seed {seed}): {scores['modes']:.1f} modes, "
-                        f"{100 * scores['hq']:.1f}% hq", ROOT / "docs" / "img" / f"modes_{job}{suffix}.png")
+                        f"{100 * scores['hq']:.1f}% hq", ROOT / "docs" / "img" / f"modes_{job}{suffix}{experiments.variant(args.sets)}.png")
         rows.append((job, spec, per_seed, walls))
         # after every row: an interrupted benchmark still leaves the rows it finished
         write_section(rows, args.seeds, len(args.jobs.split(",")), args.no_write, args.protocol, args.sets)

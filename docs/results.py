@@ -104,7 +104,7 @@ def write_section(cnn_row, rows, seeds: list[int], planned: int, no_write: bool,
                          f"{len(fids[job])} seeds than DCGAN's mean.")
     lines += ["", f"Seed {seeds[0]}'s samples, one grid per job (a conditional job: one class per row):", ""]
     for job, *_ in rows:
-        lines += [f"**{job}**", "", f"![{job}](img/results_{job}.png)", ""]
+        lines += [f"**{job}**", "", f"![{job}](img/results_{job}{experiments.variant(sets)}.png)", ""]
     experiments.replace_section(SECTION, "\n".join(lines) + "\n", no_write)
 
 
@@ -146,10 +146,10 @@ def main() -> None:
             per_seed.append(scores)
             print(f"{job} seed {seed}: " + " ".join(f"{k} {scores[k]:.4g}" for k in METRICS)
                   + f" ({done['wall_s']:.0f} s)", flush=True)
-            if seed == args.seeds[0]:
+            if seed == args.seeds[0] and not args.no_write:  # the grids are the section's: --no-write keeps them
                 g, gspec, num_classes = trained.generator_from_state(load_state(done["checkpoint"]))
                 grid(g, gspec, num_classes if gspec.model.conditional else None,
-                     ROOT / "docs" / "img" / f"results_{job}.png")
+                     ROOT / "docs" / "img" / f"results_{job}{experiments.variant(args.sets)}.png")
         rows.append((job, spec, per_seed, walls))
         write_section(cnn_row, rows, args.seeds, len(jobs), args.no_write, args.sets)
 

@@ -222,6 +222,8 @@ def main() -> None:
         complete = True
     except OutOfTime as e:
         print(f"out of time before {e}; rerun with --reuse", flush=True)
+    if not low and not full:  # nothing finished: the committed section is kept as it is
+        raise SystemExit(f"no finished run under {STORAGE} for seeds {args.seeds}; nothing written")
     write_section(args, low, full, complete, time.time() - t0)
 
 

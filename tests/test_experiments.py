@@ -29,6 +29,11 @@ def test_a_section_is_replaced_and_the_others_kept(tmp_path, monkeypatch):
                                    "## Image completion\n\nkept\n\n## Synthetic training data\n\nadded\n")
     experiments.replace_section("## Image completion", "changed\n", no_write=True)
     assert "kept" in results.read_text()
+    # a new section goes right after the one it belongs beside
+    experiments.replace_section("## 2-D: PacGAN", "## 2-D: PacGAN\n\nits own\n", after="## 2-D mixtures")
+    assert results.read_text() == ("# Results on digits\n\nnew digits\n\n## 2-D mixtures\n\nnew modes\n\n"
+                                   "## 2-D: PacGAN\n\nits own\n\n## Image completion\n\nkept\n\n"
+                                   "## Synthetic training data\n\nadded\n")
 
 
 def test_a_search_runs_its_seeds_writes_a_line_each_and_refuses_held_out_seeds(tmp_path):
