@@ -65,6 +65,12 @@ def grid(g, spec, num_classes, path: Path) -> None:
 ms = experiments.mean_std
 
 
+def default_jobs() -> list[str]:
+    """Every digits GAN or VAE job (the classifier is the extractor; sweeps are not jobs)."""
+    return [p.stem for p in sorted((ROOT / "jobs").glob("*_digits.yaml"))
+            if p.stem != "cnn_digits" and not p.stem.startswith(("tune_", "pbt_"))]
+
+
 def write_section(cnn_row, rows, seeds: list[int], planned: int, no_write: bool, sets: list[str] = ()) -> None:
     lines = [
         SECTION,
@@ -92,6 +98,11 @@ def write_section(cnn_row, rows, seeds: list[int], planned: int, no_write: bool,
                      f"{ms([s['precision'] for s in per], '.3f')} | {ms([s['recall'] for s in per], '.3f')} | "
                      f"{rel} | {statistics.mean(walls):.0f} s |")
     lines += experiments.partial(len(rows), planned)
+    left = [j for j in default_jobs() if j not in {job for job, *_ in rows}]
+    if left:
+        lines += ["", f"Not in this table (not run in this invocation): {', '.join(f'`{j}`' for j in left)}."]
+    lines += ["", "The seeds are held out (no search used them); the data is not: every recipe here was chosen "
+                  "on these digits. `--set \"data.classes=[...]\"` scores on classes a search did not see."]
     fids = {job: [s["fid"] for s in per] for job, _, per, _ in rows}
     walls = {job: statistics.mean(w) for job, *_, w in rows}
     if base and any(j in fids for j in STABILISED):
@@ -118,9 +129,7 @@ def main() -> None:
     from rayganx.evaluation.scoring import evaluate_generator
     from rayganx.store.runs import load_state
 
-    jobs = args.jobs.split(",") if args.jobs else [
-        p.stem for p in sorted((ROOT / "jobs").glob("*_digits.yaml"))
-        if p.stem != "cnn_digits" and not p.stem.startswith(("tune_", "pbt_"))]
+    jobs = args.jobs.split(",") if args.jobs else default_jobs()
     runs = experiments.Runs(record="digits", reuse=args.reuse)
     cnn = runs.train(runs.job("cnn_digits.yaml", "cnn_digits", []), job="jobs/cnn_digits.yaml")
     cnn_row = ("cnn_digits", cnn["steps"], cnn["metrics"]["val_accuracy"], cnn["wall_s"])
