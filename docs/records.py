@@ -179,6 +179,49 @@ def perf_bench() -> str:
     return "\n".join(out)
 
 
+@table("digits")
+def digits() -> str:
+    """docs/results.py: each digits job's final checkpoint scored with the digits classifier's
+    features, the newest record of each (job, --set, seed), mean ± std over seeds."""
+    rows = load("digits")
+    if not rows:
+        return "_No records yet: python docs/results.py_\n"
+    newest: dict = {}
+    for r in rows:
+        extra = tuple(s for s in r["sets"] if not s.startswith("train.seed="))
+        newest[(r["job"], extra, r["seed"])] = r
+    groups: dict = {}
+    for (job, extra, seed), r in sorted(newest.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        groups.setdefault((job, extra), []).append(r)
+    base = {extra: [r["metrics"]["fid"] for r in rs] for (job, extra), rs in groups.items()
+            if job == "jobs/dcgan_digits.yaml"}
+    commits = sorted({r["commit"] for rs in groups.values() for r in rs})
+    machine = describe_machine(next(iter(groups.values()))[0]["machine"])
+    out = [f"From docs/records/digits.jsonl (commit{'s' if len(commits) > 1 else ''} "
+           f"{', '.join(f'`{c}`' for c in commits)}; {machine}).", "",
+           "| job | --set | seeds | FID | KID | IS | precision | recall | FID vs DCGAN | FID per seed | wall time |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (job, extra), rs in groups.items():
+        m = [r["metrics"] for r in rs]
+        seeds = ", ".join(str(r["seed"]) for r in rs)
+        wall = statistics.mean(r["wall_s"] for r in rs)
+        sets = " ".join(f"`{s}`" for s in extra)
+        if "fid" not in m[0]:  # the classifier the others are scored with
+            out.append(f"| {job} | {sets} | {seeds} | val accuracy {mean_std([x['val_accuracy'] for x in m], '{:.4f}')} "
+                       f"| | | | | | | {wall:.0f} s |")
+            continue
+        fid = [x["fid"] for x in m]
+        ref = base.get(extra)
+        rel = (f"{100 * (statistics.mean(fid) / statistics.mean(ref) - 1):+.0f}%, lower in "
+               f"{sum(f < statistics.mean(ref) for f in fid)} of {len(fid)} seeds"
+               if ref and job != "jobs/dcgan_digits.yaml" else "")
+        out.append(f"| {job} | {sets} | {seeds} | {mean_std(fid)} | {mean_std([x['kid'] for x in m])} | "
+                   f"{mean_std([x['is'] for x in m], '{:.2f}')} | {mean_std([x['precision'] for x in m], '{:.3f}')} | "
+                   f"{mean_std([x['recall'] for x in m], '{:.3f}')} | {rel} | {', '.join(f'{f:.1f}' for f in fid)} | "
+                   f"{wall:.0f} s |")
+    return "\n".join(out) + "\n"
+
+
 def render() -> dict[Path, str]:
     """Every doc with its tables regenerated (only those that change)."""
     changed = {}
