@@ -332,7 +332,7 @@ def test_ring_recipe_covers_most_modes_within_a_thousand_steps(ray_session, tmp_
                            eval={"every": 500, "sample_sets": 2}))
     spec = jobspec.load(job)
     assert (spec.model.pack > 1) == (name == "pacgan_ring")
-    assert spec.model.latent_components and spec.eval.metrics == ["modes", "hq", "kl"]
+    assert spec.model.latent_components and spec.eval.metrics == ["modes", "hq", "kl", "width"]
     result = runner.run(spec)
     assert result.steps == 1000 and result.samples  # the scatter plots
     evals = [r for r in read_metrics(Store(spec.run_url)) if "modes" in r]
