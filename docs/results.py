@@ -6,6 +6,12 @@ the feature extractor, mean ± std over seeds, and one sample grid per job under
     python docs/results.py --jobs sngan_digits,dcgan_digits --seeds 100
     python docs/results.py --reuse         # after an interruption: keep the runs already scored
     python docs/results.py --set "data.classes=[5,6,7,8,9]" --no-write   # scored on data no search chose on
+    python docs/results.py --tuned runs/tune_dcgan_as_sngan   # the sweep's best DCGAN on the held-out seeds
+
+--tuned takes a finished `rayganx tune` folder: its leaderboard becomes a row of
+docs/records/sweeps.jsonl (the seed it searched on, every trial, the best one's settings as
+--sets), and its base job runs on the held-out seeds with those settings, so the table can set
+a tuned recipe against a tuned baseline.
 
 Each finished run is a row of docs/records/digits.jsonl (docs/experiments.Runs).
 
@@ -100,11 +106,55 @@ def write_section(rows, seeds: list[int], planned: int, no_write: bool, sets: li
     experiments.replace_section(SECTION, "\n".join(lines) + "\n", no_write)
 
 
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def tuned_sets(folder: Path) -> tuple[str, list[str]]:
+    """A finished sweep's best trial as (its base job, the --sets that make the base job that trial),
+    recorded in docs/records/sweeps.jsonl with every trial and the seed it searched on."""
+    import json
+
+    import records
+    import yaml
+
+    from rayganx.job import spec as jobspec
+    from rayganx.sweeps import sweep as sweeps
+
+    board = json.loads((folder / "leaderboard.json").read_text())
+    sweep = sweeps.load(ROOT / "jobs" / f"{board['sweep']}.yaml")
+    best = jobspec.load(folder / "best_job.yaml")
+    base, tuned = flat(sweep.base.model_dump(mode="json")), flat(best.model_dump(mode="json"))
+    # what the sweep chose, not where it ran: the run's name, storage and scorer stay the table's
+    sets = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in tuned.items() if v != base.get(k) and k.split(".")[0] in ("model", "train")]
+    job = f"jobs/{Path(sweep.spec.job).name}"
+    trials = [{k: t[k] for k in ("trial", "config", "status", "step", "best", "best_step")} for t in board["trials"]]
+    for t in trials:  # the scorer's file is where the sweep ran: not part of what it chose
+        t["config"] = {k: v for k, v in t["config"].items() if k != "eval.extractor"}
+    times = [m["time"] for t in board["trials"] for m in map(json.loads, (
+        line for part in sorted((Path(t["run"]) / "metrics").glob("part_*.jsonl"))
+        for line in part.read_text().splitlines())) if "time" in m]
+    records.append("sweeps", job=job, sets=sets, seed=sweep.base.train.seed, wall_s=max(times) - min(times),
+                   metrics={board["metric"]: board["trials"][0]["best"]}, sweep=board["sweep"],
+                   metric=board["metric"], mode=board["mode"], trials=trials)
+    return job, sets
+
+
 def main() -> None:
     ap = experiments.parser(__doc__, reuse="the scored runs (their result.json)",
                             sets=True)
     ap.add_argument("--jobs", default=None, help="comma list of jobs/<name>.yaml (default: every *_digits GAN/VAE job)")
+    ap.add_argument("--tuned", type=Path, default=None,
+                    help="a finished `rayganx tune` folder: record it and run its best trial's settings")
     args = ap.parse_args()
+    if args.tuned:
+        job, sets = tuned_sets(args.tuned)
+        args.jobs, args.sets = Path(job).stem, [*sets, *args.sets]
+        print(f"{args.tuned}: {job} with " + " ".join(f"--set {x}" for x in sets), flush=True)
     from rayganx.models import trained
     from rayganx.training import runner
     from rayganx.evaluation.scoring import evaluate_generator

@@ -90,3 +90,28 @@ def test_every_score_in_a_job_comment_or_the_readme_is_in_a_committed_record():
         assert not _unsourced(text, values), f"{path.relative_to(ROOT)}: no record holds {_unsourced(text, values)}"
     # and the check can fail
     assert _unsourced("reached 12.345 % and FID 9999.9", values) == ["12.345 %", "FID 9999.9"]
+
+
+def test_a_recipe_meets_the_baseline_its_sweep_tuned_as_well_as_the_default_one(tmp_path, monkeypatch):
+    # Tuned against tuned: the column compares with the DCGAN row whose --sets the sweep record chose,
+    # and stays empty without one (no baseline tuned, no claim).
+    import json
+
+    machine = {"cores": 2, "cpu": "x", "memory_gib": 24, "gpu": None, "python": "3", "torch": "t", "ray": "r"}
+    tuned = ["train.optim_g.lr=0.0004"]
+
+    def row(job, fid, seed, sets=()):
+        return {"time": "t", "commit": "c", "job": f"jobs/{job}.yaml", "sets": [f"train.seed={seed}", *sets],
+                "seed": seed, "machine": machine, "wall_s": 1.0,
+                "metrics": {"fid": fid, "kid": 1.0, "is": 1.0, "precision": 0.5, "recall": 0.5}}
+
+    rows = [row("dcgan_digits", 100.0, s) for s in (100, 101)] + [row("dcgan_digits", 80.0, s, tuned) for s in (100, 101)]
+    rows += [row("sngan_digits", 60.0, 100), row("sngan_digits", 100.0, 101)]
+    monkeypatch.setattr(records, "RECORDS", tmp_path)
+    (tmp_path / "digits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sngan = lambda: next(line for line in records.TABLES["digits"]().splitlines() if "jobs/sngan_digits" in line)  # noqa: E731
+    assert "| -20%, lower in 1 of 2 seeds |  |" in sngan()
+    sweep = {**row("dcgan_digits", 80.0, 0, tuned), "sets": tuned, "sweep": "tune_dcgan_as_sngan", "trials": []}
+    (tmp_path / "sweeps.jsonl").write_text(json.dumps(sweep) + "\n")
+    assert "| -20%, lower in 1 of 2 seeds | +0%, lower in 1 of 2 seeds |" in sngan()
+    assert "(the best of `jobs/tune_dcgan_as_sngan.yaml`)" in records.TABLES["digits"]()
