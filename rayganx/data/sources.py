@@ -78,7 +78,11 @@ def decode_image(data, name: str, *, size, channels, crop, on_corrupt, counter=N
                             f"(set data.on_corrupt: skip to skip such files)") from None
         log.warning("skipping corrupt image %s: %s", name, e)
         if counter is not None:  # the run's monitor actor: it lives and ends with the run
-            counter.skipped_file.remote(name)
+            import ray
+
+            # Waited for: a call from this task is not ordered with the driver's later read of the
+            # list, so an unacknowledged report could arrive after the run said what it skipped.
+            ray.get(counter.skipped_file.remote(name), timeout=60)
         return None
 
 
