@@ -194,11 +194,20 @@ def digits() -> str:
     for (job, extra, seed), r in sorted(newest.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         groups.setdefault((job, extra), []).append(r)
     dcgan = "jobs/dcgan_digits.yaml"
-    base = {extra: [r["metrics"]["fid"] for r in rs] for (job, extra), rs in groups.items() if job == dcgan}
-    # A baseline given the recipes' tuning budget (docs/results.py --tuned): the newest sweep of
-    # DCGAN's settings. The shipped recipes are their own sweeps' choices, so they meet it tuned vs tuned.
-    swept = {(r["job"], tuple(r["sets"])): r["sweep"] for r in load("sweeps")}
-    tuned = next((base[extra] for (job, extra) in reversed(list(swept)) if job == dcgan and extra in base), None)
+
+    def split(extra: tuple) -> tuple[tuple, tuple]:
+        """(the data a row was scored on, the settings it changed from its job)."""
+        return tuple(x for x in extra if x.startswith("data.")), tuple(x for x in extra if not x.startswith("data."))
+
+    fids = {(job, *split(extra)): [r["metrics"].get("fid") for r in rs] for (job, extra), rs in groups.items()}
+    # A baseline given the recipes' tuning budget (docs/results.py --tuned): DCGAN at the settings its
+    # newest sweep chose, on the same data. The shipped recipes are their own sweeps' choices, and a
+    # recipe a sweep re-tuned is that sweep's: either meets the tuned baseline tuned vs tuned.
+    swept = {(r["job"], tuple(r["sets"])): r.get("sweep_file", f"jobs/{r['sweep']}.yaml") for r in load("sweeps")}
+
+    def tuned(data: tuple) -> list[float] | None:
+        return next((fids[(dcgan, data, sets)] for (job, sets) in reversed(list(swept))
+                     if job == dcgan and (dcgan, data, sets) in fids), None)
 
     def versus(fid: list[float], ref: list[float] | None) -> str:
         if not ref:
@@ -217,15 +226,16 @@ def digits() -> str:
         m = [r["metrics"] for r in rs]
         seeds = ", ".join(str(r["seed"]) for r in rs)
         wall = statistics.mean(r["wall_s"] for r in rs)
-        sets = " ".join(f"`{s}`" for s in extra) + (f" (the best of `jobs/{swept[(job, extra)]}.yaml`)"
-                                                     if (job, extra) in swept else "")
+        data, recipe = split(extra)
+        sets = " ".join(f"`{s}`" for s in extra) + (f" (the best of `{swept[(job, recipe)]}`)"
+                                                     if (job, recipe) in swept else "")
         if "fid" not in m[0]:  # the classifier the others are scored with
             out.append(f"| {job} | {sets} | {seeds} | val accuracy {mean_std([x['val_accuracy'] for x in m], '{:.4f}')} "
                        f"| | | | | | | | {wall:.0f} s |")
             continue
         fid = [x["fid"] for x in m]
-        rel = versus(fid, base.get(extra)) if job != dcgan else ""
-        rel_tuned = versus(fid, tuned) if job != dcgan and not extra else ""
+        rel = versus(fid, fids.get((dcgan, data, ()))) if job != dcgan and not recipe else ""
+        rel_tuned = versus(fid, tuned(data)) if job != dcgan and (not recipe or (job, recipe) in swept) else ""
         out.append(f"| {job} | {sets} | {seeds} | {mean_std(fid)} | {mean_std([x['kid'] for x in m])} | "
                    f"{mean_std([x['is'] for x in m], '{:.2f}')} | {mean_std([x['precision'] for x in m], '{:.3f}')} | "
                    f"{mean_std([x['recall'] for x in m], '{:.3f}')} | {rel} | {rel_tuned} | "

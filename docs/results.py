@@ -125,7 +125,10 @@ def tuned_sets(folder: Path) -> tuple[str, list[str]]:
     from rayganx.sweeps import sweep as sweeps
 
     board = json.loads((folder / "leaderboard.json").read_text())
-    sweep = sweeps.load(ROOT / "jobs" / f"{board['sweep']}.yaml")
+    # the shipped sweeps, or the held-out-data ones that only these docs run
+    path = next(p for p in (ROOT / "jobs" / f"{board['sweep']}.yaml", ROOT / "docs" / "sweeps" / f"{board['sweep']}.yaml")
+                if p.exists())
+    sweep = sweeps.load(path)
     best = jobspec.load(folder / "best_job.yaml")
     base, tuned = flat(sweep.base.model_dump(mode="json")), flat(best.model_dump(mode="json"))
     # what the sweep chose, not where it ran: the run's name, storage and scorer stay the table's
@@ -138,8 +141,11 @@ def tuned_sets(folder: Path) -> tuple[str, list[str]]:
     times = [m["time"] for t in board["trials"] for m in map(json.loads, (
         line for part in sorted((Path(t["run"]) / "metrics").glob("part_*.jsonl"))
         for line in part.read_text().splitlines())) if "time" in m]
+    searched_on = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                   for k, v in sweep.space.items() if k.startswith("data.")]
     records.append("sweeps", job=job, sets=sets, seed=sweep.base.train.seed, wall_s=max(times) - min(times),
                    metrics={board["metric"]: board["trials"][0]["best"]}, sweep=board["sweep"],
+                   sweep_file=str(path.relative_to(ROOT)), searched_on=searched_on,
                    metric=board["metric"], mode=board["mode"], trials=trials)
     return job, sets
 
