@@ -95,11 +95,22 @@ def write_section(rows, seeds: list[int], planned: int, no_write: bool, sets: li
 
     lines += ["", "<!-- table:digits -->", records.TABLES["digits"]().rstrip("\n"), "<!-- /table:digits -->"]
     lines += experiments.partial(len(rows), planned)
-    left = [j for j in default_jobs() if j not in {job for job, *_ in rows}]
+    recorded = {Path(r["job"]).stem for r in records.load("digits")}
+    left = [j for j in default_jobs() if j not in recorded]
     if left:
         lines += ["", f"Not in this table (not run on these seeds yet): {', '.join(f'`{j}`' for j in left)}."]
-    lines += ["", "The seeds are held out (no search used them); the data is not: every recipe here was chosen "
-                  "on these digits. `--set \"data.classes=[...]\"` scores on classes a search did not see."]
+    held_data = any(x.startswith("data.classes=") for r in records.load("digits") for x in r["sets"])
+    lines += ["", "The seeds are held out: no search used them. Tuned against tuned: a row marked \"the best of\" a "
+                  "sweep ran at the settings that sweep chose for it (docs/records/sweeps.jsonl: every trial and the "
+                  "seed it searched on), and the \"vs tuned DCGAN\" column sets each recipe against DCGAN at the "
+                  "settings the same sweep chose for DCGAN (`jobs/tune_dcgan_as_sngan.yaml`, the sweep that chose "
+                  "the SNGAN recipe's optimiser, run for DCGAN). The shipped recipes count as tuned: their sweeps "
+                  "and searches chose them. A recipe that does not beat the tuned DCGAN has no claim to a lead."]
+    lines += ["", "Rows without `data.classes` are scored on the digits every recipe was chosen on. "
+                  + ("Rows with `data.classes=[5, 6, 7, 8, 9]` are scored on digits no sweep saw: their tuned "
+                     "settings come from the sweeps in docs/sweeps/, searched on digits 0-4 only (the recipes' "
+                     "other choices, such as loss, spectral norm and EMA, were made on all ten digits)."
+                     if held_data else "`--set \"data.classes=[...]\"` scores on classes a search did not see.")]
     lines += ["", f"Seed {seeds[0]}'s samples, one grid per job (a conditional job: one class per row):", ""]
     for job, *_ in rows:
         lines += [f"**{job}**", "", f"![{job}](img/results_{job}{experiments.variant(sets)}.png)", ""]
