@@ -9,7 +9,7 @@ from rayganx.evaluation import extractors as ex
 from rayganx.evaluation import metrics as m
 from rayganx.job.sections import EvalSpec
 from rayganx.job.spec import from_dict
-from tests.conftest import local_checkpoint, rayganx
+from tests.conftest import JOBS, local_checkpoint, rayganx
 
 
 def digits(size=32):
@@ -286,3 +286,20 @@ def test_is_without_class_logits_is_refused_before_any_work(tmp_path):
                                 "features lack; use features inception, or classifier with a rayganx CNN checkpoint "
                                 "as the extractor")
     assert not (tmp_path / "runs" / "_stats").exists()  # no real-data features were computed first
+
+
+def test_real_features_of_some_classes_are_never_those_of_the_whole_dataset_from_the_cache(ray_session, tmp_path):
+    # FID on digits 5-9 against the cached features of all ten digits would score a generator of
+    # five classes against ten: the cache is keyed by the rows chosen, not only by the dataset.
+    from rayganx.evaluation.extractors import RandomCNN
+    from rayganx.evaluation.scoring import real_features
+    from rayganx.job import spec as jobspec
+
+    extractor = RandomCNN(channels=1)
+    whole = jobspec.load(JOBS / "dcgan_digits.yaml", [f"storage.path={tmp_path}"])
+    some = jobspec.load(JOBS / "dcgan_digits.yaml", [f"storage.path={tmp_path}", "data.classes=[5, 6, 7, 8, 9]"])
+    all_ten = real_features(whole, extractor, 200)
+    five = real_features(some, extractor, 200)
+    assert all_ten.shape == five.shape and not torch.equal(all_ten, five)
+    assert torch.equal(real_features(some, extractor, 200), five)  # and each is still cached
+    assert len(list((tmp_path / "_stats").iterdir())) == 2

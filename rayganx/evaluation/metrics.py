@@ -230,7 +230,10 @@ def stats_key(spec: JobSpec, extractor: Extractor) -> str:
     from rayganx.data.sources import fingerprint
 
     d = spec.data
-    ident = json.dumps([fingerprint(d), d.image_size, d.channels, d.crop, getattr(extractor, "identity", None)])
+    # classes and per_class choose the rows the features are of: FID on digits 5-9 must not read
+    # the features of all ten from the cache
+    ident = json.dumps([fingerprint(d), d.image_size, d.channels, d.crop, getattr(extractor, "identity", None)]
+                       + ([d.classes, d.per_class] if d.classes is not None or d.per_class is not None else []))
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
