@@ -104,7 +104,7 @@ def write_section(rows, seeds: list[int], planned: int, no_write: bool, sets: li
                   "sweep ran at the settings that sweep chose for it (docs/records/sweeps.jsonl: every trial and the "
                   "seed it searched on), and the \"vs tuned DCGAN\" column sets each recipe against DCGAN at the "
                   "settings the same sweep chose for DCGAN (`jobs/tune_dcgan_as_sngan.yaml`, the sweep that chose "
-                  "the SNGAN recipe's optimiser, run for DCGAN). The shipped recipes count as tuned: their sweeps "
+                  "the SNGAN recipe's optimiser, run for DCGAN; on held-out data, DCGAN re-tuned on the same classes as the recipe). The shipped recipes count as tuned: their sweeps "
                   "and searches chose them. A recipe that does not beat the tuned DCGAN has no claim to a lead."]
     lines += ["", "Rows without `data.classes` are scored on the digits every recipe was chosen on. "
                   + ("Rows with `data.classes=[5, 6, 7, 8, 9]` are scored on digits no sweep saw: their tuned "
