@@ -77,11 +77,9 @@ def decode_image(data, name: str, *, size, channels, crop, on_corrupt, counter=N
             raise DataError(f"corrupt image {name}: {type(e).__name__}: {e} "
                             f"(set data.on_corrupt: skip to skip such files)") from None
         log.warning("skipping corrupt image %s: %s", name, e)
-        if counter is not None:  # the run's monitor actor: it lives and ends with the run
-            import ray
+        if counter is not None:  # the run's monitor; waited for: this task's call is not ordered with
+            import ray           # the driver's later read of the list, and could land after its summary
 
-            # Waited for: a call from this task is not ordered with the driver's later read of the
-            # list, so an unacknowledged report could arrive after the run said what it skipped.
             ray.get(counter.skipped_file.remote(name), timeout=60)
         return None
 
