@@ -95,11 +95,11 @@ def write_section(rows, seeds: list[int], planned: int, no_write: bool, sets: li
 
     lines += ["", "<!-- table:digits -->", records.TABLES["digits"]().rstrip("\n"), "<!-- /table:digits -->"]
     lines += experiments.partial(len(rows), planned)
-    recorded = {Path(r["job"]).stem for r in records.load("digits")}
-    left = [j for j in default_jobs() if j not in recorded]
+    recorded = records.load("digits")
+    left = [j for j in default_jobs() if j not in {Path(r["job"]).stem for r in recorded}]
     if left:
         lines += ["", f"Not in this table (not run on these seeds yet): {', '.join(f'`{j}`' for j in left)}."]
-    held_data = any(x.startswith("data.classes=") for r in records.load("digits") for x in r["sets"])
+    held_data = any(x.startswith("data.classes=") for r in recorded for x in r["sets"])
     lines += ["", "The seeds are held out: no search used them. Tuned against tuned: a row marked \"the best of\" a "
                   "sweep ran at the settings that sweep chose for it (docs/records/sweeps.jsonl: every trial and the "
                   "seed it searched on), and the \"vs tuned DCGAN\" column sets each recipe against DCGAN at the "
@@ -117,13 +117,6 @@ def write_section(rows, seeds: list[int], planned: int, no_write: bool, sets: li
     experiments.replace_section(SECTION, "\n".join(lines) + "\n", no_write)
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
-
-
 def tuned_sets(folder: Path) -> tuple[str, list[str]]:
     """A finished sweep's best trial as (its base job, the --sets that make the base job that trial),
     recorded in docs/records/sweeps.jsonl with every trial and the seed it searched on."""
@@ -133,7 +126,11 @@ def tuned_sets(folder: Path) -> tuple[str, list[str]]:
     import yaml
 
     from rayganx.job import spec as jobspec
+    from rayganx.ops.compare import flatten
     from rayganx.sweeps import sweep as sweeps
+
+    def as_set(key, value) -> str:  # KEY=VALUE as --set reads it back
+        return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
 
     board = json.loads((folder / "leaderboard.json").read_text())
     # the shipped sweeps, or the held-out-data ones that only these docs run
@@ -141,10 +138,9 @@ def tuned_sets(folder: Path) -> tuple[str, list[str]]:
                 if p.exists())
     sweep = sweeps.load(path)
     best = jobspec.load(folder / "best_job.yaml")
-    base, tuned = flat(sweep.base.model_dump(mode="json")), flat(best.model_dump(mode="json"))
+    base, tuned = flatten(sweep.base.model_dump(mode="json")), flatten(best.model_dump(mode="json"))
     # what the sweep chose, not where it ran: the run's name, storage and scorer stay the table's
-    sets = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for k, v in tuned.items() if v != base.get(k) and k.split(".")[0] in ("model", "train")]
+    sets = [as_set(k, v) for k, v in tuned.items() if v != base.get(k) and k.split(".")[0] in ("model", "train")]
     job = f"jobs/{Path(sweep.spec.job).name}"
     trials = [{k: t[k] for k in ("trial", "config", "status", "step", "best", "best_step")} for t in board["trials"]]
     for t in trials:  # the scorer's file is where the sweep ran: not part of what it chose
@@ -152,8 +148,7 @@ def tuned_sets(folder: Path) -> tuple[str, list[str]]:
     times = [m["time"] for t in board["trials"] for m in map(json.loads, (
         line for part in sorted((Path(t["run"]) / "metrics").glob("part_*.jsonl"))
         for line in part.read_text().splitlines())) if "time" in m]
-    searched_on = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                   for k, v in sweep.space.items() if k.startswith("data.")]
+    searched_on = [as_set(k, v) for k, v in sweep.space.items() if k.startswith("data.")]
     records.append("sweeps", job=job, sets=sets, seed=sweep.base.train.seed, wall_s=max(times) - min(times),
                    metrics={board["metric"]: board["trials"][0]["best"]}, sweep=board["sweep"],
                    sweep_file=str(path.relative_to(ROOT)), searched_on=searched_on,
