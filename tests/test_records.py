@@ -126,3 +126,8 @@ def test_a_recipe_meets_the_baseline_its_sweep_tuned_as_well_as_the_default_one(
         **sweep, "job": "jobs/sngan_digits.yaml", "sets": sn_sets, "sweep_file": "docs/sweeps/s.yaml"})))
     held_row = next(line for line in records.TABLES["digits"]().splitlines() if "sngan" in line and "classes" in line)
     assert "(the best of `docs/sweeps/s.yaml`)" in held_row and "| -15%, lower in 2 of 2 seeds |" in held_row
+    # A recipe run at settings no sweep chose is neither tuned nor default: no claim either way.
+    rows.append(row("sngan_digits", 10.0, 100, ["train.optim_g.lr=0.3"]))
+    (tmp_path / "digits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    untuned = next(line for line in records.TABLES["digits"]().splitlines() if "lr=0.3" in line)
+    assert "|  |  | 10.0 |" in untuned, untuned
