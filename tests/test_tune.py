@@ -146,22 +146,70 @@ def test_asha_sweep_on_object_storage_stops_trials_early_and_writes_a_runnable_b
         tune.run(sw)
 
 
-def test_relative_paths_in_the_space_are_the_drivers_not_each_trials(ray_session, tmp_path, monkeypatch):
+def test_relative_paths_in_the_space_are_the_drivers_and_a_failed_trial_fails_the_sweep(ray_session, on_head, tmp_path,
+                                                                                         monkeypatch):
     # Trials run in Ray Tune's working directories: a relative extractor that the space sets for
-    # every trial must still name the file beside the user who ran `rayganx tune`.
+    # every trial must still name the file beside the user who ran `rayganx tune`. The second
+    # trial diverges at once (infinite instance noise): the sweep says so and exits 1.
     monkeypatch.chdir(tmp_path)
     cnn = runner.run(jobspec.load(JOBS / "cnn_digits.yaml", ["storage.path=runs", "train.steps=4", "model.ndf=8",
                                                              "scaling.num_workers=1", "train.batch_size=32"]))
     extractor = Path(cnn.checkpoints[-1]["url"]).relative_to(tmp_path).as_posix()
-    sw = sweeps.load(sweep_file(
-        tmp_path, num_samples=1, report_every=4, metric="fid",
+    path = sweep_file(
+        tmp_path, num_samples=1, report_every=4, metric="fid", search="grid",
         space={"scaling.num_workers": 1, "train.batch_size": 32, **SMALL, "eval.num_samples": 64,
-               "eval.features": "classifier", "eval.extractor": extractor},
-        scheduler={"kind": "fifo", "max_steps": 4}))
-    board = tune.run(sw)
-    (row,) = board["trials"]
-    assert row["status"] == "finished" and row["best"] > 0, row["status"]
-    assert row["config"]["eval.extractor"] == str(tmp_path / extractor)
+               "eval.features": "classifier", "eval.extractor": extractor,
+               "train.instance_noise": {"grid": [0.0, "inf"]}},
+        scheduler={"kind": "fifo", "max_steps": 4})
+    r = rayganx("tune", path.name, env=on_head, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    board = json.loads((tmp_path / "runs" / "sw" / "leaderboard.json").read_text())
+    good, bad = sorted(board["trials"], key=lambda t: t["config"]["train.instance_noise"] != 0)
+    assert good["status"] == "finished" and good["best"] > 0, good["status"]
+    assert good["config"]["eval.extractor"] == str(tmp_path / extractor)
+    assert bad["status"].startswith("error: training diverged by step"), bad["status"]
+    assert f"1 of 2 trial(s) failed ({bad['trial']}" in " ".join(r.stderr.split()), r.stderr
+
+
+def test_an_exploit_whose_donor_pruned_the_named_checkpoint_takes_the_donors_newest(tmp_path):
+    # The donor trial goes on training (and pruning) while its exploiter starts: the checkpoint
+    # Tune named can be gone by the time a worker loads it. Both donor checkpoints hold other weights.
+    import shutil
+
+    import torch
+
+    from rayganx.training.checkpointing import restore
+    from rayganx.training.tasks import GANTask
+    from tests.conftest import local_checkpoint
+
+    spec = jobspec.load(JOBS / "dcgan_digits.yaml", [f"storage.path={tmp_path}", "name=exploiter", "model.ngf=16", "model.ndf=16"])
+    donor = tmp_path / "donor"
+    states = {}
+    for step in (20, 30, 40):
+        torch.manual_seed(step)
+        task = GANTask(spec, None, torch.device("cpu"), distributed=False)
+        local_checkpoint(donor / f"checkpoint_{step:06d}", task, step)
+        states[step] = task.state_dict()
+    shutil.rmtree(donor / "checkpoint_000020")
+    named = str(donor / "checkpoint_000020")
+    state, note, from_donor = restore(spec, None, named, torch.device("cpu"))
+    assert from_donor and state["step"] == 40 and "pruned" in note and str(donor / "checkpoint_000040") in note
+    assert torch.equal(state["models"]["g"]["net.layers.0.weight"], states[40]["models"]["g"]["net.layers.0.weight"])
+    assert state["lineage"] == named  # a worker restart recognises the take-over it already made
+    # The named one, when it is there, is the one taken.
+    state, note, _ = restore(spec, None, str(donor / "checkpoint_000030"), torch.device("cpu"))
+    assert state["step"] == 30 and note is None
+
+
+def test_a_failed_trial_reads_as_its_error_not_as_rays_header():
+    from ray.exceptions import RayTaskError
+
+    from rayganx.training.failures import root_cause
+
+    wrapped = RayTaskError("ImplicitFunc.train", "Traceback ...\nRunError: boom",
+                           runner.RunError("training diverged by step 3: non-finite values")).as_instanceof_cause()
+    assert isinstance(wrapped, runner.RunError)
+    assert root_cause(wrapped) == "training diverged by step 3: non-finite values"
 
 
 @pytest.mark.slow

@@ -62,6 +62,11 @@ def tune_cmd(sweep: Optional[str] = typer.Argument(None, help="sweep YAML"),
     out.print(f"[bold green]done[/bold green] sweep {sw.spec.name}: {len(board['trials'])} trials in "
               f"{time.monotonic() - t0:.0f} s")
     print_leaderboard(board)
+    failed = [r["trial"] for r in board["trials"] if r["status"].startswith("error")]
+    if failed:
+        err.print(f"[red]error:[/red] {len(failed)} of {len(board['trials'])} trial(s) failed ({', '.join(failed)}: "
+                  f"see their status above); rayganx tune {sweep} --resume runs them again", highlight=False)
+        raise typer.Exit(1)
     if not board.get("best_job"):
         err.print("[red]error:[/red] no trial reported the metric; see the trials' status above", highlight=False)
         raise typer.Exit(1)

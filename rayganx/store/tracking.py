@@ -28,7 +28,7 @@ from rayganx.store.storage import Store
 TB_DIR = "tb"
 EVENT_RE = re.compile(r"^events\.out\.tfevents\.(\d{6})\.")
 # Rows carry these, but they are bookkeeping, not curves.
-NOT_SCALARS = {"step", "time", "first_step_at", "restored_step"}
+NOT_SCALARS = {"step", "time", "first_step_at"}
 
 log = logging.getLogger("rayganx")
 

@@ -13,7 +13,8 @@ import time
 import torch
 
 from rayganx.store.lock import pid_alive
-from rayganx.store.runs import MARKER, checkpoint_manifest, checkpoint_step, list_checkpoints, load_state
+from rayganx.store.runs import (MARKER, checkpoint_manifest, checkpoint_step, list_checkpoints, load_state,
+                                split_checkpoint_url)
 from rayganx.job.spec import JobSpec
 from rayganx.store.storage import Store, StorageError
 
@@ -82,10 +83,34 @@ def restore(spec: JobSpec, checkpoint, init_from: str | None, device) -> tuple[d
         else:
             state, note = _newest_of_the_same_line(spec, name, state, device)
     if init_from and (state is None or state.get("lineage") != init_from):
-        state = load_state(init_from, spec.storage.endpoint_url, map_location=device)
-        state["lineage"] = init_from
-        return state, None, True
+        url = _agreed(_donor_checkpoint(spec, init_from))
+        state = load_state(url, spec.storage.endpoint_url, map_location=device)
+        state["lineage"] = init_from  # what the trial was told to take: a worker restart recognises it
+        return state, (None if url == init_from else f"{init_from} was pruned by its run; took {url}"), True
     return state, note, False
+
+
+def _donor_checkpoint(spec: JobSpec, url: str) -> str:
+    """The donor's checkpoint to take. The donor trial goes on training and pruning (storage.keep)
+    while this one starts: the checkpoint Tune named may be gone by now, and then its newest
+    complete one (which the donor prunes last) stands in."""
+    run_url, name = split_checkpoint_url(url)
+    ckpts = list_checkpoints(Store(run_url, spec.storage.endpoint_url), warn=False)
+    if any(c["name"] == name for c in ckpts) or not ckpts:
+        return url
+    return ckpts[-1]["url"]
+
+
+def _agreed(url: str) -> str:
+    """Rank 0's choice on every rank: two ranks listing the donor a moment apart could see
+    different newest checkpoints, and DDP ranks must start from one state."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return url
+    box = [url]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _newest_of_the_same_line(spec: JobSpec, name: str, state: dict, device) -> tuple[dict, str | None]:

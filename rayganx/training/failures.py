@@ -25,7 +25,9 @@ def root_cause(err: BaseException, storage_url: str | None = None) -> str:
     from rayganx.store.storage import explain
 
     for e in seen_errors(err):
-        if isinstance(e, UserError):
+        # Ray's RayTaskError(X) is an X too, but its text starts with Ray's own header: its cause,
+        # the error itself, comes later in the chain.
+        if isinstance(e, UserError) and getattr(e, "cause", None) is None:
             return str(e).splitlines()[0]
     if storage_url:  # the store went away under Ray's own uploads (botocore's or pyarrow's text)
         for e in seen_errors(err):

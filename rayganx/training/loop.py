@@ -170,7 +170,7 @@ class Worker:
 
         spec, rank = self.spec, self.rank
         state, note, from_donor = restore(spec, ray.train.get_checkpoint(), self.init_from, self.device)
-        step, self.lineage, self.generation, self.restored = 0, None, 0, {}
+        step, self.lineage, self.generation = 0, None, 0
         self.position = Position()
         if state:
             self.task.load_state_dict(state)
@@ -179,8 +179,6 @@ class Worker:
             # Not the checkpoint Ray offered (a donor's, or an older complete one): the folders
             # written from here get names of their own, never one Ray already holds.
             self.generation = state.get("generation", 0) + (1 if from_donor or note else 0)
-            if from_donor:
-                self.restored = {"restored_from": self.lineage, "restored_step": step}
         rng = state.get("rng") if state else None
         if isinstance(rng, list) and len(rng) == self.world and rng[rank]:
             randomness.restore(rng[rank])  # each rank continues its own global streams
@@ -191,7 +189,10 @@ class Worker:
             self.uploader = Uploader(spec.storage.outage_tolerance_s)
             self.log = MetricsLog(Store(spec.run_url, spec.storage.endpoint_url), step, writer=self.lock_token or "",
                                   uploader=self.uploader)
-            if note:
+            if from_donor:  # logged at once: a take-over at the last step trains no row after it
+                self.log.append({"step": step, "event": "exploit", "restored_from": self.lineage,
+                                 "note": note or f"took over {self.lineage}"}, force=True)
+            elif note:
                 self.log.append({"step": step, "event": "resume", "note": note}, force=True)
             self.tb = tracking.open_log(spec.run_url, spec.storage.endpoint_url, step, spec.to_yaml(), self.uploader)
         # The state rollbacks return to: where this attempt starts, then each checkpoint.
@@ -256,9 +257,9 @@ class Worker:
         task = self.task
         metrics = mean | timing | {"step": step, "time": time.time(), "first_step_at": self.first_step_at,
                                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        metrics |= task.learning_rates() | self.restored | self.placed | (
+        metrics |= task.learning_rates() | self.placed | (
             {"rollbacks": task.rollbacks} if task.rollbacks else {})
-        self.restored, self.placed = {}, {}
+        self.placed = {}
         with randomness.isolated():  # evaluation never moves the training streams
             if self.val_shard is not None and due.checkpoint:
                 metrics |= task.validate(self.val_shard, self.spec.train.batch_size // self.world)
