@@ -8,10 +8,10 @@ from tests.conftest import JOBS, rayganx
 
 
 @pytest.mark.slow
-def test_bench_json_has_every_field(tmp_path):
+def test_bench_json_has_every_field(tmp_path, on_head):
     out = tmp_path / "bench.json"
     r = rayganx("bench", JOBS / "dcgan_digits.yaml", "--steps", "8", "--warmup", "2", "--workers", "1",
-                "--json", out, "--set", "model.ngf=8", "--set", "model.ndf=8", timeout=600)
+                "--json", out, "--set", "model.ngf=8", "--set", "model.ndf=8", env=on_head, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "plain PyTorch" in r.stdout and "input only" in r.stdout
     res = json.loads(out.read_text())

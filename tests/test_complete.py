@@ -267,7 +267,7 @@ def test_complete_local_folder_then_a_rerun(short_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_complete_parquet_on_s3_with_the_nearest_baseline(short_run, s3_server):
+def test_complete_parquet_on_s3_with_the_nearest_baseline(short_run, s3_server, on_head):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -283,7 +283,7 @@ def test_complete_parquet_on_s3_with_the_nearest_baseline(short_run, s3_server):
     src.write_bytes(buf.getvalue(), "digits.parquet")
     out_url = "s3://rayganx-test/complete/out"
     r = rayganx("complete", ckpt, "--input", src.url, "--mask", "random", "--method", "nearest", "--out", out_url,
-                "--workers", "1", env={"AWS_ENDPOINT_URL": s3_server})
+                "--workers", "1", env={"AWS_ENDPOINT_URL": s3_server, **on_head})
     assert r.returncode == 0, r.stderr
     assert "completed 5 images (nearest)" in r.stdout, r.stdout
     out = Store(out_url, s3_server)

@@ -474,7 +474,7 @@ def test_a_caller_that_ignores_sigint_keeps_ignoring_it_during_fit():
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_promptly_and_the_same_submit_ends_equal_to_the_uninterrupted_run(exact):
+def test_ctrl_c_stops_promptly_and_the_same_submit_ends_equal_to_the_uninterrupted_run(exact, on_head):
     job, sets = exact["job"], [a for s in [*exact["sets"], "name=ctrlc"] for a in ("--set", s)]
     # SIG_DFL in the child: a CLI started from a terminal, even when pytest runs with SIGINT ignored.
     # Its own embedded Ray: what Ctrl-C of `rayganx submit` means for a user. The very job of the
@@ -513,8 +513,8 @@ def test_ctrl_c_stops_promptly_and_the_same_submit_ends_equal_to_the_uninterrupt
     last = list_checkpoints(Store(str(run)))[-1]["step"]
     assert 4 <= last < STEPS, last  # interrupted mid-run, after a checkpoint
     print(f"FIGURE ctrl-c: exited {took:.1f} s after SIGINT, last complete checkpoint step {last}")
-    # The same submit goes on from there to the end.
-    r = rayganx("submit", job, *sets, timeout=300)
+    # The same submit goes on from there to the end (on the session's Ray: the embedded start was the point above).
+    r = rayganx("submit", job, *sets, env=on_head, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"resuming from step {last}" in r.stdout and f"step {STEPS}/{STEPS}" in r.stdout
     assert_same_state(load_state(str(run / f"checkpoint_{STEPS:06d}")), exact["ref"])

@@ -137,7 +137,8 @@ def test_chunks_split_across_workers_reassemble_to_the_single_process_set():
     assert one.shape == (600, 256) and torch.equal(one, two)
 
 
-def test_training_evaluates_keeps_best_and_cli_matches_the_two_worker_value(ray_session, tmp_path, monkeypatch):
+def test_training_evaluates_keeps_best_and_cli_matches_the_two_worker_value(ray_session, on_head, tmp_path,
+                                                                            monkeypatch):
     """Evaluation inside a 2-worker run equals `rayganx eval` (one process) on the same checkpoint;
     the checkpoint kept is the best, here an older one than the newest."""
     import json
@@ -166,7 +167,7 @@ def test_training_evaluates_keeps_best_and_cli_matches_the_two_worker_value(ray_
     assert list((tmp_path / "runs" / "_stats").glob("real_*.pt"))  # real statistics cached in storage
 
     r = rayganx("eval", run.path(f"checkpoint_{best:06d}"), "--metrics", "fid,kid", "--num-samples", "500",
-                "--json", tmp_path / "ev.json", timeout=300)
+                "--json", tmp_path / "ev.json", env=on_head, timeout=300)
     assert r.returncode == 0, r.stderr
     single = json.loads((tmp_path / "ev.json").read_text())
     assert single["fid"] == pytest.approx(history[best]["fid"], rel=1e-5)

@@ -173,13 +173,13 @@ def test_classifier_trains_on_generated_rows_from_s3_and_from_generate_output(tm
 
 
 @pytest.mark.slow
-def test_cas_on_a_tiny_conditional_run_from_the_cli(tmp_path, ray_session):
+def test_cas_on_a_tiny_conditional_run_from_the_cli(tmp_path, ray_session, on_head):
     job = write_job(tmp_path / "cgan.yaml", "cgan_digits.yaml", **tiny("cgan_tiny", tmp_path / "runs", steps=4),
                     model={"ngf": 8, "ndf": 8}, data={"labels": True, "per_class": 10},
                     scaling={"num_workers": 1})
     result = runner.run(jobspec.load(job))
     ckpt = result.checkpoints[-1]["url"]
-    r = rayganx("eval", ckpt, "--metrics", "cas", "--cas-steps", "150", "--json", tmp_path / "cas.json")
+    r = rayganx("eval", ckpt, "--metrics", "cas", "--cas-steps", "150", "--json", tmp_path / "cas.json", env=on_head)
     assert r.returncode == 0, r.stderr
     scores = json.loads((tmp_path / "cas.json").read_text())
     assert 0.0 <= scores["cas"] <= 1.0 and 0.0 <= scores["cas_real"] <= 1.0
