@@ -114,6 +114,16 @@ MUTANTS = [
            "        on_fake = fit_classifier(fake, y_train, spec, num_classes, seed, steps)",
            "        on_fake = fit_classifier(x_train, y_train, spec, num_classes, seed, steps)",
            ["tests/test_synthetic.py::test_cas_of_an_untrained_generator_is_near_chance"]),
+    Mutant("an exploiter loads the donor checkpoint it was named, pruned or not", "training/checkpointing.py",
+           "    if any(c[\"name\"] == name for c in ckpts) or not ckpts:", "    if True:",
+           ["tests/test_tune.py::test_an_exploit_whose_donor_pruned_the_named_checkpoint_takes_the_donors_newest"]),
+    Mutant("a failed trial's status is Ray's header", "training/failures.py",
+           "        if isinstance(e, UserError) and getattr(e, \"cause\", None) is None:",
+           "        if isinstance(e, UserError):",
+           ["tests/test_tune.py::test_a_failed_trial_reads_as_its_error_not_as_rays_header"]),
+    Mutant("a sweep with a failed trial exits 0", "cli/sweeps.py",
+           "    if failed:\n        err.print(", "    if False:\n        err.print(",
+           ["tests/test_tune.py::test_relative_paths_in_the_space_are_the_drivers_and_a_failed_trial_fails_the_sweep"]),
 ]
 
 
