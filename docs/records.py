@@ -209,6 +209,14 @@ def digits() -> str:
         return next((fids[(dcgan, data, sets)] for (job, sets) in reversed(list(swept))
                      if job == dcgan and (dcgan, data, sets) in fids), None)
 
+    def unconditional_gan(job: str, extra: tuple) -> bool:
+        """Only these are set against DCGAN: a conditional GAN learns from the labels too, and a VAE
+        is another kind of model at another budget."""
+        from rayganx.job import spec as jobspec
+
+        spec = jobspec.load(ROOT / job, list(extra))
+        return spec.is_gan and not spec.model.conditional
+
     def versus(fid: list[float], ref: list[float] | None) -> str:
         if not ref:
             return ""
@@ -234,8 +242,9 @@ def digits() -> str:
                        f"| | | | | | | | {wall:.0f} s |")
             continue
         fid = [x["fid"] for x in m]
-        rel = versus(fid, fids.get((dcgan, data, ()))) if job != dcgan and not recipe else ""
-        rel_tuned = versus(fid, tuned(data)) if job != dcgan and (not recipe or (job, recipe) in swept) else ""
+        against = job != dcgan and unconditional_gan(job, extra)
+        rel = versus(fid, fids.get((dcgan, data, ()))) if against and not recipe else ""
+        rel_tuned = versus(fid, tuned(data)) if against and (not recipe or (job, recipe) in swept) else ""
         out.append(f"| {job} | {sets} | {seeds} | {mean_std(fid)} | {mean_std([x['kid'] for x in m])} | "
                    f"{mean_std([x['is'] for x in m], '{:.2f}')} | {mean_std([x['precision'] for x in m], '{:.3f}')} | "
                    f"{mean_std([x['recall'] for x in m], '{:.3f}')} | {rel} | {rel_tuned} | "

@@ -104,8 +104,13 @@ def write_section(rows, seeds: list[int], planned: int, no_write: bool, sets: li
                   "sweep ran at the settings that sweep chose for it (docs/records/sweeps.jsonl: every trial and the "
                   "seed it searched on), and the \"vs tuned DCGAN\" column sets each recipe against DCGAN at the "
                   "settings the same sweep chose for DCGAN (`jobs/tune_dcgan_as_sngan.yaml`, the sweep that chose "
-                  "the SNGAN recipe's optimiser, run for DCGAN; on held-out data, DCGAN re-tuned on the same classes as the recipe). The shipped recipes count as tuned: their sweeps "
-                  "and searches chose them. A recipe that does not beat the tuned DCGAN has no claim to a lead."]
+                  "the SNGAN recipe's optimiser, run for DCGAN; on held-out data, DCGAN re-tuned on the same "
+                  "classes as the recipe). A row with `data.classes` and no other setting is its job as written, "
+                  "set against DCGAN as written on the same classes. The shipped recipes count as tuned: their sweeps "
+                  "and searches chose them. A recipe that does not beat the tuned DCGAN has no claim to a lead. "
+                  "Both DCGAN columns compare unconditional GANs only, all at about DCGAN's wall time: the "
+                  "conditional GAN also learns from the labels, and the VAE is another kind of model at its own "
+                  "budget, so their rows stand alone."]
     lines += ["", "Rows without `data.classes` are scored on the digits every recipe was chosen on. "
                   + ("Rows with `data.classes=[5, 6, 7, 8, 9]` are scored on digits no sweep saw: their tuned "
                      "settings come from the sweeps in docs/sweeps/, searched on digits 0-4 only (the recipes' "

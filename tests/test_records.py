@@ -131,3 +131,9 @@ def test_a_recipe_meets_the_baseline_its_sweep_tuned_as_well_as_the_default_one(
     (tmp_path / "digits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     untuned = next(line for line in records.TABLES["digits"]().splitlines() if "lr=0.3" in line)
     assert "|  |  | 10.0 |" in untuned, untuned
+    # Only unconditional GANs meet DCGAN: a conditional GAN learns from the labels, a VAE is another model.
+    rows += [row("cgan_digits", 10.0, 100), row("vae_digits", 10.0, 100)]
+    (tmp_path / "digits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for job in ("cgan_digits", "vae_digits"):
+        line = next(line for line in records.TABLES["digits"]().splitlines() if f"jobs/{job}" in line)
+        assert "|  |  | 10.0 |" in line, line
