@@ -17,7 +17,6 @@ import threading
 from pathlib import Path
 
 from rayganx.job.spec import JobSpec
-from rayganx.store.storage import Store
 from rayganx.sweeps.sweep import from_dict
 from rayganx.training.failures import root_cause
 
@@ -42,25 +41,14 @@ def _restore_point(spec: JobSpec, restored) -> str | None:
     """The checkpoint a restored trial starts from (None: Ray Train resumes the trial's own run).
 
     Tune restores a trial from the pointer it last reported: its own run after --resume or a
-    pause, another trial's for a PBT exploit. Its own run resumes from its newest checkpoint. A
-    donor's named checkpoint may have been pruned since (storage.keep), or not be complete yet:
-    then the donor's newest complete one."""
-    from rayganx.store.runs import list_checkpoints
-
+    pause, another trial's for a PBT exploit. Its own run resumes from its newest checkpoint; a
+    donor's named checkpoint is taken as named, or, pruned by the time a worker loads it, the
+    donor's newest complete one (checkpointing.restore, where the load happens)."""
     if not restored:
         return None
     with restored.as_directory() as d:
         url = json.loads(Path(d, "pointer.json").read_text())["checkpoint"]
-    run_url = url.rstrip("/").rsplit("/", 1)[0]
-    if run_url == spec.run_url:
-        return None
-    # Only complete checkpoints count: the named one may still be uploading, or pruned since.
-    ckpts = list_checkpoints(Store(run_url, spec.storage.endpoint_url))
-    if not any(c["url"].rstrip("/") == url.rstrip("/") for c in ckpts) and ckpts:
-        url = ckpts[-1]["url"]
-    # Ray Train still offers the trial's own newest checkpoint; checkpointing.restore prefers this one
-    # unless Ray's was written after restoring from it (see its lineage).
-    return url
+    return None if url.rstrip("/").rsplit("/", 1)[0] == spec.run_url else url
 
 
 def _write_hparams(spec: JobSpec, config: dict, metrics: list[str], **kwargs) -> None:
