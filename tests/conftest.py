@@ -1,6 +1,5 @@
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -158,6 +157,7 @@ def tiny(name: str, storage: Path, steps: int = 6, **sections) -> dict:
 
 
 def rayganx(*args, env=None, timeout=600, cwd=None) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "rayganx.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd or ROOT)
+    """The CLI as a user runs it, in a new process (forked from one that imported torch: tests/forked_cli.py)."""
+    from tests import forked_cli
+
+    return forked_cli.run(list(map(str, args)), {**os.environ, **(env or {})}, cwd or ROOT, timeout)
