@@ -1,5 +1,7 @@
 """`rayganx submit` end to end, in a fresh process with its own embedded Ray, as a user runs it."""
 
+import os
+
 import pytest
 from PIL import Image
 
@@ -40,6 +42,27 @@ def test_submit_failure_is_one_line_and_nonzero(tmp_path):
                 "--set", f"storage.path={tmp_path}/runs")
     assert r.returncode == 1
     assert r.stderr.strip() == f"error: data.path: {tmp_path}/no_celeba does not exist"
+
+
+def test_the_tests_forked_cli_answers_as_a_fresh_interpreter_does(tmp_path):
+    # The suite's CLI calls fork from a process that imported torch (tests/forked_cli.py): the same
+    # calls as a fresh `python -m rayganx.cli` give the same status, stdout and stderr.
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    calls = [("validate", JOBS / "dcgan_digits.yaml", "--set", "train.steps=7"),
+             ("submit", JOBS / "dcgan_celeba.yaml", "--set", f"data.path={tmp_path}/no_celeba"),
+             ("runs", "list", tmp_path / "none"), ("no-such-command",)]
+    for args in calls:
+        forked = rayganx(*args, env={"COLUMNS": "150"})
+        fresh = subprocess.run([sys.executable, "-m", "rayganx.cli", *map(str, args)], capture_output=True, text=True,
+                               cwd=ROOT, env={**os.environ, "COLUMNS": "150"})
+        # click names the program as it was started: `rayganx` is the installed script's name
+        fresh_err = fresh.stderr.replace("python -m rayganx.cli", "rayganx")
+        assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh_err), args
+    assert "Usage: rayganx [OPTIONS]" in forked.stderr and forked.returncode == 2
 
 
 @pytest.mark.slow
