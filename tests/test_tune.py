@@ -159,7 +159,7 @@ def test_relative_paths_in_the_space_are_the_drivers_and_a_failed_trial_fails_th
         tmp_path, num_samples=1, report_every=4, metric="fid", search="grid",
         space={"scaling.num_workers": 1, "train.batch_size": 32, **SMALL, "eval.num_samples": 64,
                "eval.features": "classifier", "eval.extractor": extractor,
-               "train.instance_noise": {"grid": [0.0, "inf"]}},
+               "train.instance_noise": {"grid": [0.0, float("inf")]}},  # .inf in the YAML
         scheduler={"kind": "fifo", "max_steps": 4})
     r = rayganx("tune", path.name, env=on_head, cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr

@@ -18,7 +18,9 @@ PATH_SOURCES = ("image_folder", "parquet", "celeba")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # "constants": an infinite or NaN value in a free-form field (a sweep's space) stays a float
+    # through model_dump(mode="json"); pydantic's default turns it into None there.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="constants")
 
 
 class ModelSpec(Section):
