@@ -18,11 +18,11 @@ uniform. Each seed's score is the mean over the 5 sets; the table gives mean ± 
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 import experiments
-from experiments import ROOT, mean_std
+import records
+from experiments import ROOT
 
 JOBS = ("mlp_gan_ring", "pacgan_ring", "gmgan_ring", "mlp_gan_grid", "pacgan_grid")
 SECTION = "## 2-D mixtures: mode coverage"
@@ -74,17 +74,14 @@ def scatter(points, centres, std, title: str, path: Path) -> None:
 # The two papers' settings: VEEGAN's (ring radius 2, std 0.02; here 5 sets of 2,500 samples per
 # run, 5 seeds) and PacGAN's own (ring radius 1, std 0.01; one set of 2,500 per trial, 10 trials).
 # The grid is the same in both.
-PROTOCOLS = {"veegan": {"section": SECTION, "ring": "ring", "sets": 5, "seeds": "100-104"},
+PROTOCOLS = {"veegan": {"section": SECTION, "ring": "ring", "sets": 5, "seeds": "100-104", "table": "modes"},
              "pacgan": {"section": "## 2-D mixtures: PacGAN's setting", "ring": "ring_pacgan", "sets": 1,
-                        "seeds": "100-109"}}
+                        "seeds": "100-109", "table": "modes-pacgan"}}
 
 
 def write_section(rows, seeds: list[int], planned: int, no_write: bool, protocol: str = "veegan",
                   sets: list[str] = ()) -> None:
-    from rayganx.data.points import mixture_geometry
-
     p = PROTOCOLS[protocol]
-    ms = mean_std
     lines = [
         p["section"],
         "",
@@ -104,16 +101,10 @@ def write_section(rows, seeds: list[int], planned: int, no_write: bool, protocol
         "Wall time: one run from submission to its final checkpoint, Ray start-up of the workers included,",
         "one run at a time (the issue's budget: 5 minutes a run on this 2-core machine).",
         "",
-        "| job | mixture | recipe | steps | modes | high quality (%) | width | KL | wall time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"<!-- table:{p['table']} -->",
+        records.TABLES[p["table"]]().rstrip("\n"),
+        f"<!-- /table:{p['table']} -->",
     ]
-    for job, spec, per_seed, walls in rows:
-        k = len(mixture_geometry(spec.data.mixture)[0])
-        width = [s["width"] for s in per_seed if "width" in s]
-        lines.append(f"| {job} | {spec.data.mixture} | {describe(spec)} | {spec.train.steps} | "
-                     f"{ms([s['modes'] for s in per_seed], '.2f')} / {k} | "
-                     f"{ms([100 * s['hq'] for s in per_seed], '.1f')} | {ms(width, '.2f')} | "
-                     f"{ms([s['kl'] for s in per_seed], '.3f')} | {statistics.mean(walls):.0f} s |")
     lines += experiments.partial(len(rows), planned)
     lines += ["", "Published (same protocol; trained far longer, on other hardware):", "",
               "| method | ring modes | ring high quality (%) | grid modes | grid high quality (%) |",

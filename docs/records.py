@@ -252,6 +252,58 @@ def digits() -> str:
     return "\n".join(out) + "\n"
 
 
+def _modes(protocol: str) -> str:
+    """docs/modes.py: each 2-D job's final generator scored by the VEEGAN / PacGAN protocol, the
+    newest record of each (job, --set, seed), mean ± std over seeds, in the order they ran."""
+    import modes
+    from rayganx.data.points import mixture_geometry
+    from rayganx.job import spec as jobspec
+
+    ring = modes.PROTOCOLS[protocol]["ring"]
+    newest: dict = {}
+    for r in load("modes"):
+        mixture = next((s.split("=", 1)[1] for s in r["sets"] if s.startswith("data.mixture=")), None)
+        if r["job"].endswith("_ring.yaml") and mixture != ring or r["job"].endswith("_grid.yaml") and protocol != "veegan":
+            continue  # the grid is the same in both papers: its rows are the VEEGAN table's
+        extra = tuple(s for s in r["sets"] if not s.startswith(("train.seed=", "data.mixture=")))
+        newest[(r["job"], extra, r["seed"])] = r
+    if not newest:
+        return f"_No records yet: python docs/modes.py --protocol {protocol}_\n"
+    groups: dict = {}
+    for (job, extra, _), r in newest.items():
+        groups.setdefault((job, extra), []).append(r)
+    commits = sorted({r["commit"] for rs in groups.values() for r in rs})
+    machine = describe_machine(next(iter(groups.values()))[0]["machine"])
+    out = [f"From docs/records/modes.jsonl (commit{'s' if len(commits) > 1 else ''} "
+           f"{', '.join(f'`{c}`' for c in commits)}; {machine}).", "",
+           "| job | --set | mixture | recipe | steps | seeds | modes | high quality (%) | width | KL "
+           "| modes / high quality per seed | wall time |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (job, extra), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        spec = jobspec.load(ROOT / job, [f"data.mixture={ring}"] * job.endswith("_ring.yaml") + list(extra))
+        k = len(mixture_geometry(spec.data.mixture)[0])
+        m = [r["metrics"] for r in rs]
+        per_seed = ", ".join(f"{x['modes']:g} / {100 * x['hq']:.1f}" for x in m)
+        out.append(f"| {Path(job).stem} | {' '.join(f'`{s}`' for s in extra)} | {spec.data.mixture} | "
+                   f"{modes.describe(spec)} | {spec.train.steps} | {', '.join(str(r['seed']) for r in rs)} | "
+                   f"{mean_std([x['modes'] for x in m], '{:.2f}')} / {k} | {mean_std([100 * x['hq'] for x in m])} | "
+                   f"{mean_std([x['width'] for x in m], '{:.2f}')} | {mean_std([x['kl'] for x in m], '{:.3f}')} | "
+                   f"{per_seed} | "
+                   f"{statistics.mean(r['wall_s'] for r in rs):.0f} s |")
+    return "\n".join(out) + "\n"
+
+
+@table("modes")
+def modes_veegan() -> str:
+    return _modes("veegan")
+
+
+@table("modes-pacgan")
+def modes_pacgan() -> str:
+    return _modes("pacgan")
+
+
 def render() -> dict[Path, str]:
     """Every doc with its tables regenerated (only those that change)."""
     changed = {}
