@@ -72,9 +72,21 @@ def kuberay_crds(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server on loopback (moto), with one bucket; yields its endpoint."""
+    import threading
+
     import boto3
+    from moto.s3.responses import S3Response
     from moto.server import ThreadedMotoServer
 
+    # moto checks a write's condition (If-None-Match, If-Match) and then writes, unlocked: two
+    # requests at once can both pass. S3 decides a conditional write atomically; the run lock's
+    # tests race eight takers on it, so the server here keeps S3's guarantee.
+    writes = threading.Lock()
+    for name in ("put_object", "delete_object"):
+        def atomic(self, _write=getattr(S3Response, name)):
+            with writes:
+                return _write(self)
+        setattr(S3Response, name, atomic)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()

@@ -178,7 +178,11 @@ def test_run_lock_refuses_a_second_writer_and_takes_over_a_stale_one(tmp_path, s
     assert held["pid"] == os.getpid() and time.time() - held["heartbeat"] < 1.0  # the heartbeat runs
     forced = RunLock(run)
     assert "(--force)" in forced.acquire(force=True)
-    time.sleep(0.6)  # the first holder's next heartbeat finds another token: it has lost the lock
+    # the first holder's next heartbeat (0.2 s) finds another token: it has lost the lock (a loaded
+    # machine can delay that beat: waited for, up to 10 s)
+    deadline = time.time() + 10
+    while not first.lost.is_set() and time.time() < deadline:
+        time.sleep(0.05)
     assert first.lost.is_set() and "taken over" in first.why_lost
     with pytest.raises(LockLostError):
         first.check()
@@ -196,12 +200,14 @@ def test_run_lock_refuses_a_second_writer_and_takes_over_a_stale_one(tmp_path, s
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_of_two_processes_taking_a_run_at_once_exactly_one_wins(tmp_path, s3_server, where):
     # Conditional writes decide, not timing: eight takers at once (a fresh lock, then a stale one).
+    # Stale after 2 s, not less: on a loaded machine the eight reads can spread over a second, and a
+    # taker that reads the new holder's lock later than stale_after rightly takes it over.
     run = _lock_cases(tmp_path, s3_server)[["local", "s3"].index(where)]
     for round_ in ("fresh", "stale"):
         barrier, won, refused = threading.Barrier(8), [], []
 
         def take():
-            lock = RunLock(run, stale_after=0.5)
+            lock = RunLock(run, stale_after=2.0)
             barrier.wait()
             try:
                 lock.acquire()
@@ -218,7 +224,7 @@ def test_of_two_processes_taking_a_run_at_once_exactly_one_wins(tmp_path, s3_ser
         assert won[0].still_held()
         won[0]._stop.set()  # dies holding it: the next round finds a stale lock
         won[0]._thread.join()
-        time.sleep(0.6)
+        time.sleep(2.1)
 
 
 def test_a_lock_whose_process_is_gone_is_taken_over_at_once(tmp_path):

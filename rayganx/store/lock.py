@@ -124,22 +124,32 @@ class RunLock:
         try:
             self.version = self.run.create(self._body(), LOCK)
         except FileExistsError:
-            held, version = self.holder()
-            if held is None:  # released in between: try once more from scratch
-                return self._acquire(force)
-            if held.get("token") == self.token:  # ours: a retried create whose first answer was lost
-                self.version = version
-                return self._start_beating(None)
-            stale = self._stale(held)
-            if not stale and not force:
-                age = time.time() - float(held.get("heartbeat") or 0)
-                raise RunLockedError(
-                    f"{self.run.url}: in use by {describe(held)}, last heartbeat {age:.0f} s ago; wait for it to end "
-                    f"or stop it, or pass --force to take the run over") from None
-            try:
-                self.version = self.run.replace(self._body(), version, LOCK)
-            except (VersionConflict, FileNotFoundError):
-                raise RunLockedError(f"{self.run.url}: another process took the run lock at the same moment") from None
+            first = None
+            for _ in range(5):  # a live holder's heartbeat between our read and our write: read and judge again
+                held, version = self.holder()
+                if held is None:  # released in between: try once more from scratch
+                    return self._acquire(force)
+                if held.get("token") == self.token:  # ours: a retried create whose first answer was lost
+                    self.version = version
+                    return self._start_beating(None)
+                if first is not None and held.get("token") != first.get("token"):
+                    raise RunLockedError(f"{self.run.url}: another process took the run lock at the same moment")
+                first = first or held
+                stale = self._stale(held)
+                if not stale and not force:
+                    age = time.time() - float(held.get("heartbeat") or 0)
+                    raise RunLockedError(
+                        f"{self.run.url}: in use by {describe(held)}, last heartbeat {age:.0f} s ago; wait for it to "
+                        f"end or stop it, or pass --force to take the run over") from None
+                try:
+                    self.version = self.run.replace(self._body(), version, LOCK)
+                    break
+                except FileNotFoundError:
+                    continue
+                except VersionConflict:
+                    continue
+            else:
+                raise RunLockedError(f"{self.run.url}: another process took the run lock at the same moment")
             note = f"took over the run lock of {describe(held)} ({stale or '--force'})"
         return self._start_beating(note)
 
