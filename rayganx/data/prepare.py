@@ -207,18 +207,20 @@ def existing(out: Store, p: Plan) -> dict[int, dict]:
     done = {int(k): v for k, v in manifest.get("shards", {}).items() if shard_name(int(k)) in names}
     for i in range(p.shards):
         if i not in done and shard_name(i) in names:
-            done[i] = _describe(out, i, len(p.shard_rows(i)))
+            done[i] = _describe(out, i, [str(p.members[r]) for r in p.shard_rows(i)])
     return done
 
 
-def _describe(out: Store, i: int, expected: int) -> dict:
-    """The record of a shard found written but not recorded (its corrupt images: those missing)."""
+def _describe(out: Store, i: int, expected: list[str]) -> dict:
+    """The record of a shard found written but not recorded; its corrupt images are the planned
+    ones it does not hold (the shard keeps each image's name)."""
     import pyarrow.parquet as pq
 
     data = out.read_bytes(shard_name(i))
-    rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
-    return {"rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "corrupt": [f"{expected - rows} image(s) of {shard_name(i)}"] if rows < expected else []}
+    table = pq.read_table(io.BytesIO(data), columns=["name"])
+    held = set(table.column("name").to_pylist())
+    return {"rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "corrupt": [f"{name}: unreadable (found by an earlier run)" for name in expected if name not in held]}
 
 
 def run(p: Plan, out_url: str, progress=None) -> dict:
