@@ -99,6 +99,13 @@ def describe_machine(m: dict) -> str:
             f"torch {m['torch']}, Ray {m['ray']}")
 
 
+def provenance(name: str, rows: list[dict]) -> str:
+    """The line above a table: its records file, the commits its rows ran on, the machine."""
+    commits = sorted({r["commit"] for r in rows})
+    return (f"From docs/records/{name}.jsonl (commit{'s' if len(commits) > 1 else ''} "
+            f"{', '.join(f'`{c}`' for c in commits)}; {describe_machine(rows[0]['machine'])}).")
+
+
 def mean_std(values: list[float], fmt: str = "{:.1f}") -> str:
     if len(values) == 1:
         return fmt.format(values[0])
@@ -223,10 +230,7 @@ def digits() -> str:
         return (f"{100 * (statistics.mean(fid) / statistics.mean(ref) - 1):+.0f}%, lower in "
                 f"{sum(f < statistics.mean(ref) for f in fid)} of {len(fid)} seeds")
 
-    commits = sorted({r["commit"] for rs in groups.values() for r in rs})
-    machine = describe_machine(next(iter(groups.values()))[0]["machine"])
-    out = [f"From docs/records/digits.jsonl (commit{'s' if len(commits) > 1 else ''} "
-           f"{', '.join(f'`{c}`' for c in commits)}; {machine}).", "",
+    out = [provenance("digits", [r for rs in groups.values() for r in rs]), "",
            "| job | --set | seeds | FID | KID | IS | precision | recall | FID vs DCGAN | vs tuned DCGAN | FID per seed "
            "| wall time |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -272,10 +276,7 @@ def _modes(protocol: str) -> str:
     groups: dict = {}
     for (job, extra, _), r in newest.items():
         groups.setdefault((job, extra), []).append(r)
-    commits = sorted({r["commit"] for rs in groups.values() for r in rs})
-    machine = describe_machine(next(iter(groups.values()))[0]["machine"])
-    out = [f"From docs/records/modes.jsonl (commit{'s' if len(commits) > 1 else ''} "
-           f"{', '.join(f'`{c}`' for c in commits)}; {machine}).", "",
+    out = [provenance("modes", [r for rs in groups.values() for r in rs]), "",
            "| job | --set | mixture | recipe | steps | seeds | modes | high quality (%) | width | KL "
            "| modes / high quality per seed | wall time |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
