@@ -546,3 +546,25 @@ def test_ctrl_c_stops_promptly_and_the_same_submit_ends_equal_to_the_uninterrupt
     assert r.returncode == 0, r.stderr
     assert f"resuming from step {last}" in r.stdout and f"step {STEPS}/{STEPS}" in r.stdout
     assert_same_state(load_state(str(run / f"checkpoint_{STEPS:06d}")), exact["ref"])
+
+
+def test_a_forced_take_over_survives_a_heartbeat_between_its_read_and_its_write(tmp_path, monkeypatch):
+    # The live holder beats after --force read its lock and before it wrote: the take-over reads
+    # again and takes the lock (it lost to the same holder's beat, not to another taker).
+    run = Store(str(tmp_path / "run"))
+    first = RunLock(run, heartbeat_s=3600)
+    assert first.acquire() is None
+    write, beats = run.replace, []
+
+    def replace(data, version, *parts):
+        if not beats:  # the holder's heartbeat lands here, between the read and the write
+            beats.append(1)
+            first.version = write(first._body(), first.version, *parts)
+        return write(data, version, *parts)
+
+    monkeypatch.setattr(run, "replace", replace)
+    forced = RunLock(run)
+    assert "(--force)" in forced.acquire(force=True) and beats
+    assert forced.holder()[0]["token"] == forced.token
+    first._stop.set()
+    forced.release()
